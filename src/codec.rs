@@ -1,0 +1,197 @@
+//! The byte layout of a pool's state in proxy shared data.
+//!
+//! Fixed-size little-endian records, so decoding is a bounded loop with no allocation per field
+//! and a corrupt or foreign entry is recognised (magic, version, length, checksum) rather than
+//! misread. Layout: `AKF` version(1) count(u32) then per key
+//! fingerprint(u64) health(u8) consecutive_failures(u32) down_since_ms(u64) down_until_ms(u64),
+//! then an FNV-1a checksum (u32) of everything before it.
+
+use crate::pool::{Health, KeyState, PoolState};
+
+const MAGIC: &[u8; 3] = b"AKF";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 3 + 1 + 4;
+const RECORD_LEN: usize = 8 + 1 + 4 + 8 + 8;
+const CHECKSUM_LEN: usize = 4;
+/// Far above any real pool; bounds what a corrupt length field can make us allocate.
+pub const MAX_KEYS: usize = 100_000;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    TooShort,
+    BadMagic,
+    UnknownVersion(u8),
+    LengthMismatch,
+    BadChecksum,
+    BadHealth(u8),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::TooShort => f.write_str("entry too short"),
+            DecodeError::BadMagic => f.write_str("not an ai-key-failover state entry"),
+            DecodeError::UnknownVersion(v) => write!(f, "unknown state version {v}"),
+            DecodeError::LengthMismatch => f.write_str("length does not match key count"),
+            DecodeError::BadChecksum => f.write_str("checksum mismatch"),
+            DecodeError::BadHealth(h) => write!(f, "unknown key health {h}"),
+        }
+    }
+}
+
+pub fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &b in bytes {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
+pub fn encode(state: &PoolState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + state.keys.len() * RECORD_LEN + CHECKSUM_LEN);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(state.keys.len() as u32).to_le_bytes());
+    for key in &state.keys {
+        out.extend_from_slice(&key.fingerprint.to_le_bytes());
+        out.push(match key.health {
+            Health::Available => 0,
+            Health::CoolingDown => 1,
+        });
+        out.extend_from_slice(&key.consecutive_failures.to_le_bytes());
+        out.extend_from_slice(&key.down_since_ms.to_le_bytes());
+        out.extend_from_slice(&key.down_until_ms.to_le_bytes());
+    }
+    let checksum = fnv1a32(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self
+            .rest
+            .split_first_chunk::<N>()
+            .ok_or(DecodeError::TooShort)?;
+        self.rest = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
+    if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
+        return Err(DecodeError::TooShort);
+    }
+    let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+    let mut r = Reader { rest: body };
+    if &r.take::<3>()? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let count = r.u32()? as usize;
+    if count > MAX_KEYS || r.rest.len() != count * RECORD_LEN {
+        return Err(DecodeError::LengthMismatch);
+    }
+    let stored_checksum =
+        u32::from_le_bytes(checksum.try_into().map_err(|_| DecodeError::TooShort)?);
+    if fnv1a32(body) != stored_checksum {
+        return Err(DecodeError::BadChecksum);
+    }
+    let mut keys = Vec::with_capacity(count);
+    for _ in 0..count {
+        let fingerprint = r.u64()?;
+        let health = match r.u8()? {
+            0 => Health::Available,
+            1 => Health::CoolingDown,
+            other => return Err(DecodeError::BadHealth(other)),
+        };
+        keys.push(KeyState {
+            fingerprint,
+            health,
+            consecutive_failures: r.u32()?,
+            down_since_ms: r.u64()?,
+            down_until_ms: r.u64()?,
+        });
+    }
+    Ok(PoolState { keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Policy;
+
+    fn sample() -> PoolState {
+        let mut s = PoolState::fresh(&[11, 22, u64::MAX]);
+        let policy = Policy {
+            failure_threshold: 1,
+            cooldown_ms: 5,
+        };
+        s.record_failure(1, 429, 1_700_000_000_000, &policy);
+        s.keys[2].consecutive_failures = 3;
+        s
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = sample();
+        assert_eq!(decode(&encode(&s)).unwrap(), s);
+        let empty = PoolState::default();
+        assert_eq!(decode(&encode(&empty)).unwrap(), empty);
+    }
+
+    #[test]
+    fn rejects_every_kind_of_damage() {
+        let good = encode(&sample());
+        assert_eq!(decode(&[]), Err(DecodeError::TooShort));
+        assert_eq!(decode(&good[..5]), Err(DecodeError::TooShort));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad), Err(DecodeError::BadMagic));
+        let mut bad = good.clone();
+        bad[3] = 9;
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownVersion(9)));
+        let mut bad = good.clone();
+        bad[4] = 200;
+        assert_eq!(decode(&bad), Err(DecodeError::LengthMismatch));
+        let mut bad = good.clone();
+        bad[20] ^= 1;
+        assert_eq!(decode(&bad), Err(DecodeError::BadChecksum));
+        assert_eq!(
+            decode(&good[..good.len() - 1]),
+            Err(DecodeError::LengthMismatch)
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_byte_flip_is_an_error_or_a_valid_state() {
+        let good = encode(&sample());
+        for len in 0..good.len() {
+            let _ = decode(&good[..len]);
+        }
+        for i in 0..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[i] ^= 1 << bit;
+                assert!(decode(&bad).is_err(), "flip at {i}:{bit} went unnoticed");
+            }
+        }
+    }
+}

@@ -1,0 +1,1120 @@
+//! The plugin's JSON configuration: parsing, validation and defaults.
+//!
+//! Hand-walked rather than derived so that every error names the exact field (`_rules_[1].failover.
+//! cooldownDuration`) and says how to fix it, unknown fields are refused, and keys starting with
+//! `_` (Higress's) pass. No error or warning ever contains a configured key.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::rules::{DomainPattern, Matcher};
+use crate::select::{OnAllUnavailable, Selection};
+use crate::status::{shadowed_codes, StatusPattern};
+
+pub const MAX_KEYS_PER_POOL: usize = 10_000;
+const MAX_TOKEN_LEN: usize = 4096;
+const MAX_WEIGHT: u64 = 1000;
+/// 30 days: longer than any provider window; beyond it a typo is likelier than intent.
+const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+fn err<T>(field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.to_string(),
+        message: message.into(),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Azure,
+    Anthropic,
+    Gemini,
+}
+
+impl Provider {
+    fn auth_header(self) -> AuthHeader {
+        let (name, prefix) = match self {
+            Provider::OpenAi => ("authorization", "Bearer "),
+            Provider::Azure => ("api-key", ""),
+            Provider::Anthropic => ("x-api-key", ""),
+            Provider::Gemini => ("x-goog-api-key", ""),
+        };
+        AuthHeader {
+            name: name.to_string(),
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+/// Where the key goes on the upstream request: `<name>: <prefix><key>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthHeader {
+    pub name: String,
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub token: String,
+    pub name: Option<String>,
+    pub weight: u32,
+    pub fingerprint: u64,
+}
+
+impl KeyConfig {
+    /// How logs and metrics name the key: its configured name, else a short hash.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => short_hash("key", self.fingerprint),
+        }
+    }
+}
+
+pub fn short_hash(kind: &str, fingerprint: u64) -> String {
+    format!("{kind}-{:08x}", fingerprint >> 32)
+}
+
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failover {
+    pub enabled: bool,
+    pub failure_threshold: u32,
+    pub failover_on_status: Vec<StatusPattern>,
+    pub cooldown_ms: u64,
+}
+
+/// One pool: a distinct list of keys with its own shared state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolKeys {
+    /// Stable across key reordering; names the pool's shared-data entries.
+    pub id: u64,
+    pub label: String,
+    pub keys: Vec<KeyConfig>,
+}
+
+impl PoolKeys {
+    pub fn fingerprints(&self) -> Vec<u64> {
+        self.keys.iter().map(|k| k.fingerprint).collect()
+    }
+    pub fn weights(&self) -> Vec<u32> {
+        self.keys.iter().map(|k| k.weight).collect()
+    }
+}
+
+/// Everything that decides how one request is handled: the global part or one rule, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    pub pool: usize,
+    pub provider: Provider,
+    pub auth: AuthHeader,
+    pub selection: Selection,
+    pub failover: Failover,
+    pub on_all_unavailable: OnAllUnavailable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub matcher: Matcher,
+    pub profile: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginConfig {
+    pub pools: Vec<PoolKeys>,
+    pub profiles: Vec<Profile>,
+    /// The profile for requests no rule matches; `None` leaves them untouched.
+    pub global: Option<usize>,
+    pub rules: Vec<Rule>,
+    /// Things worth a warning at load that are not errors.
+    pub warnings: Vec<String>,
+}
+
+const CONFIG_FIELDS: &[&str] = &[
+    "apiTokens",
+    "name",
+    "provider",
+    "authHeader",
+    "selection",
+    "failover",
+    "onAllUnavailable",
+];
+const FAILOVER_FIELDS: &[&str] = &[
+    "enabled",
+    "failureThreshold",
+    "failoverOnStatus",
+    "cooldownDuration",
+    "healthCheckInterval",
+    "healthCheckTimeout",
+    "healthCheckModel",
+    "successThreshold",
+];
+
+pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let root: Value = serde_json::from_slice(text).map_err(|e| ConfigError {
+        field: String::new(),
+        message: format!(
+            "the plugin configuration is not valid JSON ({e}); it must be one JSON object"
+        ),
+    })?;
+    let Value::Object(root) = root else {
+        return err("", "the plugin configuration must be a JSON object");
+    };
+    let rules_raw = match root.get("_rules_") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(rules)) => rules.clone(),
+        Some(_) => return err("_rules_", "must be a list of rule objects"),
+    };
+
+    let mut builder = Builder::default();
+    let global_fields = without_private_keys(&root);
+    let global = if global_fields.contains_key("apiTokens") || rules_raw.is_empty() {
+        Some(builder.profile(&global_fields, "")?)
+    } else {
+        // Higress may send only rules; still check the global part's own fields.
+        check_fields_without_keys(&global_fields)?;
+        None
+    };
+
+    let mut rules = Vec::with_capacity(rules_raw.len());
+    for (i, raw) in rules_raw.iter().enumerate() {
+        let path = format!("_rules_[{i}]");
+        let Value::Object(rule) = raw else {
+            return err(
+                &path,
+                "must be an object with one _match_*_ key and the fields it overrides",
+            );
+        };
+        let matcher = parse_matcher(rule, &path)?;
+        let merged = deep_merge(&global_fields, &without_private_keys(rule));
+        if !merged.contains_key("apiTokens") {
+            return err(
+                &format!("{path}.apiTokens"),
+                "required: the rule matches requests but neither it nor the global part lists keys",
+            );
+        }
+        let profile = builder.profile(&merged, &format!("{path}."))?;
+        rules.push(Rule { matcher, profile });
+    }
+
+    Ok(PluginConfig {
+        pools: builder.pools,
+        profiles: builder.profiles,
+        global,
+        rules,
+        warnings: builder.warnings,
+    })
+}
+
+fn without_private_keys(obj: &Map<String, Value>) -> Map<String, Value> {
+    obj.iter()
+        .filter(|(k, _)| !k.starts_with('_'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A rule inherits every global field it does not set; objects merge field by field.
+fn deep_merge(base: &Map<String, Value>, over: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = base.clone();
+    for (k, v) in over {
+        let merged = match (out.get(k), v) {
+            (Some(Value::Object(b)), Value::Object(o)) => Value::Object(deep_merge(b, o)),
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), merged);
+    }
+    out
+}
+
+fn check_unknown(
+    obj: &Map<String, Value>,
+    allowed: &[&str],
+    prefix: &str,
+) -> Result<(), ConfigError> {
+    for key in obj.keys() {
+        if !key.starts_with('_') && !allowed.contains(&key.as_str()) {
+            return err(
+                &format!("{prefix}{key}"),
+                format!("unknown field; the fields here are: {}", allowed.join(", ")),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_fields_without_keys(obj: &Map<String, Value>) -> Result<(), ConfigError> {
+    let mut scratch = Builder::default();
+    let mut with_placeholder = obj.clone();
+    with_placeholder.insert(
+        "apiTokens".into(),
+        Value::Array(vec![Value::String("placeholder".into())]),
+    );
+    scratch.profile(&with_placeholder, "").map(|_| ())
+}
+
+fn parse_matcher(rule: &Map<String, Value>, path: &str) -> Result<Matcher, ConfigError> {
+    const MATCH_KEYS: [&str; 4] = [
+        "_match_route_",
+        "_match_route_prefix_",
+        "_match_domain_",
+        "_match_service_",
+    ];
+    let present: Vec<&str> = MATCH_KEYS
+        .iter()
+        .copied()
+        .filter(|k| rule.contains_key(*k))
+        .collect();
+    let key = match present.as_slice() {
+        [one] => *one,
+        [] => {
+            return err(
+                path,
+                "has no match key; add one of _match_route_, _match_route_prefix_, _match_domain_, _match_service_",
+            )
+        }
+        _ => {
+            return err(
+                path,
+                format!("has several match keys ({}); split it into one rule per key", present.join(", ")),
+            )
+        }
+    };
+    let field = format!("{path}.{key}");
+    let values = string_list(rule.get(key), &field)?;
+    if values.is_empty() {
+        return err(&field, "must list at least one value");
+    }
+    Ok(match key {
+        "_match_route_" => Matcher::Route(values),
+        "_match_route_prefix_" => Matcher::RoutePrefix(values),
+        "_match_domain_" => {
+            Matcher::Domain(values.iter().map(|d| DomainPattern::parse(d)).collect())
+        }
+        _ => Matcher::Service(values),
+    })
+}
+
+fn string_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, ConfigError> {
+    let Some(Value::Array(items)) = v else {
+        return err(field, "must be a list of strings");
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            _ => err(&format!("{field}[{i}]"), "must be a non-empty string"),
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Builder {
+    pools: Vec<PoolKeys>,
+    profiles: Vec<Profile>,
+    warnings: Vec<String>,
+}
+
+impl Builder {
+    fn profile(&mut self, obj: &Map<String, Value>, prefix: &str) -> Result<usize, ConfigError> {
+        check_unknown(obj, CONFIG_FIELDS, prefix)?;
+        let field = |name: &str| format!("{prefix}{name}");
+
+        let keys = parse_keys(obj.get("apiTokens"), &field("apiTokens"))?;
+        let name = match obj.get("name") {
+            None => None,
+            Some(v) => Some(parse_name(v, &field("name"))?),
+        };
+        let provider = match obj.get("provider") {
+            None => Provider::OpenAi,
+            Some(v) => match v.as_str() {
+                Some("openai") => Provider::OpenAi,
+                Some("azure") => Provider::Azure,
+                Some("anthropic") => Provider::Anthropic,
+                Some("gemini") => Provider::Gemini,
+                _ => {
+                    return err(
+                        &field("provider"),
+                        "must be one of \"openai\", \"azure\", \"anthropic\", \"gemini\"; for another API set authHeader",
+                    )
+                }
+            },
+        };
+        let auth = match obj.get("authHeader") {
+            None => provider.auth_header(),
+            Some(v) => parse_auth_header(v, &field("authHeader"))?,
+        };
+        let selection = match obj.get("selection") {
+            None => Selection::RoundRobin,
+            Some(v) => match v.as_str() {
+                Some("round_robin") => Selection::RoundRobin,
+                Some("random") => Selection::Random,
+                Some("weighted") => Selection::Weighted,
+                _ => {
+                    return err(
+                        &field("selection"),
+                        "must be \"round_robin\", \"random\" or \"weighted\"",
+                    )
+                }
+            },
+        };
+        let on_all_unavailable = match obj.get("onAllUnavailable") {
+            None => OnAllUnavailable::Earliest,
+            Some(v) => match v.as_str() {
+                Some("earliest") => OnAllUnavailable::Earliest,
+                Some("reject") => OnAllUnavailable::Reject,
+                _ => {
+                    return err(
+                        &field("onAllUnavailable"),
+                        "must be \"earliest\" or \"reject\"",
+                    )
+                }
+            },
+        };
+        let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
+        let pool = self.pool_for(keys, name, &field("name"))?;
+        self.profiles.push(Profile {
+            pool,
+            provider,
+            auth,
+            selection,
+            failover,
+            on_all_unavailable,
+        });
+        Ok(self.profiles.len() - 1)
+    }
+
+    /// Profiles with the same key list share one pool, whatever order they list the keys in.
+    fn pool_for(
+        &mut self,
+        keys: Vec<KeyConfig>,
+        name: Option<String>,
+        name_field: &str,
+    ) -> Result<usize, ConfigError> {
+        let mut fingerprints: Vec<u64> = keys.iter().map(|k| k.fingerprint).collect();
+        fingerprints.sort_unstable();
+        let id = fnv1a64(
+            &fingerprints
+                .iter()
+                .flat_map(|fp| fp.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        if let Some(pos) = self.pools.iter().position(|p| p.id == id) {
+            if let (Some(name), Some(existing)) = (&name, self.pools.get(pos)) {
+                if existing.label != *name {
+                    return err(
+                        name_field,
+                        format!(
+                            "{name:?} names the same key list as pool {:?}; one key list is one pool with one name",
+                            existing.label
+                        ),
+                    );
+                }
+            }
+            return Ok(pos);
+        }
+        let label = name.unwrap_or_else(|| short_hash("pool", id));
+        if self.pools.iter().any(|p| p.label == label) {
+            return err(
+                name_field,
+                format!(
+                    "{label:?} already names a pool with other keys; give each pool its own name"
+                ),
+            );
+        }
+        self.pools.push(PoolKeys { id, label, keys });
+        Ok(self.pools.len() - 1)
+    }
+
+    fn parse_failover(&mut self, v: Option<&Value>, prefix: &str) -> Result<Failover, ConfigError> {
+        let empty = Map::new();
+        let obj = match v {
+            None => &empty,
+            Some(Value::Object(o)) => o,
+            Some(_) => return err(prefix, "must be an object"),
+        };
+        check_unknown(obj, FAILOVER_FIELDS, &format!("{prefix}."))?;
+        let field = |name: &str| format!("{prefix}.{name}");
+        let enabled = match obj.get("enabled") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return err(&field("enabled"), "must be true or false"),
+        };
+        let failure_threshold = integer(
+            obj.get("failureThreshold"),
+            &field("failureThreshold"),
+            1,
+            1,
+            1_000,
+        )? as u32;
+        let cooldown_ms = integer(
+            obj.get("cooldownDuration"),
+            &field("cooldownDuration"),
+            60_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        // Accepted so an operator can paste Higress ai-proxy's failover block; active health
+        // checks are not implemented yet, so these only get validated.
+        integer(
+            obj.get("healthCheckInterval"),
+            &field("healthCheckInterval"),
+            5_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        integer(
+            obj.get("healthCheckTimeout"),
+            &field("healthCheckTimeout"),
+            5_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        integer(
+            obj.get("successThreshold"),
+            &field("successThreshold"),
+            1,
+            1,
+            1_000,
+        )?;
+        match obj.get("healthCheckModel") {
+            None | Some(Value::String(_)) => {}
+            Some(_) => {
+                return err(
+                    &field("healthCheckModel"),
+                    "must be a model name (a string)",
+                )
+            }
+        }
+        if obj.contains_key("healthCheckModel") {
+            self.warn(format!(
+                "{}: active health checks are not implemented yet; keys return when their cooldown ends",
+                field("healthCheckModel")
+            ));
+        }
+        let patterns_field = field("failoverOnStatus");
+        let failover_on_status = match obj.get("failoverOnStatus") {
+            None => vec![
+                StatusPattern::parse("429").map_err(|e| ConfigError {
+                    field: patterns_field.clone(),
+                    message: e.0,
+                })?,
+                StatusPattern::parse("5xx").map_err(|e| ConfigError {
+                    field: patterns_field.clone(),
+                    message: e.0,
+                })?,
+            ],
+            Some(v) => {
+                let texts = string_list(Some(v), &patterns_field)?;
+                if texts.is_empty() {
+                    return err(
+                        &patterns_field,
+                        "must list at least one pattern; to never take keys out, set failover.enabled to false",
+                    );
+                }
+                let mut patterns = Vec::with_capacity(texts.len());
+                for (i, text) in texts.iter().enumerate() {
+                    let pattern = StatusPattern::parse(text).map_err(|e| ConfigError {
+                        field: format!("{patterns_field}[{i}]"),
+                        message: e.0,
+                    })?;
+                    let shadowed = shadowed_codes(&pattern);
+                    if !shadowed.is_empty() {
+                        self.warn(format!(
+                            "{patterns_field}[{i}]: {text:?} covers {shadowed:?}, which are the request's or the provider's fault, not the key's; those never take a key out"
+                        ));
+                    }
+                    patterns.push(pattern);
+                }
+                patterns
+            }
+        };
+        Ok(Failover {
+            enabled,
+            failure_threshold,
+            failover_on_status,
+            cooldown_ms,
+        })
+    }
+
+    fn warn(&mut self, message: String) {
+        if !self.warnings.contains(&message) {
+            self.warnings.push(message);
+        }
+    }
+}
+
+fn integer(
+    v: Option<&Value>,
+    field: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(v) = v else {
+        return Ok(default);
+    };
+    match v.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => err(
+            field,
+            format!(
+                "must be a whole number from {min} to {max} (got {v}); the default is {default}"
+            ),
+        ),
+    }
+}
+
+fn is_valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_name(v: &Value, field: &str) -> Result<String, ConfigError> {
+    match v.as_str() {
+        Some(s) if is_valid_name(s) => Ok(s.to_string()),
+        _ => err(
+            field,
+            "must be 1 to 64 characters of letters, digits, '_' and '-', starting with a letter or digit (it names stats)",
+        ),
+    }
+}
+
+fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigError> {
+    let items = match v {
+        None => return err(field, "required: list the provider API keys of this pool"),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return err(
+                field,
+                "must be a list of keys: strings, or objects {\"token\": \"...\", \"name\": \"...\", \"weight\": 1}",
+            )
+        }
+    };
+    if items.is_empty() {
+        return err(field, "must list at least one key");
+    }
+    if items.len() > MAX_KEYS_PER_POOL {
+        return err(
+            field,
+            format!(
+                "lists {} keys; at most {MAX_KEYS_PER_POOL} are supported",
+                items.len()
+            ),
+        );
+    }
+    let mut keys: Vec<KeyConfig> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let (token, name, weight) = match item {
+            Value::String(s) => (s.as_str(), None, 1),
+            Value::Object(o) => {
+                check_unknown(o, &["token", "name", "weight"], &format!("{at}."))?;
+                let Some(Value::String(token)) = o.get("token") else {
+                    return err(&format!("{at}.token"), "required: the API key, as a string");
+                };
+                let name = match o.get("name") {
+                    None => None,
+                    Some(n) => Some(parse_name(n, &format!("{at}.name"))?),
+                };
+                let weight =
+                    integer(o.get("weight"), &format!("{at}.weight"), 1, 1, MAX_WEIGHT)? as u32;
+                (token.as_str(), name, weight)
+            }
+            _ => return err(&at, "must be a key string or an object with \"token\""),
+        };
+        if token.is_empty() {
+            return err(&at, "the key is empty");
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return err(
+                &at,
+                format!("the key is longer than {MAX_TOKEN_LEN} characters"),
+            );
+        }
+        // Printable ASCII only: anything else could split or inject headers.
+        if !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return err(
+                &at,
+                "the key contains whitespace, a control character or non-ASCII text; check for a stray newline or space",
+            );
+        }
+        if let Some(j) = keys.iter().position(|k| k.token == token) {
+            return err(
+                &at,
+                format!("the same key as {field}[{j}]; list each key once"),
+            );
+        }
+        if let Some(name) = &name {
+            if let Some(j) = keys.iter().position(|k| k.name.as_ref() == Some(name)) {
+                return err(
+                    &format!("{at}.name"),
+                    format!("{name:?} is already the name of {field}[{j}]"),
+                );
+            }
+        }
+        keys.push(KeyConfig {
+            token: token.to_string(),
+            name,
+            weight,
+            fingerprint: fnv1a64(token.as_bytes()),
+        });
+    }
+    Ok(keys)
+}
+
+fn is_header_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn parse_auth_header(v: &Value, field: &str) -> Result<AuthHeader, ConfigError> {
+    let Value::Object(o) = v else {
+        return err(
+            field,
+            "must be an object {\"name\": \"x-api-key\", \"prefix\": \"\"}",
+        );
+    };
+    check_unknown(o, &["name", "prefix"], &format!("{field}."))?;
+    let name = match o.get("name").and_then(Value::as_str) {
+        Some(n) if is_header_token(n) => n.to_ascii_lowercase(),
+        _ => {
+            return err(
+                &format!("{field}.name"),
+                "required: a header name such as \"x-api-key\"",
+            )
+        }
+    };
+    const RESERVED: [&str; 7] = [
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+    ];
+    if RESERVED.contains(&name.as_str()) {
+        return err(
+            &format!("{field}.name"),
+            format!(
+                "{name:?} is not a credential header; pick the header your API reads the key from"
+            ),
+        );
+    }
+    let prefix = match o.get("prefix") {
+        None => String::new(),
+        Some(Value::String(p)) if p.bytes().all(|b| (0x20..=0x7e).contains(&b)) => p.clone(),
+        Some(_) => {
+            return err(
+                &format!("{field}.prefix"),
+                "must be printable ASCII text such as \"Bearer \" (no control characters)",
+            )
+        }
+    };
+    Ok(AuthHeader { name, prefix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> PluginConfig {
+        parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json}: {e}"))
+    }
+
+    fn fails(json: &str) -> ConfigError {
+        match parse(json.as_bytes()) {
+            Ok(_) => panic!("accepted: {json}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = ok(r#"{"apiTokens": ["sk-a", "sk-b"]}"#);
+        let p = &c.profiles[c.global.unwrap()];
+        assert_eq!(p.provider, Provider::OpenAi);
+        assert_eq!(
+            p.auth,
+            AuthHeader {
+                name: "authorization".into(),
+                prefix: "Bearer ".into()
+            }
+        );
+        assert_eq!(p.selection, Selection::RoundRobin);
+        assert_eq!(p.on_all_unavailable, OnAllUnavailable::Earliest);
+        assert!(p.failover.enabled);
+        assert_eq!(p.failover.failure_threshold, 1);
+        assert_eq!(p.failover.cooldown_ms, 60_000);
+        assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
+        assert!(p.failover.failover_on_status.iter().any(|s| s.matches(503)));
+        assert!(!p.failover.failover_on_status.iter().any(|s| s.matches(401)));
+        let pool = &c.pools[p.pool];
+        assert_eq!(pool.keys.len(), 2);
+        assert_eq!(pool.keys[0].weight, 1);
+        assert!(pool.label.starts_with("pool-"));
+        assert!(c.rules.is_empty());
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn providers_put_the_key_in_their_header() {
+        for (provider, header, prefix) in [
+            ("openai", "authorization", "Bearer "),
+            ("azure", "api-key", ""),
+            ("anthropic", "x-api-key", ""),
+            ("gemini", "x-goog-api-key", ""),
+        ] {
+            let c = ok(&format!(
+                r#"{{"apiTokens": ["k"], "provider": "{provider}"}}"#
+            ));
+            let auth = &c.profiles[0].auth;
+            assert_eq!((auth.name.as_str(), auth.prefix.as_str()), (header, prefix));
+        }
+        let c = ok(
+            r#"{"apiTokens": ["k"], "authHeader": {"name": "X-Custom-Auth", "prefix": "Token "}}"#,
+        );
+        assert_eq!(
+            c.profiles[0].auth,
+            AuthHeader {
+                name: "x-custom-auth".into(),
+                prefix: "Token ".into()
+            }
+        );
+    }
+
+    #[test]
+    fn object_keys_carry_name_and_weight() {
+        let c = ok(
+            r#"{"apiTokens": [{"token": "a", "name": "primary", "weight": 3}, "b"], "selection": "weighted"}"#,
+        );
+        let keys = &c.pools[0].keys;
+        assert_eq!(keys[0].label(), "primary");
+        assert_eq!(keys[0].weight, 3);
+        assert!(keys[1].label().starts_with("key-"));
+        assert_eq!(keys[1].label().len(), 12);
+    }
+
+    #[test]
+    fn every_invalid_config_is_refused_naming_the_field() {
+        let table: &[(&str, &str, &str)] = &[
+            ("not json", "", "not valid JSON"),
+            ("[1]", "", "JSON object"),
+            ("{}", "apiTokens", "required"),
+            (r#"{"apiTokens": []}"#, "apiTokens", "at least one"),
+            (r#"{"apiTokens": "sk"}"#, "apiTokens", "list of keys"),
+            (r#"{"apiTokens": [""]}"#, "apiTokens[0]", "empty"),
+            (
+                r#"{"apiTokens": ["a", "a"]}"#,
+                "apiTokens[1]",
+                "same key as apiTokens[0]",
+            ),
+            (r#"{"apiTokens": ["a b"]}"#, "apiTokens[0]", "whitespace"),
+            (
+                r#"{"apiTokens": ["a\r\nx-evil: 1"]}"#,
+                "apiTokens[0]",
+                "control",
+            ),
+            (r#"{"apiTokens": ["a\u0000"]}"#, "apiTokens[0]", "control"),
+            (r#"{"apiTokens": ["é"]}"#, "apiTokens[0]", "non-ASCII"),
+            (r#"{"apiTokens": [7]}"#, "apiTokens[0]", "key string"),
+            (
+                r#"{"apiTokens": [{"name": "x"}]}"#,
+                "apiTokens[0].token",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": [{"token": "a", "weight": 0}]}"#,
+                "apiTokens[0].weight",
+                "from 1 to 1000",
+            ),
+            (
+                r#"{"apiTokens": [{"token": "a", "weight": 2.5}]}"#,
+                "apiTokens[0].weight",
+                "whole number",
+            ),
+            (
+                r#"{"apiTokens": [{"token": "a", "wieght": 2}]}"#,
+                "apiTokens[0].wieght",
+                "unknown field",
+            ),
+            (
+                r#"{"apiTokens": [{"token": "a", "name": "bad name"}]}"#,
+                "apiTokens[0].name",
+                "letters",
+            ),
+            (
+                r#"{"apiTokens": [{"token": "a", "name": "n"}, {"token": "b", "name": "n"}]}"#,
+                "apiTokens[1].name",
+                "already",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "provider": "bedrock"}"#,
+                "provider",
+                "authHeader",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "authHeader": {"prefix": "x"}}"#,
+                "authHeader.name",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "authHeader": {"name": "bad header"}}"#,
+                "authHeader.name",
+                "header name",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "authHeader": {"name": "host"}}"#,
+                "authHeader.name",
+                "not a credential header",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "authHeader": {"name": "x-k", "prefix": "a\nb"}}"#,
+                "authHeader.prefix",
+                "control",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "selection": "fastest"}"#,
+                "selection",
+                "round_robin",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "onAllUnavailable": "wait"}"#,
+                "onAllUnavailable",
+                "earliest",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "name": "has space"}"#,
+                "name",
+                "letters",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": true}"#,
+                "failover",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"enabled": "yes"}}"#,
+                "failover.enabled",
+                "true or false",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"failureThreshold": 0}}"#,
+                "failover.failureThreshold",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"failureThreshold": -1}}"#,
+                "failover.failureThreshold",
+                "whole number",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 0}}"#,
+                "failover.cooldownDuration",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": "60s"}}"#,
+                "failover.cooldownDuration",
+                "whole number",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 0}}"#,
+                "failover.healthCheckInterval",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"failoverOnStatus": "429"}}"#,
+                "failover.failoverOnStatus",
+                "list",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"failoverOnStatus": []}}"#,
+                "failover.failoverOnStatus",
+                "enabled to false",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"failoverOnStatus": ["429", "5*"]}}"#,
+                "failover.failoverOnStatus[1]",
+                "status pattern",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"cooldown": 5}}"#,
+                "failover.cooldown",
+                "unknown field",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retries": 3}"#,
+                "retries",
+                "unknown field",
+            ),
+            (r#"{"apiTokens": ["a"], "_rules_": {}}"#, "_rules_", "list"),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [5]}"#,
+                "_rules_[0]",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"apiTokens": ["b"]}]}"#,
+                "_rules_[0]",
+                "no match key",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": ["r"], "_match_domain_": ["d"]}]}"#,
+                "_rules_[0]",
+                "several match keys",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": []}]}"#,
+                "_rules_[0]._match_route_",
+                "at least one",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": "r"}]}"#,
+                "_rules_[0]._match_route_",
+                "list of strings",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": [""]}]}"#,
+                "_rules_[0]._match_route_[0]",
+                "non-empty",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": ["r"], "failover": {"cooldownDuration": -5}}]}"#,
+                "_rules_[0].failover.cooldownDuration",
+                "whole number",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "_rules_": [{"_match_route_": ["r"], "bogus": 1}]}"#,
+                "_rules_[0].bogus",
+                "unknown field",
+            ),
+            (
+                r#"{"_rules_": [{"_match_route_": ["r"], "provider": "azure"}]}"#,
+                "_rules_[0].apiTokens",
+                "required",
+            ),
+            (
+                r#"{"provider": "nope", "_rules_": [{"_match_route_": ["r"], "apiTokens": ["a"]}]}"#,
+                "provider",
+                "one of",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "name": "p", "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"]}]}"#,
+                "_rules_[0].name",
+                "already names a pool",
+            ),
+        ];
+        for (json, field, needle) in table {
+            let e = fails(json);
+            assert_eq!(e.field, *field, "{json}: {e}");
+            assert!(
+                e.message.contains(needle),
+                "{json}: {e} (wanted {needle:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_never_contain_a_key() {
+        let secret = "sk-very-secret-123";
+        for json in [
+            format!(r#"{{"apiTokens": ["{secret}", "{secret}"]}}"#),
+            format!(r#"{{"apiTokens": ["{secret} "]}}"#),
+            format!(r#"{{"apiTokens": [{{"token": "{secret}", "weight": 0}}]}}"#),
+        ] {
+            let e = fails(&json).to_string();
+            assert!(!e.contains(secret), "{e}");
+        }
+    }
+
+    #[test]
+    fn higress_failover_block_pastes_as_is() {
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"enabled": true, "failureThreshold": 3, "successThreshold": 1,
+            "healthCheckInterval": 5000, "healthCheckTimeout": 5000, "healthCheckModel": "gpt-4o-mini",
+            "failoverOnStatus": ["4.*", "5.*"]}, "_comment_": "ignored"}"#,
+        );
+        assert_eq!(c.profiles[0].failover.failure_threshold, 3);
+        assert!(c.warnings.iter().any(|w| w.contains("health checks")));
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("[400, 404, 405, 413, 415, 422]")));
+    }
+
+    #[test]
+    fn rules_inherit_and_override_field_by_field() {
+        let c = ok(r#"{
+            "apiTokens": ["g1", "g2"],
+            "failover": {"cooldownDuration": 5000, "failureThreshold": 2},
+            "_rules_": [
+                {"_match_route_": ["route-chat"], "failover": {"cooldownDuration": 100}},
+                {"_match_domain_": ["*.team-a.com"], "apiTokens": ["a1"], "provider": "azure"},
+                {"_match_route_": ["other"], "apiTokens": ["g2", "g1"]}
+            ]}"#);
+        assert_eq!(c.rules.len(), 3);
+        let global = &c.profiles[c.global.unwrap()];
+        let r0 = &c.profiles[c.rules[0].profile];
+        assert_eq!(r0.failover.cooldown_ms, 100);
+        assert_eq!(
+            r0.failover.failure_threshold, 2,
+            "inherited from the global failover block"
+        );
+        assert_eq!(r0.pool, global.pool, "same key list, same pool");
+        let r1 = &c.profiles[c.rules[1].profile];
+        assert_ne!(r1.pool, global.pool);
+        assert_eq!(r1.auth.name, "api-key");
+        assert_eq!(r1.failover.cooldown_ms, 5000);
+        let r2 = &c.profiles[c.rules[2].profile];
+        assert_eq!(r2.pool, global.pool, "key order does not make another pool");
+        assert_eq!(c.pools.len(), 2);
+    }
+
+    #[test]
+    fn rules_only_config_leaves_unmatched_requests_alone() {
+        let c = ok(r#"{"_rules_": [{"_match_service_": ["llm.svc"], "apiTokens": ["a"]}]}"#);
+        assert_eq!(c.global, None);
+        assert_eq!(c.rules.len(), 1);
+    }
+
+    #[test]
+    fn fingerprints_and_labels_are_stable_and_do_not_reveal_the_key() {
+        let c = ok(r#"{"apiTokens": ["sk-abcdef0123456789"]}"#);
+        let k = &c.pools[0].keys[0];
+        assert_eq!(k.fingerprint, fnv1a64(b"sk-abcdef0123456789"));
+        assert!(!k.label().contains("abcdef"));
+        let again = ok(r#"{"apiTokens": ["sk-abcdef0123456789"]}"#);
+        assert_eq!(again.pools[0].id, c.pools[0].id);
+    }
+}

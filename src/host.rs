@@ -1,0 +1,303 @@
+//! The few proxy-wasm host calls the plugin makes, without the SDK's panics.
+//!
+//! The SDK's `hostcalls` panic on any status they do not expect, and its String getters unwrap
+//! UTF-8; a panic traps the VM and fails every request through it. These wrappers call the same
+//! ABI functions and turn every failure into a `None` or an `Err` the caller can ignore.
+
+use std::ptr::{null, null_mut};
+
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+
+use crate::store::{SharedData, StoreError};
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
+    fn proxy_get_log_level(return_level: *mut LogLevel) -> Status;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> Status;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
+    fn proxy_get_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_replace_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+    fn proxy_remove_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+    ) -> Status;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`
+/// (a boxed slice of exactly `size` bytes).
+fn owned(data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: the host wrote `size` bytes into memory it obtained from our allocator with
+    // capacity `size`, and hands its ownership to us.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+struct Logger;
+
+static LOGGER: Logger = Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Trace => LogLevel::Trace,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        let message = record.args().to_string();
+        // SAFETY: pointer and length describe `message`, alive for the call.
+        let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger. Runs in `_initialize`, where the host allows no calls back into it.
+pub fn install_logger() {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
+}
+
+/// Follows the host's log level, so messages the host would drop are not even formatted.
+pub fn sync_log_level() {
+    let mut level = LogLevel::Info;
+    // SAFETY: `level` is a valid place for the host to write a log level.
+    let status = unsafe { proxy_get_log_level(&mut level) };
+    let filter = match (status, level) {
+        (Status::Ok, LogLevel::Trace) => log::LevelFilter::Trace,
+        (Status::Ok, LogLevel::Debug) => log::LevelFilter::Debug,
+        (Status::Ok, LogLevel::Info) => log::LevelFilter::Info,
+        (Status::Ok, LogLevel::Warn) => log::LevelFilter::Warn,
+        (Status::Ok, LogLevel::Error) => log::LevelFilter::Error,
+        (Status::Ok, LogLevel::Critical) => log::LevelFilter::Off,
+        _ => log::LevelFilter::Info,
+    };
+    log::set_max_level(filter);
+}
+
+pub fn now_ms() -> u64 {
+    let mut nanos: u64 = 0;
+    // SAFETY: `nanos` is a valid place for the host to write the time.
+    match unsafe { proxy_get_current_time_nanoseconds(&mut nanos) } {
+        Status::Ok => nanos / 1_000_000,
+        _ => 0,
+    }
+}
+
+pub fn set_tick_period_ms(period: u32) -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_set_tick_period_milliseconds(period) == Status::Ok }
+}
+
+pub fn plugin_configuration() -> Option<Vec<u8>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers are valid; the host allocates the result through our allocator.
+    match unsafe {
+        proxy_get_buffer_bytes(
+            BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    } {
+        Status::Ok => owned(data, size),
+        _ => None,
+    }
+}
+
+fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as above.
+    match unsafe {
+        proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
+    } {
+        Status::Ok => Some(owned(data, size).unwrap_or_default()),
+        _ => None,
+    }
+}
+
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    header(MapType::HttpRequestHeaders, name)
+}
+
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    header(MapType::HttpResponseHeaders, name)
+}
+
+pub fn set_request_header(name: &str, value: &[u8]) -> bool {
+    // SAFETY: pointers and lengths describe live slices.
+    unsafe {
+        proxy_replace_header_map_value(
+            MapType::HttpRequestHeaders,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        ) == Status::Ok
+    }
+}
+
+pub fn remove_request_header(name: &str) -> bool {
+    // SAFETY: pointer and length describe a live slice.
+    unsafe {
+        proxy_remove_header_map_value(MapType::HttpRequestHeaders, name.as_ptr(), name.len())
+            == Status::Ok
+    }
+}
+
+/// A property by path, e.g. `["xds", "route_name"]`.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let serialized = path.join("\0");
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as above.
+    match unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) }
+    {
+        Status::Ok => owned(data, size),
+        _ => None,
+    }
+}
+
+/// Sends a local reply instead of forwarding the request.
+pub fn send_local_response(
+    status: u32,
+    details: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> bool {
+    let mut map = Vec::new();
+    map.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (name, value) in headers {
+        map.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        map.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in headers {
+        map.extend_from_slice(name.as_bytes());
+        map.push(0);
+        map.extend_from_slice(value.as_bytes());
+        map.push(0);
+    }
+    // SAFETY: every pointer and length describes a live slice for the call.
+    unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            if body.is_empty() {
+                null()
+            } else {
+                body.as_ptr()
+            },
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        ) == Status::Ok
+    }
+}
+
+/// Proxy shared data of this VM's `vm_id`.
+pub struct HostShared;
+
+impl SharedData for HostShared {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: as above.
+        match unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        } {
+            Status::Ok => Ok((owned(data, size), (cas != 0).then_some(cas))),
+            Status::NotFound => Ok((None, None)),
+            other => Err(StoreError::Host(format!(
+                "get_shared_data returned status {}",
+                other as u32
+            ))),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        // SAFETY: as above.
+        match unsafe {
+            proxy_set_shared_data(
+                key.as_ptr(),
+                key.len(),
+                value.as_ptr(),
+                value.len(),
+                cas.unwrap_or(0),
+            )
+        } {
+            Status::Ok => Ok(()),
+            Status::CasMismatch => Err(StoreError::CasMismatch),
+            other => Err(StoreError::Host(format!(
+                "set_shared_data returned status {}",
+                other as u32
+            ))),
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Choosing a key for a request in O(1), whatever the pool size.
+//!
+//! A `PoolView` is derived from the pool state once, when the shared entry changes; each request
+//! then indexes into it. The view lists the available keys and, for `weighted`, an alias table
+//! over them (Vose), so a weighted pick is two random numbers and a comparison.
+
+use crate::pool::{Health, PoolState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    RoundRobin,
+    Random,
+    Weighted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnAllUnavailable {
+    /// Use the key whose cooldown ends first.
+    Earliest,
+    /// Answer locally with 429 and `retry-after`.
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// `while_down`: every key was down and `earliest` chose this one anyway.
+    Key {
+        key: usize,
+        while_down: bool,
+    },
+    Reject {
+        retry_after_ms: u64,
+    },
+}
+
+/// xorshift64*: fast, small and good enough to spread load; not for secrets.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in `0..bound` (bound > 0), without modulo bias worth caring about at our sizes.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct AliasTable {
+    /// Per column: keep the column's own entry when a draw in `0..total` falls below this.
+    threshold: Vec<u64>,
+    alias: Vec<u32>,
+    total: u64,
+}
+
+impl AliasTable {
+    fn build(weights: &[u64]) -> Self {
+        let n = weights.len() as u64;
+        let total: u64 = weights.iter().sum();
+        if n == 0 || total == 0 {
+            return AliasTable::default();
+        }
+        // Column i holds weight w_i * n out of `total` per column.
+        let mut scaled: Vec<u64> = weights.iter().map(|w| w * n).collect();
+        let mut alias: Vec<u32> = (0..weights.len() as u32).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..weights.len()).partition(|&i| scaled.get(i).is_some_and(|&s| s < total));
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            if let Some(slot) = alias.get_mut(s) {
+                *slot = l as u32;
+            }
+            let deficit = total - scaled.get(s).copied().unwrap_or(total);
+            if let Some(large_weight) = scaled.get_mut(l) {
+                *large_weight = large_weight.saturating_sub(deficit);
+                if *large_weight < total {
+                    large.pop();
+                    small.push(l);
+                }
+            }
+        }
+        // Whatever is left is full up to rounding.
+        for i in large.into_iter().chain(small) {
+            if let Some(v) = scaled.get_mut(i) {
+                *v = total;
+            }
+        }
+        AliasTable {
+            threshold: scaled,
+            alias,
+            total,
+        }
+    }
+
+    fn sample(&self, rng: &mut Rng) -> Option<usize> {
+        let n = self.threshold.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let column = rng.below(n) as usize;
+        let keep = *self.threshold.get(column)? > rng.below(self.total);
+        if keep {
+            Some(column)
+        } else {
+            self.alias.get(column).map(|&a| a as usize)
+        }
+    }
+}
+
+/// What a request needs to know about a pool, derived from its state.
+#[derive(Clone, Debug, Default)]
+pub struct PoolView {
+    available: Vec<u32>,
+    weighted: AliasTable,
+    /// The cooling key that returns first, and when.
+    earliest_down: Option<(usize, u64)>,
+}
+
+impl PoolView {
+    pub fn build(state: &PoolState, weights: &[u32], selection: Selection) -> Self {
+        let available: Vec<u32> = state
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.is_available())
+            .map(|(i, _)| i as u32)
+            .collect();
+        let weighted = if selection == Selection::Weighted {
+            let w: Vec<u64> = available
+                .iter()
+                .map(|&i| u64::from(weights.get(i as usize).copied().unwrap_or(1).max(1)))
+                .collect();
+            AliasTable::build(&w)
+        } else {
+            AliasTable::default()
+        };
+        let earliest_down = state
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.health == Health::CoolingDown)
+            .min_by_key(|(_, k)| k.down_until_ms)
+            .map(|(i, k)| (i, k.down_until_ms));
+        PoolView {
+            available,
+            weighted,
+            earliest_down,
+        }
+    }
+
+    pub fn available_count(&self) -> usize {
+        self.available.len()
+    }
+
+    /// When the first cooling key is due back, if any is cooling.
+    pub fn next_return_ms(&self) -> Option<u64> {
+        self.earliest_down.map(|(_, until)| until)
+    }
+
+    /// `cursor` is this worker's round-robin position for the pool.
+    pub fn pick(
+        &self,
+        selection: Selection,
+        on_all_unavailable: OnAllUnavailable,
+        cursor: &mut u64,
+        rng: &mut Rng,
+        now_ms: u64,
+    ) -> Pick {
+        let n = self.available.len() as u64;
+        if n > 0 {
+            let slot = match selection {
+                Selection::RoundRobin => {
+                    let slot = *cursor % n;
+                    *cursor = cursor.wrapping_add(1);
+                    Some(slot as usize)
+                }
+                Selection::Random => Some(rng.below(n) as usize),
+                Selection::Weighted => self.weighted.sample(rng),
+            };
+            if let Some(&key) = slot.and_then(|s| self.available.get(s)) {
+                return Pick::Key {
+                    key: key as usize,
+                    while_down: false,
+                };
+            }
+        }
+        match (on_all_unavailable, self.earliest_down) {
+            (OnAllUnavailable::Earliest, Some((key, _))) => Pick::Key {
+                key,
+                while_down: true,
+            },
+            (_, Some((_, until_ms))) => Pick::Reject {
+                retry_after_ms: until_ms.saturating_sub(now_ms),
+            },
+            // An empty pool cannot be configured; answer as if the keys return at once.
+            (_, None) => Pick::Reject { retry_after_ms: 0 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Policy;
+
+    const P: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 1_000,
+    };
+
+    fn picks(view: &PoolView, sel: Selection, n: usize, cursor: u64) -> Vec<usize> {
+        let mut c = cursor;
+        let mut rng = Rng::new(42);
+        (0..n)
+            .map(
+                |_| match view.pick(sel, OnAllUnavailable::Reject, &mut c, &mut rng, 0) {
+                    Pick::Key { key, .. } => key,
+                    Pick::Reject { .. } => usize::MAX,
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_cycles_over_available_keys_from_the_cursor() {
+        let mut s = PoolState::fresh(&[1, 2, 3, 4]);
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        assert_eq!(picks(&view, Selection::RoundRobin, 5, 0), [0, 1, 2, 3, 0]);
+        assert_eq!(picks(&view, Selection::RoundRobin, 3, 2), [2, 3, 0]);
+        s.record_failure(1, 429, 0, &P);
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        assert_eq!(
+            picks(&view, Selection::RoundRobin, 6, 0),
+            [0, 2, 3, 0, 2, 3]
+        );
+    }
+
+    #[test]
+    fn random_spreads_over_available_keys_only() {
+        let mut s = PoolState::fresh(&[1, 2, 3]);
+        s.record_failure(0, 429, 0, &P);
+        let view = PoolView::build(&s, &[], Selection::Random);
+        let mut counts = [0usize; 3];
+        for k in picks(&view, Selection::Random, 3000, 0) {
+            counts[k] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        assert!(counts[1] > 1300 && counts[2] > 1300, "{counts:?}");
+    }
+
+    #[test]
+    fn weighted_follows_weights_and_skips_down_keys() {
+        let mut s = PoolState::fresh(&[1, 2, 3, 4]);
+        let weights = [1, 3, 6, 5];
+        s.record_failure(3, 429, 0, &P);
+        let view = PoolView::build(&s, &weights, Selection::Weighted);
+        let mut counts = [0usize; 4];
+        for k in picks(&view, Selection::Weighted, 100_000, 0) {
+            counts[k] += 1;
+        }
+        assert_eq!(counts[3], 0);
+        for (i, expected) in [(0, 10_000.0), (1, 30_000.0), (2, 60_000.0)] {
+            let got = counts[i] as f64;
+            assert!(
+                (got - expected).abs() < expected * 0.05,
+                "key {i}: {got} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn alias_table_handles_equal_and_extreme_weights() {
+        for weights in [
+            vec![1u64],
+            vec![5, 5, 5],
+            vec![1, 1000],
+            vec![1000, 1, 1, 1],
+        ] {
+            let table = AliasTable::build(&weights);
+            let total: u64 = weights.iter().sum();
+            let mut rng = Rng::new(7);
+            let mut counts = vec![0u64; weights.len()];
+            let draws = 200_000u64;
+            for _ in 0..draws {
+                counts[table.sample(&mut rng).unwrap()] += 1;
+            }
+            for (i, w) in weights.iter().enumerate() {
+                let expected = draws as f64 * *w as f64 / total as f64;
+                assert!(
+                    (counts[i] as f64 - expected).abs() < expected * 0.1 + 200.0,
+                    "{weights:?}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn all_down_uses_the_earliest_key_or_rejects_with_the_wait() {
+        let mut s = PoolState::fresh(&[1, 2]);
+        s.record_failure(0, 429, 500, &P); // back at 1500
+        s.record_failure(1, 429, 100, &P); // back at 1100
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        let mut c = 0;
+        let mut rng = Rng::new(1);
+        assert_eq!(
+            view.pick(
+                Selection::RoundRobin,
+                OnAllUnavailable::Earliest,
+                &mut c,
+                &mut rng,
+                600
+            ),
+            Pick::Key {
+                key: 1,
+                while_down: true
+            }
+        );
+        assert_eq!(
+            view.pick(
+                Selection::RoundRobin,
+                OnAllUnavailable::Reject,
+                &mut c,
+                &mut rng,
+                600
+            ),
+            Pick::Reject {
+                retry_after_ms: 500
+            }
+        );
+    }
+
+    #[test]
+    fn rng_below_stays_in_range() {
+        let mut rng = Rng::new(0);
+        for bound in [1u64, 2, 3, 1000, u64::MAX] {
+            for _ in 0..1000 {
+                assert!(rng.below(bound) < bound);
+            }
+        }
+    }
+}

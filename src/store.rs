@@ -1,0 +1,402 @@
+//! A pool's state in proxy shared data: a cached, decoded copy per VM, and the CAS loop that
+//! changes it.
+//!
+//! Each pool has two entries: `state` (every key's record) and `epoch` (a few bytes rewritten
+//! after each change). A request reads only `epoch`; the host's CAS number on it moves with every
+//! write, so `state` is read and decoded again only when something changed. This keeps the
+//! per-request cost flat however many keys the pool has.
+
+use crate::codec;
+use crate::pool::{Event, PoolState};
+use crate::select::{PoolView, Selection};
+
+/// Attempts before a change gives up; each failed attempt means another worker changed the
+/// state in between, which is rare outside storms of failures.
+pub const MAX_CAS_ATTEMPTS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Another writer changed the entry since we read it.
+    CasMismatch,
+    /// The host refused the call; the text is for logs.
+    Host(String),
+}
+
+/// The two shared-data calls we need; implemented by the host glue, and by a map in tests.
+pub trait SharedData {
+    /// The value (None when absent) and its CAS number.
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
+    /// Writes only if the entry's CAS number is still `cas` (None: unconditionally).
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpdateError {
+    /// Every attempt met a concurrent change.
+    GaveUp,
+    Host(String),
+}
+
+pub struct PoolStore {
+    state_key: String,
+    epoch_key: String,
+    fingerprints: Vec<u64>,
+    weights: Vec<u32>,
+    selection: Selection,
+    /// The epoch's CAS number when `state` was last read; None forces a read.
+    seen_epoch: Option<u32>,
+    state: PoolState,
+    view: PoolView,
+    /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
+    pub corrupt_entry_seen: bool,
+}
+
+pub fn entry_prefix(pool_id: u64) -> String {
+    format!("ai-key-failover/v1/{pool_id:016x}")
+}
+
+impl PoolStore {
+    pub fn new(
+        pool_id: u64,
+        fingerprints: Vec<u64>,
+        weights: Vec<u32>,
+        selection: Selection,
+    ) -> Self {
+        let prefix = entry_prefix(pool_id);
+        let state = PoolState::fresh(&fingerprints);
+        let view = PoolView::build(&state, &weights, selection);
+        PoolStore {
+            state_key: format!("{prefix}/state"),
+            epoch_key: format!("{prefix}/epoch"),
+            fingerprints,
+            weights,
+            selection,
+            seen_epoch: None,
+            state,
+            view,
+            corrupt_entry_seen: false,
+        }
+    }
+
+    pub fn state(&self) -> &PoolState {
+        &self.state
+    }
+
+    pub fn view(&self) -> &PoolView {
+        &self.view
+    }
+
+    /// Makes the cached copy current: one small read, plus a full read only when it moved.
+    pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
+        let (_, epoch) = host.get(&self.epoch_key)?;
+        if epoch.is_some() && epoch == self.seen_epoch {
+            return Ok(());
+        }
+        let (bytes, _) = host.get(&self.state_key)?;
+        let (state, _) = self.decode_or_fresh(bytes.as_deref());
+        self.adopt(state);
+        self.seen_epoch = epoch;
+        Ok(())
+    }
+
+    /// Applies `change` to the current shared state with compare-and-swap, retrying on conflict.
+    /// `change` runs on a fresh copy each attempt and returns the events it caused; no events
+    /// means nothing to write.
+    pub fn update(
+        &mut self,
+        host: &dyn SharedData,
+        mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
+    ) -> Result<Vec<Event>, UpdateError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
+            let (mut state, stored_as_is) = self.decode_or_fresh(bytes.as_deref());
+            let events = change(&mut state);
+            if events.is_empty() && stored_as_is {
+                self.adopt(state);
+                return Ok(events);
+            }
+            match host.set(&self.state_key, &codec::encode(&state), cas) {
+                Ok(()) => {
+                    // The epoch's content is irrelevant: its CAS number is the signal.
+                    host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
+                    self.adopt(state);
+                    // Another write may land between ours and the next refresh: read again then.
+                    self.seen_epoch = None;
+                    return Ok(events);
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
+            }
+        }
+        Err(UpdateError::GaveUp)
+    }
+
+    /// The stored state laid over our keys, and whether the stored bytes already say exactly that.
+    fn decode_or_fresh(&mut self, bytes: Option<&[u8]>) -> (PoolState, bool) {
+        match bytes.map(codec::decode) {
+            None => (PoolState::fresh(&self.fingerprints), false),
+            Some(Ok(stored)) => {
+                let (state, changed) = PoolState::reconcile(stored, &self.fingerprints);
+                (state, !changed)
+            }
+            Some(Err(e)) => {
+                if !self.corrupt_entry_seen {
+                    log::warn!(
+                        "shared state entry {} could not be decoded ({e}); starting from fresh state",
+                        self.state_key
+                    );
+                    self.corrupt_entry_seen = true;
+                }
+                (PoolState::fresh(&self.fingerprints), false)
+            }
+        }
+    }
+
+    fn adopt(&mut self, state: PoolState) {
+        if state != self.state {
+            self.view = PoolView::build(&state, &self.weights, self.selection);
+            self.state = state;
+        }
+    }
+}
+
+fn host_error(e: StoreError) -> UpdateError {
+    match e {
+        StoreError::CasMismatch => UpdateError::GaveUp,
+        StoreError::Host(h) => UpdateError::Host(h),
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    pub type WriteHook = Box<dyn FnMut(&FakeShared, &str)>;
+
+    /// Proxy shared data as Envoy implements it: every write bumps the CAS number; a CAS write
+    /// to an absent key succeeds.
+    #[derive(Default)]
+    pub struct FakeShared {
+        pub entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        pub gets: Cell<usize>,
+        pub sets: Cell<usize>,
+        /// Called before each write: lets a test play a competing worker.
+        pub before_set: RefCell<Option<WriteHook>>,
+    }
+
+    impl FakeShared {
+        pub fn put_raw(&self, key: &str, value: &[u8]) {
+            let mut entries = self.entries.borrow_mut();
+            let cas = entries.get(key).map_or(0, |e| e.1) + 1;
+            entries.insert(key.to_string(), (value.to_vec(), cas));
+        }
+    }
+
+    impl SharedData for FakeShared {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            self.gets.set(self.gets.get() + 1);
+            Ok(match self.entries.borrow().get(key) {
+                Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+                None => (None, None),
+            })
+        }
+
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            let hook = self.before_set.borrow_mut().take();
+            if let Some(mut hook) = hook {
+                hook(self, key);
+                *self.before_set.borrow_mut() = Some(hook);
+            }
+            self.sets.set(self.sets.get() + 1);
+            let mut entries = self.entries.borrow_mut();
+            let current = entries.get(key).map(|e| e.1);
+            if let (Some(want), Some(have)) = (cas, current) {
+                if want != 0 && want != have {
+                    return Err(StoreError::CasMismatch);
+                }
+            }
+            entries.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeShared;
+    use super::*;
+    use crate::pool::{Health, Policy};
+    use std::cell::{Cell, RefCell};
+
+    const P: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 1_000,
+    };
+
+    fn store(fps: &[u64]) -> PoolStore {
+        PoolStore::new(9, fps.to_vec(), vec![1; fps.len()], Selection::RoundRobin)
+    }
+
+    #[test]
+    fn a_change_on_one_worker_is_seen_by_another_on_its_next_refresh() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        let mut b = store(&[1, 2]);
+        a.refresh(&host).unwrap();
+        b.refresh(&host).unwrap();
+        let ev = a
+            .update(&host, |s| {
+                s.record_failure(0, 429, 0, &P).into_iter().collect()
+            })
+            .unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(b.view().available_count(), 2);
+        b.refresh(&host).unwrap();
+        assert_eq!(b.view().available_count(), 1);
+        assert_eq!(b.state().keys[0].health, Health::CoolingDown);
+    }
+
+    #[test]
+    fn refresh_reads_the_full_state_only_when_the_epoch_moved() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        a.update(&host, |s| {
+            s.record_failure(1, 500, 0, &P).into_iter().collect()
+        })
+        .unwrap();
+        a.refresh(&host).unwrap();
+        let gets = host.gets.get();
+        for _ in 0..10 {
+            a.refresh(&host).unwrap();
+        }
+        assert_eq!(
+            host.gets.get() - gets,
+            10,
+            "one epoch read per refresh, no state read"
+        );
+    }
+
+    #[test]
+    fn no_events_means_no_write() {
+        let host = FakeShared::default();
+        let mut a = store(&[1]);
+        a.update(&host, |s| {
+            s.record_failure(0, 429, 0, &P).into_iter().collect()
+        })
+        .unwrap();
+        let sets = host.sets.get();
+        let ev = a.update(&host, |_| Vec::new()).unwrap();
+        assert!(ev.is_empty());
+        assert_eq!(host.sets.get(), sets);
+    }
+
+    #[test]
+    fn a_competing_write_is_retried_on_the_newer_state_and_nothing_is_lost() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        let mut other = store(&[1, 2]);
+        a.update(&host, |_| Vec::new()).unwrap();
+        // The other worker marks key 1 down between our read and our write, once.
+        let fired = std::rc::Rc::new(Cell::new(false));
+        let f = fired.clone();
+        let other_state = std::rc::Rc::new(RefCell::new(None));
+        let os = other_state.clone();
+        *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
+            if !f.get() && key.ends_with("/state") {
+                f.set(true);
+                let mut s = codec::decode(&h.entries.borrow()[key].0).unwrap_or_default();
+                s.record_failure(1, 429, 0, &P);
+                *os.borrow_mut() = Some(s.clone());
+                h.put_raw(key, &codec::encode(&s));
+            }
+        }));
+        let ev = a
+            .update(&host, |s| {
+                s.record_failure(0, 429, 0, &P).into_iter().collect()
+            })
+            .unwrap();
+        assert_eq!(ev.len(), 1);
+        *host.before_set.borrow_mut() = None;
+        other.refresh(&host).unwrap();
+        assert_eq!(
+            other.view().available_count(),
+            0,
+            "both mark-downs survived"
+        );
+        assert!(other_state.borrow().is_some());
+    }
+
+    #[test]
+    fn gives_up_after_bounded_attempts_when_every_write_conflicts() {
+        let host = FakeShared::default();
+        let mut a = store(&[1]);
+        *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
+            if key.ends_with("/state") {
+                let v = h
+                    .entries
+                    .borrow()
+                    .get(key)
+                    .map(|e| e.0.clone())
+                    .unwrap_or_default();
+                h.put_raw(key, &v);
+            }
+        }));
+        host.put_raw(
+            &format!("{}/state", entry_prefix(9)),
+            &codec::encode(&PoolState::fresh(&[1])),
+        );
+        let r = a.update(&host, |s| {
+            s.record_failure(0, 429, 0, &P).into_iter().collect()
+        });
+        assert_eq!(r, Err(UpdateError::GaveUp));
+    }
+
+    #[test]
+    fn corrupt_entries_are_replaced_by_fresh_state() {
+        let host = FakeShared::default();
+        let key = format!("{}/state", entry_prefix(9));
+        host.put_raw(&key, b"garbage from an older version");
+        host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[1]);
+        let mut a = store(&[1, 2]);
+        a.refresh(&host).unwrap();
+        assert!(a.corrupt_entry_seen);
+        assert_eq!(a.view().available_count(), 2);
+        a.update(&host, |s| {
+            s.record_failure(0, 429, 0, &P).into_iter().collect()
+        })
+        .unwrap();
+        let stored = codec::decode(&host.entries.borrow()[&key].0).unwrap();
+        assert_eq!(stored.keys.len(), 2);
+    }
+
+    #[test]
+    fn a_stored_state_from_another_key_list_is_reconciled_and_rewritten() {
+        let host = FakeShared::default();
+        let mut old = store(&[1, 2]);
+        old.update(&host, |s| {
+            s.record_failure(1, 429, 0, &P).into_iter().collect()
+        })
+        .unwrap();
+        let mut new = store(&[2, 3]);
+        new.refresh(&host).unwrap();
+        assert_eq!(
+            new.state().keys[0].health,
+            Health::CoolingDown,
+            "key 2 keeps its state"
+        );
+        assert_eq!(new.state().keys[1].health, Health::Available);
+        new.update(&host, |_| Vec::new()).unwrap();
+        let stored =
+            codec::decode(&host.entries.borrow()[&format!("{}/state", entry_prefix(9))].0).unwrap();
+        assert_eq!(
+            stored
+                .keys
+                .iter()
+                .map(|k| k.fingerprint)
+                .collect::<Vec<_>>(),
+            [2, 3]
+        );
+    }
+}
