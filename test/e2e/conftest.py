@@ -26,6 +26,7 @@ from harness import (  # noqa: E402
     collect_keys,
     find_leaks,
     plugin_log_text,
+    scannable_log_text,
     read_text,
     tail,
 )
@@ -145,8 +146,8 @@ class EnvoyFactory:
             if _failed(self.request):
                 print(f"--- envoy #{i} log tail ({e.log_path}) ---\n{tail(e.log(), 80)}")
             if scan and self.keys:
-                leaks += find_leaks(self.keys, plugin_log_text(e.log()), f"envoy #{i} plugin log ({e.log_path})")
-                leaks += find_leaks(self.keys, plugin_log_text(read_text(e.stdout_path)),
+                leaks += find_leaks(self.keys, scannable_log_text(e.log()), f"envoy #{i} log ({e.log_path})")
+                leaks += find_leaks(self.keys, scannable_log_text(read_text(e.stdout_path)),
                                     f"envoy #{i} plugin lines on stdout/stderr")
         if leaks:
             pytest.fail("SECRET SCAN: API keys leaked:\n  " + "\n  ".join(leaks), pytrace=False)

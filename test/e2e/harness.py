@@ -574,12 +574,27 @@ def find_leaks(keys: list[tuple[str, str]], text: str, source: str) -> list[str]
     return [f"{desc} found in {source}" for desc, key in keys if key in text]
 
 
-def plugin_log_text(envoy_log: str) -> str:
-    """What the plugin (and Envoy's wasm runtime) wrote: the records of the `wasm` logger.
+def _is_envoy_dump(logger: str, record: str) -> bool:
+    """Envoy's own dumps of what it was told to send or load: header maps at debug level
+    (`router decoding headers`, `request headers complete`: after the plugin put the key on the
+    request, they show it, as they show any credential header) and the filter config it loaded
+    (`config: {...}`, which holds the plugin configuration verbatim)."""
+    first = record.split("\n", 1)[0]
+    if logger == "config" and "config: {" in first:
+        return True
+    continuation = record.split("\n")[1:]
+    header_dump = all(line.startswith("'") or not line.strip() for line in continuation)
+    return bool(continuation) and header_dump and logger in ("router", "http", "client") and "headers" in first
 
-    Envoy itself prints whole header maps at debug level (e.g. `router decoding headers`, after
-    the plugin put the key on the request): that is Envoy, not the plugin, so those records are
-    not scanned."""
+
+def scannable_log_text(envoy_log: str) -> str:
+    """Every log record except Envoy's own header and config dumps (see _is_envoy_dump): what the
+    plugin wrote, what the wasm runtime wrote, and everything else Envoy said."""
+    return "\n".join(rec for logger, rec in log_records(envoy_log) if not _is_envoy_dump(logger, rec))
+
+
+def plugin_log_text(envoy_log: str) -> str:
+    """What the plugin (and Envoy's wasm runtime) wrote: the records of the `wasm` logger."""
     return "\n".join(rec for logger, rec in log_records(envoy_log) if logger == "wasm" or "wasm log" in rec)
 
 
@@ -705,14 +720,18 @@ class Envoy:
     def log(self) -> str:
         return read_text(self.log_path)
 
-    def plugin_log(self) -> str:
-        """Only the records written through the wasm logger (the plugin's own log lines)."""
+    def plugin_log(self, settle: float = 0.3) -> str:
+        """Only the records written through the wasm logger (the plugin's own log lines).
+        Waits `settle` seconds first: Envoy flushes its log file every 100 ms, so an assertion
+        that something was NOT logged needs the flush to have happened."""
+        if settle:
+            time.sleep(settle)
         return plugin_log_text(self.log())
 
     def wait_log(self, pattern: str, timeout: float = 5, plugin_only: bool = False) -> re.Match:
         """Wait until the regex `pattern` shows up in the log (Envoy flushes it every 100 ms)."""
         rx = re.compile(pattern)
-        return wait_for(lambda: rx.search(self.plugin_log() if plugin_only else self.log()), timeout,
+        return wait_for(lambda: rx.search(self.plugin_log(settle=0) if plugin_only else self.log()), timeout,
                         what=f"log line matching {pattern!r}")
 
     def admin(self, path: str, method: str = "GET") -> Response:

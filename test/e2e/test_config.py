@@ -1,0 +1,48 @@
+"""Bad configuration is refused at load: Envoy does not start, and the log names the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+K = "sk-test-config-0001"
+
+INVALID = [
+    ("not json {", "", "not valid JSON"),
+    ({}, "apiTokens", "required"),
+    ({"apiTokens": []}, "apiTokens", "at least one key"),
+    ({"apiTokens": [K, K]}, "apiTokens[1]", "same key as apiTokens[0]"),
+    ({"apiTokens": [K + "\r\nx-injected: 1"]}, "apiTokens[0]", "control character"),
+    ({"apiTokens": [K + " "]}, "apiTokens[0]", "whitespace"),
+    ({"apiTokens": [{"token": K, "weight": 0}]}, "apiTokens[0].weight", "from 1 to 1000"),
+    ({"apiTokens": [K], "provider": "bedrock"}, "provider", "must be one of"),
+    ({"apiTokens": [K], "authHeader": {"name": "bad header"}}, "authHeader.name", "header name"),
+    ({"apiTokens": [K], "selection": "fastest"}, "selection", "round_robin"),
+    ({"apiTokens": [K], "failover": {"failureThreshold": 0}}, "failover.failureThreshold", "whole number from 1"),
+    ({"apiTokens": [K], "failover": {"cooldownDuration": 0}}, "failover.cooldownDuration", "whole number from 1"),
+    ({"apiTokens": [K], "failover": {"failoverOnStatus": ["5*"]}}, "failover.failoverOnStatus[0]", "not a status pattern"),
+    ({"apiTokens": [K], "onAllUnavailable": "wait"}, "onAllUnavailable", "\"earliest\" or \"reject\""),
+    ({"apiTokens": [K], "cooldown": 5}, "cooldown", "unknown field"),
+    ({"apiTokens": [K], "failover": {"cooldown": 5}}, "failover.cooldown", "unknown field"),
+    ({"apiTokens": [K], "_rules_": [{"apiTokens": [K]}]}, "_rules_[0]", "no match key"),
+    ({"apiTokens": [K], "_rules_": [{"_match_route_": ["r"], "failover": {"cooldownDuration": -1}}]},
+     "_rules_[0].failover.cooldownDuration", "whole number"),
+]
+
+
+@pytest.mark.parametrize("config, field, message", INVALID, ids=[f"{i}-{f or 'json'}" for i, (_, f, _) in enumerate(INVALID)])
+def test_invalid_config_is_refused_naming_the_field(envoy_factory, mock, config, field, message):
+    log = envoy_factory.start_expect_failure(config)
+    prefix = f"invalid configuration: {field}: " if field else "invalid configuration: "
+    lines = [line for line in log.splitlines() if "invalid configuration" in line]
+    assert lines, log[-3000:]
+    assert prefix in lines[0] and message in lines[0], lines[0]
+    assert K not in "\n".join(lines), "the error line must not quote the key"
+    assert mock.requests() == []
+
+
+def test_valid_config_with_higress_private_keys_loads(envoy_factory, mock):
+    cfg = {"apiTokens": [K], "_comment_": "Higress adds keys like this", "failover": {"_note_": 1}}
+    envoy = envoy_factory.start(json.dumps(cfg))
+    assert envoy.chat().status == 200

@@ -1,0 +1,182 @@
+"""Failover end to end: real Envoy, the built plugin, the mock provider.
+
+Each test asserts what the provider received (which key, how often) and what the client got."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+A, B, C = "sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-0003"
+
+
+def keys_config(**overrides):
+    cfg = {"apiTokens": [{"token": A, "name": "alpha"}, {"token": B, "name": "bravo"}]}
+    cfg.update(overrides)
+    return cfg
+
+
+def send(envoy, n, **kw):
+    with envoy.client() as c:
+        return [c.chat(**kw).status for _ in range(n)]
+
+
+def test_429_takes_the_key_out_and_traffic_moves_to_the_other(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 429, "headers": {"retry-after": "30"}}}, B: {}}})
+    envoy = envoy_factory.start(keys_config())
+    statuses = send(envoy, 10)
+    got = Counter(mock.keys_received())
+    assert got[A] == 1, "alpha answered 429 once and was never used again"
+    assert got[B] == 9
+    assert statuses.count(429) == 1 and statuses.count(200) == 9
+    envoy.wait_log(r"key alpha marked down after status 429", plugin_only=True)
+
+
+def test_200s_never_move_traffic(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}}})
+    envoy = envoy_factory.start(keys_config())
+    assert send(envoy, 10) == [200] * 10
+    assert Counter(mock.keys_received()) == {A: 5, B: 5}
+    assert "marked down" not in envoy.plugin_log()
+
+
+def test_500_is_ignored_when_only_429_is_configured(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 500}}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["429"]}))
+    statuses = send(envoy, 10)
+    assert Counter(mock.keys_received()) == {A: 5, B: 5}
+    assert statuses.count(500) == 5
+
+
+def test_500_is_honoured_with_5xx_pattern(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 500}}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["429", "5.*"]}))
+    send(envoy, 10)
+    assert Counter(mock.keys_received()) == {A: 1, B: 9}
+
+
+def test_key_returns_after_its_cooldown_and_not_before(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"script": [{"status": 429}]}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 2000}))
+    with envoy.client() as c:
+        while c.chat().status != 429:
+            pass
+        marked_at = time.monotonic()
+        mock.clear()
+        while time.monotonic() < marked_at + 1.7:
+            assert c.chat().status == 200
+            time.sleep(0.05)
+        assert set(mock.keys_received()) == {B}, "alpha is cooling down"
+        time.sleep(max(0.0, marked_at + 2.3 - time.monotonic()))
+        mock.clear()
+        for _ in range(4):
+            assert c.chat().status == 200
+    assert Counter(mock.keys_received()) == {A: 2, B: 2}, "alpha is back in the rotation"
+    envoy.wait_log(r"key alpha restored", plugin_only=True)
+
+
+def test_tick_restores_a_key_with_no_traffic(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"script": [{"status": 429}]}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 1000}))
+    with envoy.client() as c:
+        while c.chat().status != 429:
+            pass
+    envoy.wait_log(r"key alpha restored", timeout=4, plugin_only=True)
+
+
+def test_threshold_two_needs_two_consecutive_failures(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 503}}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"failureThreshold": 2}))
+    send(envoy, 12)
+    assert Counter(mock.keys_received()) == {A: 2, B: 10}
+    log = envoy.wait_log(r"key alpha marked down after status 503", plugin_only=True)
+    assert log
+
+
+def test_a_success_resets_the_failure_count(envoy_factory, mock):
+    # alpha fails every other request: never two in a row, so never marked down.
+    script = [{"status": 503}, {"status": 200}] * 3
+    mock.set_keys({"keys": {A: {"script": script}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"failureThreshold": 2}))
+    send(envoy, 12)
+    assert Counter(mock.keys_received()) == {A: 6, B: 6}
+    assert "marked down" not in envoy.plugin_log()
+
+
+def test_single_key_pool_keeps_serving_with_earliest(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"script": [{"status": 429}]}}})
+    envoy = envoy_factory.start({"apiTokens": [{"token": A, "name": "alpha"}], "failover": {"cooldownDuration": 60000}})
+    assert send(envoy, 3) == [429, 200, 200]
+    assert mock.keys_received() == [A, A, A]
+    # The 200 on a key used while down proves it works: it is restored at once.
+    envoy.wait_log(r"key alpha restored", plugin_only=True)
+
+
+def test_reject_answers_locally_with_retry_after(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"always": {"status": 429}}}})
+    envoy = envoy_factory.start(keys_config(onAllUnavailable="reject", failover={"cooldownDuration": 5000}))
+    assert send(envoy, 2) == [429, 429]
+    received = len(mock.requests())
+    assert received == 2
+    r = envoy.chat()
+    assert r.status == 429
+    assert 1 <= int(r.headers["retry-after"]) <= 5
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == "all_keys_unavailable" and err["type"] == "rate_limit_error"
+    assert A not in r.text and B not in r.text
+    assert len(mock.requests()) == received, "the upstream was not contacted"
+    envoy.wait_log(r"all 2 keys are down", plugin_only=True)
+
+
+def test_earliest_uses_the_key_that_returns_first(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"script": [{"status": 429}]}, B: {"always": {"status": 429}}}})
+    envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 60000}))
+    with envoy.client() as c:
+        first = [c.chat().status for _ in range(2)]
+        assert first == [429, 429]
+        order = mock.keys_received()
+        mock.clear()
+        c.chat()
+    # Whichever key went down first returns first and is the one used.
+    assert mock.keys_received() == [order[0]]
+
+
+def test_envoy_local_replies_never_mark_keys(envoy_factory, mock):
+    # alpha is too slow for the route timeout: Envoy answers 504 itself, not the provider.
+    mock.set_keys({"keys": {A: {"delayMs": 1500}, B: {}}})
+    routes = [{"name": "route-default", "prefix": "/", "route": {"cluster": "mock_provider", "timeout": "0.3s"}}]
+    envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["5.*"]}), routes=routes)
+    statuses = send(envoy, 6)
+    assert statuses.count(504) == 3
+    assert Counter(mock.keys_received()) == {A: 3, B: 3}
+    assert "marked down" not in envoy.plugin_log()
+
+
+def test_clients_cannot_empty_the_pool_with_bad_requests(envoy_factory, mock):
+    for status in (400, 404, 413, 422):
+        mock.set_keys({"keys": {A: {"always": {"status": status}}, B: {"always": {"status": status}}}})
+        mock.clear()
+        envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["4.*", "5.*"]}))
+        assert send(envoy, 8) == [status] * 8
+        assert Counter(mock.keys_received()) == {A: 4, B: 4}, status
+        assert "marked down" not in envoy.plugin_log()
+        envoy.wait_log(r"covers \[400, 404, 405, 413, 415, 422\]", plugin_only=True)
+        envoy.stop()
+
+
+def test_client_disconnect_does_not_mark_the_key(envoy_factory, mock):
+    import socket
+
+    mock.set_keys({"keys": {A: {"delayMs": 800}, B: {"delayMs": 800}}})
+    envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["4.*", "5.*"]}))
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", envoy.port))
+        body = b'{"model":"m","messages":[]}'
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.1)
+        s.close()
+    time.sleep(1.2)
+    assert "marked down" not in envoy.plugin_log()
+    assert send(envoy, 4) == [200] * 4
