@@ -104,6 +104,7 @@ cat <<EOF
      for i in \$(seq 10); do curl -s -o /dev/null -w '%{http_code}\n' localhost:$GATEWAY_PORT/v1/chat/completions \\
        -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'; done
      curl -s localhost:$MOCK_PORT/_mock/stats       # requests and statuses per key
+     grep -E 'marked down|restored' $LOGDIR/envoy.log  # the plugin's transitions, keys by name
 
   3) Envoy's side: http://localhost:$ADMIN_PORT  and
      curl -s localhost:$ADMIN_PORT/stats | grep wasm

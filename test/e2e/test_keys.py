@@ -115,3 +115,23 @@ def test_non_utf8_and_odd_headers_do_not_break_the_plugin(envoy_factory, mock):
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     assert mock.keys_received() == [B]
     assert envoy.chat().status == 200, "the VM is still alive"
+
+
+def test_no_configured_key_in_the_debug_log(envoy_factory, mock):
+    """Failures, transitions and rejections all logged at debug level; no key anywhere in them."""
+    from harness import scannable_log_text
+
+    mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"script": [{"status": 503}]}, C: {}}})
+    envoy = envoy_factory.start({"apiTokens": [A, B, C], "onAllUnavailable": "reject",
+                                 "failover": {"cooldownDuration": 1000}})
+    with envoy.client() as c:
+        for _ in range(12):
+            c.chat(headers={"authorization": "Bearer client-own-key"})
+    envoy.wait_log(r"marked down after status 429", plugin_only=True)
+    envoy.wait_log(r"restored", timeout=4, plugin_only=True)
+    log = envoy.log()
+    assert "[debug]" in log, "Envoy ran at debug level"
+    text = scannable_log_text(log)
+    for key in (A, B, C):
+        assert key not in text
+        assert key[-8:] not in text, "not even a fragment of the key"
