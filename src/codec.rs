@@ -2,7 +2,7 @@
 //!
 //! Fixed-size little-endian records, so decoding is a bounded loop with no allocation per field
 //! and a corrupt or foreign entry is recognised (magic, version, length, checksum) rather than
-//! misread. Layout: `AKF` version(1) count(u32) then per key
+//! misread. Layout: `AKF` version(1) written_at_ms(u64) count(u32) then per key
 //! fingerprint(u64) health(u8) consecutive_failures(u32) down_since_ms(u64) down_until_ms(u64),
 //! then an FNV-1a checksum (u32) of everything before it.
 
@@ -10,7 +10,7 @@ use crate::pool::{Health, KeyState, PoolState};
 
 const MAGIC: &[u8; 3] = b"AKF";
 const VERSION: u8 = 1;
-const HEADER_LEN: usize = 3 + 1 + 4;
+const HEADER_LEN: usize = 3 + 1 + 8 + 4;
 const RECORD_LEN: usize = 8 + 1 + 4 + 8 + 8;
 const CHECKSUM_LEN: usize = 4;
 /// Far above any real pool; bounds what a corrupt length field can make us allocate.
@@ -52,6 +52,7 @@ pub fn encode(state: &PoolState) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + state.keys.len() * RECORD_LEN + CHECKSUM_LEN);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
+    out.extend_from_slice(&state.written_at_ms.to_le_bytes());
     out.extend_from_slice(&(state.keys.len() as u32).to_le_bytes());
     for key in &state.keys {
         out.extend_from_slice(&key.fingerprint.to_le_bytes());
@@ -105,6 +106,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
     if version != VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
+    let written_at_ms = r.u64()?;
     let count = r.u32()? as usize;
     if count > MAX_KEYS || r.rest.len() != count * RECORD_LEN {
         return Err(DecodeError::LengthMismatch);
@@ -130,7 +132,10 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
             down_until_ms: r.u64()?,
         });
     }
-    Ok(PoolState { keys })
+    Ok(PoolState {
+        written_at_ms,
+        keys,
+    })
 }
 
 #[cfg(test)]
@@ -146,6 +151,7 @@ mod tests {
         };
         s.record_failure(1, 429, 1_700_000_000_000, &policy);
         s.keys[2].consecutive_failures = 3;
+        s.written_at_ms = 1_700_000_000_123;
         s
     }
 
@@ -169,7 +175,7 @@ mod tests {
         bad[3] = 9;
         assert_eq!(decode(&bad), Err(DecodeError::UnknownVersion(9)));
         let mut bad = good.clone();
-        bad[4] = 200;
+        bad[12] = 200;
         assert_eq!(decode(&bad), Err(DecodeError::LengthMismatch));
         let mut bad = good.clone();
         bad[20] ^= 1;

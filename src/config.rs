@@ -137,6 +137,8 @@ pub struct Profile {
     pub selection: Selection,
     pub failover: Failover,
     pub on_all_unavailable: OnAllUnavailable,
+    /// Adds `x-ai-key-failover-key: <key name or hash>` to responses.
+    pub expose_key_name: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +166,7 @@ const CONFIG_FIELDS: &[&str] = &[
     "selection",
     "failover",
     "onAllUnavailable",
+    "exposeKeyName",
 ];
 const FAILOVER_FIELDS: &[&str] = &[
     "enabled",
@@ -397,6 +400,11 @@ impl Builder {
                 }
             },
         };
+        let expose_key_name = match obj.get("exposeKeyName") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return err(&field("exposeKeyName"), "must be true or false"),
+        };
         let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
         let pool = self.pool_for(keys, name, &field("name"))?;
         self.profiles.push(Profile {
@@ -406,6 +414,7 @@ impl Builder {
             selection,
             failover,
             on_all_unavailable,
+            expose_key_name,
         });
         Ok(self.profiles.len() - 1)
     }

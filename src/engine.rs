@@ -3,6 +3,7 @@
 //! `glue` only reads headers and properties and calls in here.
 
 use crate::config::{PluginConfig, Profile};
+use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Policy};
 use crate::rules::{needed_facts, NeededFacts, RequestFacts};
 use crate::select::{Pick, Rng, Selection};
@@ -17,6 +18,10 @@ pub struct Assignment {
     /// Every key was down; `earliest` chose this one anyway.
     pub while_down: bool,
 }
+
+/// Everything the engine needs from the host: shared data and stats.
+pub trait Host: SharedData + MetricsHost {}
+impl<T: SharedData + MetricsHost> Host for T {}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -37,6 +42,8 @@ pub struct Engine {
     cursors: Vec<u64>,
     rng: Rng,
     needed: NeededFacts,
+    /// Per pool; empty until `start` defines them.
+    metrics: Vec<PoolMetrics>,
 }
 
 impl Engine {
@@ -67,7 +74,38 @@ impl Engine {
             cursors,
             rng,
             needed,
+            metrics: Vec::new(),
         }
+    }
+
+    /// Runs once per config load on each VM: defines the stats, takes over what earlier configs
+    /// knew about the keys this one keeps, and brings back keys that are due.
+    pub fn start(&mut self, host: &dyn Host, now_ms: u64) {
+        self.metrics = self
+            .config
+            .pools
+            .iter()
+            .map(|pool| {
+                let labels: Vec<String> = pool.keys.iter().map(|k| k.label()).collect();
+                PoolMetrics::define(host, &pool.label, &labels)
+            })
+            .collect();
+        for (pool, store) in self.stores.iter_mut().enumerate() {
+            let label = self
+                .config
+                .pools
+                .get(pool)
+                .map_or("?", |p| p.label.as_str());
+            match store.carry_over(host, now_ms) {
+                Ok(c) if c.keys_carried > 0 => log::info!(
+                    "pool {label}: kept the state of {} keys from the previous configuration",
+                    c.keys_carried
+                ),
+                Ok(_) => {}
+                Err(e) => log::warn!("pool {label}: could not take over earlier state: {e:?}"),
+            }
+        }
+        self.tick(host, now_ms);
     }
 
     pub fn config(&self) -> &PluginConfig {
@@ -92,12 +130,7 @@ impl Engine {
         self.config.profiles.get(profile)
     }
 
-    pub fn decide(
-        &mut self,
-        host: &dyn SharedData,
-        profile: Option<usize>,
-        now_ms: u64,
-    ) -> Decision {
+    pub fn decide(&mut self, host: &dyn Host, profile: Option<usize>, now_ms: u64) -> Decision {
         let Some((profile_idx, p)) =
             profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
         else {
@@ -109,18 +142,29 @@ impl Engine {
         else {
             return Decision::Untouched;
         };
-        match store
+        let pick = store
             .view()
-            .pick(selection, on_all, cursor, &mut self.rng, now_ms)
-        {
-            Pick::Key { key, while_down } => Decision::UseKey(Assignment {
-                profile: profile_idx,
-                key,
-                while_down,
-            }),
-            Pick::Reject { retry_after_ms } => Decision::Reject {
-                retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
-            },
+            .pick(selection, on_all, cursor, &mut self.rng, now_ms);
+        let metrics = self.metrics.get_mut(pool);
+        match pick {
+            Pick::Key { key, while_down } => {
+                if let Some(m) = metrics {
+                    m.count_keyed();
+                }
+                Decision::UseKey(Assignment {
+                    profile: profile_idx,
+                    key,
+                    while_down,
+                })
+            }
+            Pick::Reject { retry_after_ms } => {
+                if let Some(m) = metrics {
+                    m.count_rejected();
+                }
+                Decision::Reject {
+                    retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+                }
+            }
         }
     }
 
@@ -151,7 +195,7 @@ impl Engine {
     /// changes (a success on a key with no failures writes nothing).
     pub fn record(
         &mut self,
-        host: &dyn SharedData,
+        host: &dyn Host,
         sent: Assignment,
         verdict: Verdict,
         status: u16,
@@ -194,10 +238,14 @@ impl Engine {
         });
     }
 
-    /// Periodic work: bring back keys whose cooldown passed, even with no traffic.
-    pub fn tick(&mut self, host: &dyn SharedData, now_ms: u64) {
+    /// Periodic work: bring back keys whose cooldown passed, even with no traffic, and bring
+    /// the stats in line with the shared state.
+    pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
         for pool in 0..self.stores.len() {
             self.refresh_and_restore(host, pool, now_ms);
+            if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get(pool)) {
+                m.sync(host, store.state());
+            }
         }
     }
 
@@ -205,7 +253,7 @@ impl Engine {
         &self.stores
     }
 
-    fn refresh_and_restore(&mut self, host: &dyn SharedData, pool: usize, now_ms: u64) {
+    fn refresh_and_restore(&mut self, host: &dyn Host, pool: usize, now_ms: u64) {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
@@ -219,7 +267,7 @@ impl Engine {
 
     fn change(
         &mut self,
-        host: &dyn SharedData,
+        host: &dyn Host,
         pool: usize,
         now_ms: u64,
         change: impl FnMut(&mut crate::pool::PoolState) -> Vec<Event>,
@@ -227,12 +275,22 @@ impl Engine {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
-        match store.update(host, change) {
-            Ok(events) => self.log_events(pool, &events, now_ms),
-            Err(UpdateError::GaveUp) => log::warn!(
-                "pool {}: gave up updating shared state after repeated concurrent changes",
-                self.pool_label(pool)
-            ),
+        match store.update(host, now_ms, change) {
+            Ok(events) => {
+                if let Some(m) = self.metrics.get(pool) {
+                    m.count_events(host, &events);
+                }
+                self.log_events(pool, &events, now_ms);
+            }
+            Err(UpdateError::GaveUp) => {
+                if let Some(m) = self.metrics.get(pool) {
+                    m.count_gave_up(host);
+                }
+                log::warn!(
+                    "pool {}: gave up updating shared state after repeated concurrent changes",
+                    self.pool_label(pool)
+                );
+            }
             Err(UpdateError::Host(e)) => log::warn!(
                 "pool {}: shared state write failed: {e}",
                 self.pool_label(pool)
@@ -314,7 +372,37 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::config;
+    use crate::metrics::fake::FakeMetrics;
+    use crate::metrics::MetricKind;
     use crate::store::fake::FakeShared;
+    use crate::store::StoreError;
+
+    #[derive(Default)]
+    struct TestHost {
+        shared: FakeShared,
+        metrics: FakeMetrics,
+    }
+
+    impl SharedData for TestHost {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            self.shared.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.shared.set(key, value, cas)
+        }
+    }
+
+    impl MetricsHost for TestHost {
+        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+            self.metrics.define(kind, name)
+        }
+        fn increment(&self, id: u32, delta: u64) {
+            self.metrics.increment(id, delta)
+        }
+        fn record(&self, id: u32, value: u64) {
+            self.metrics.record(id, value)
+        }
+    }
 
     struct NoFacts;
     impl RequestFacts for NoFacts {
@@ -350,7 +438,7 @@ mod tests {
 
     #[test]
     fn a_429_on_one_worker_moves_every_worker_off_the_key_until_the_cooldown_ends() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
@@ -372,7 +460,7 @@ mod tests {
 
     #[test]
     fn tick_restores_without_traffic_and_only_one_worker_writes() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 100}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
@@ -380,11 +468,11 @@ mod tests {
         w1.tick(&host, 50);
         w2.tick(&host, 50);
         assert_eq!(w2.stores()[0].view().available_count(), 0);
-        let sets = host.sets.get();
+        let sets = host.shared.sets.get();
         w1.tick(&host, 100);
         w2.tick(&host, 100);
         assert_eq!(
-            host.sets.get() - sets,
+            host.shared.sets.get() - sets,
             2,
             "one state write and one epoch write"
         );
@@ -393,7 +481,7 @@ mod tests {
 
     #[test]
     fn successes_write_only_when_they_change_something() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let mut w = engine(
             r#"{"apiTokens": ["a"], "failover": {"failureThreshold": 3}}"#,
             1,
@@ -402,17 +490,17 @@ mod tests {
             w.decide(&host, Some(0), 0);
             w.record(&host, sent(0, 0, false), Verdict::Success, 200, 0);
         }
-        assert_eq!(host.sets.get(), 0);
+        assert_eq!(host.shared.sets.get(), 0);
         w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 500, 0);
         w.decide(&host, Some(0), 0);
         w.record(&host, sent(0, 0, false), Verdict::Success, 200, 0);
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
-        assert_eq!(host.sets.get(), 4);
+        assert_eq!(host.shared.sets.get(), 4);
     }
 
     #[test]
     fn reject_answers_with_whole_seconds_until_the_first_return() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let mut w = engine(
             r#"{"apiTokens": ["a", "b"], "onAllUnavailable": "reject", "failover": {"cooldownDuration": 2500}}"#,
             1,
@@ -439,7 +527,7 @@ mod tests {
 
     #[test]
     fn earliest_uses_the_first_returning_key_and_a_success_brings_it_back() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let mut w = engine(
             r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000}}"#,
             1,
@@ -473,11 +561,44 @@ mod tests {
 
     #[test]
     fn workers_start_round_robin_at_different_keys() {
-        let host = FakeShared::default();
+        let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c", "d", "e", "f", "g", "h"]}"#;
         let firsts: std::collections::HashSet<usize> = (0..8)
             .map(|seed| use_key(engine(cfg, seed * 7919).decide(&host, Some(0), 0)).1)
             .collect();
         assert!(firsts.len() > 1);
+    }
+
+    #[test]
+    fn metrics_count_requests_transitions_and_follow_availability() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "main", "apiTokens": [{"token": "a", "name": "ka"}, "b"], "onAllUnavailable": "reject",
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut w = engine(cfg, 3);
+        w.start(&host, 0);
+        let m = |name: &str| {
+            host.metrics
+                .get(&format!("ai_key_failover.pool.main.{name}"))
+        };
+        assert_eq!(m("keys_configured"), 2);
+        assert_eq!(m("keys_available"), 2);
+        for _ in 0..5 {
+            w.decide(&host, Some(0), 0);
+        }
+        w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 429, 10);
+        w.record(&host, sent(0, 1, false), Verdict::KeyFailure, 503, 10);
+        w.decide(&host, Some(0), 20);
+        w.tick(&host, 20);
+        assert_eq!(m("requests_keyed"), 5);
+        assert_eq!(m("requests_rejected"), 1);
+        assert_eq!(m("keys_available"), 0);
+        assert_eq!(m("class.rate_limit.keys_marked_down"), 1);
+        assert_eq!(m("class.server_error.keys_marked_down"), 1);
+        assert_eq!(m("key.ka.key_available"), 0);
+        assert_eq!(m("key.ka.key_down_until_seconds"), 2);
+        w.tick(&host, 1010);
+        assert_eq!(m("keys_restored"), 2);
+        assert_eq!(m("key.ka.key_restored"), 1);
+        assert_eq!(m("keys_available"), 2);
     }
 }

@@ -55,7 +55,7 @@ impl RootContext for Root {
             parsed.rules.len()
         );
         let mut engine = Engine::new(parsed, random_seed());
-        engine.tick(&HostShared, host::now_ms());
+        engine.start(&HostShared, host::now_ms());
         self.engine = Some(Rc::new(RefCell::new(engine)));
         if !host::set_tick_period_ms(TICK_PERIOD_MS) {
             log::warn!("could not set the tick period; keys return only on traffic");
@@ -192,6 +192,14 @@ impl HttpContext for Request {
         else {
             return Action::Continue;
         };
+        if engine
+            .profile(chosen.profile)
+            .is_some_and(|p| p.expose_key_name)
+        {
+            if let Some(label) = engine.key_label(chosen.profile, chosen.key) {
+                host::set_response_header("x-ai-key-failover-key", label.as_bytes());
+            }
+        }
         let verdict = engine.verdict(chosen.profile, status);
         // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
         if verdict == Verdict::KeyFailure && !from_upstream() {

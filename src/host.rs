@@ -8,6 +8,7 @@ use std::ptr::{null, null_mut};
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
+use crate::metrics::{MetricKind, MetricsHost};
 use crate::store::{SharedData, StoreError};
 
 #[link(wasm_import_module = "env")]
@@ -62,6 +63,14 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> Status;
+    fn proxy_define_metric(
+        metric_type: proxy_wasm::types::MetricType,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> Status;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -201,6 +210,19 @@ pub fn set_request_header(name: &str, value: &[u8]) -> bool {
     }
 }
 
+pub fn set_response_header(name: &str, value: &[u8]) -> bool {
+    // SAFETY: pointers and lengths describe live slices.
+    unsafe {
+        proxy_replace_header_map_value(
+            MapType::HttpResponseHeaders,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        ) == Status::Ok
+    }
+}
+
 pub fn remove_request_header(name: &str) -> bool {
     // SAFETY: pointer and length describe a live slice.
     unsafe {
@@ -299,5 +321,31 @@ impl SharedData for HostShared {
                 other as u32
             ))),
         }
+    }
+}
+
+impl MetricsHost for HostShared {
+    fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        let metric_type = match kind {
+            MetricKind::Counter => proxy_wasm::types::MetricType::Counter,
+            MetricKind::Gauge => proxy_wasm::types::MetricType::Gauge,
+        };
+        let mut id: u32 = 0;
+        // SAFETY: pointer and length describe `name`; `id` is a valid out-pointer.
+        match unsafe { proxy_define_metric(metric_type, name.as_ptr(), name.len(), &mut id) } {
+            Status::Ok => Some(id),
+            _ => None,
+        }
+    }
+
+    fn increment(&self, id: u32, delta: u64) {
+        let offset = i64::try_from(delta).unwrap_or(i64::MAX);
+        // SAFETY: plain value arguments.
+        let _ = unsafe { proxy_increment_metric(id, offset) };
+    }
+
+    fn record(&self, id: u32, value: u64) {
+        // SAFETY: plain value arguments.
+        let _ = unsafe { proxy_record_metric(id, value) };
     }
 }

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
+pub mod metrics;
 pub mod pool;
 pub mod rules;
 pub mod select;

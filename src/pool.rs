@@ -39,6 +39,8 @@ impl KeyState {
 /// Every key of one pool, in the order of the pool's configured keys.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolState {
+    /// When the entry was last written; on a config change, the newest entry's records win.
+    pub written_at_ms: u64,
     pub keys: Vec<KeyState>,
 }
 
@@ -78,6 +80,7 @@ pub enum Event {
 impl PoolState {
     pub fn fresh(fingerprints: &[u64]) -> Self {
         PoolState {
+            written_at_ms: 0,
             keys: fingerprints.iter().map(|&fp| KeyState::fresh(fp)).collect(),
         }
     }
@@ -106,7 +109,13 @@ impl PoolState {
                     .unwrap_or_else(|| KeyState::fresh(fp))
             })
             .collect();
-        (PoolState { keys }, true)
+        (
+            PoolState {
+                written_at_ms: stored.written_at_ms,
+                keys,
+            },
+            true,
+        )
     }
 
     pub fn available_count(&self) -> usize {

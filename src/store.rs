@@ -38,6 +38,7 @@ pub enum UpdateError {
 }
 
 pub struct PoolStore {
+    pool_id: u64,
     state_key: String,
     epoch_key: String,
     fingerprints: Vec<u64>,
@@ -55,6 +56,27 @@ pub fn entry_prefix(pool_id: u64) -> String {
     format!("ai-key-failover/v1/{pool_id:016x}")
 }
 
+/// Lists the pools configured so far (newest last), so a new config can take over the state of
+/// keys it keeps from the pools it replaces.
+pub const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
+/// Older pools than this are forgotten by the registry; their keys start fresh if they return.
+const REGISTRY_CAPACITY: usize = 64;
+
+fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
+    bytes
+        .unwrap_or_default()
+        .chunks_exact(8)
+        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+        .collect()
+}
+
+/// What happened to a pool's state when its config was loaded.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CarryOver {
+    /// Keys whose state came from a pool of an earlier config.
+    pub keys_carried: usize,
+}
+
 impl PoolStore {
     pub fn new(
         pool_id: u64,
@@ -66,6 +88,7 @@ impl PoolStore {
         let state = PoolState::fresh(&fingerprints);
         let view = PoolView::build(&state, &weights, selection);
         PoolStore {
+            pool_id,
             state_key: format!("{prefix}/state"),
             epoch_key: format!("{prefix}/epoch"),
             fingerprints,
@@ -84,6 +107,89 @@ impl PoolStore {
 
     pub fn view(&self) -> &PoolView {
         &self.view
+    }
+
+    /// On config load: takes over, for each of our keys, the newest state any earlier pool has
+    /// of it (a key cooling down stays down), then records this pool in the registry.
+    /// Keys no earlier pool knows start available; keys we no longer list are simply not taken.
+    pub fn carry_over(
+        &mut self,
+        host: &dyn SharedData,
+        now_ms: u64,
+    ) -> Result<CarryOver, UpdateError> {
+        let mut result = CarryOver::default();
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (registry_bytes, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
+            let registry = decode_registry(registry_bytes.as_deref());
+            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
+            let (mut state, _) = self.decode_or_fresh(bytes.as_deref());
+            let own_written = if bytes.is_some() {
+                state.written_at_ms
+            } else {
+                0
+            };
+            // Newest first, so the first record found for a key is the newest.
+            let mut others: Vec<PoolState> = registry
+                .iter()
+                .filter(|&&id| id != self.pool_id)
+                .filter_map(|&id| {
+                    let (b, _) = host.get(&format!("{}/state", entry_prefix(id))).ok()?;
+                    codec::decode(&b?).ok()
+                })
+                .filter(|other| other.written_at_ms > own_written)
+                .collect();
+            others.sort_by_key(|o| std::cmp::Reverse(o.written_at_ms));
+            let mut carried = 0;
+            for key in state.keys.iter_mut() {
+                let newest = others
+                    .iter()
+                    .find_map(|o| o.keys.iter().find(|k| k.fingerprint == key.fingerprint));
+                if let Some(record) = newest {
+                    if record != key {
+                        *key = record.clone();
+                        carried += 1;
+                    }
+                }
+            }
+            result.keys_carried = carried;
+            if carried == 0 {
+                break;
+            }
+            state.written_at_ms = now_ms;
+            match host.set(&self.state_key, &codec::encode(&state), cas) {
+                Ok(()) => {
+                    host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
+                    self.adopt(state);
+                    self.seen_epoch = None;
+                    break;
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
+            }
+        }
+        self.register(host)?;
+        Ok(result)
+    }
+
+    fn register(&self, host: &dyn SharedData) -> Result<(), UpdateError> {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (bytes, cas) = host.get(REGISTRY_KEY).map_err(host_error)?;
+            let mut ids = decode_registry(bytes.as_deref());
+            if ids.last() == Some(&self.pool_id) {
+                return Ok(());
+            }
+            ids.retain(|&id| id != self.pool_id);
+            ids.push(self.pool_id);
+            let excess = ids.len().saturating_sub(REGISTRY_CAPACITY);
+            ids.drain(..excess);
+            let encoded: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+            match host.set(REGISTRY_KEY, &encoded, cas) {
+                Ok(()) => return Ok(()),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
+            }
+        }
+        Err(UpdateError::GaveUp)
     }
 
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
@@ -105,6 +211,7 @@ impl PoolStore {
     pub fn update(
         &mut self,
         host: &dyn SharedData,
+        now_ms: u64,
         mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
     ) -> Result<Vec<Event>, UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
@@ -115,6 +222,7 @@ impl PoolStore {
                 self.adopt(state);
                 return Ok(events);
             }
+            state.written_at_ms = now_ms;
             match host.set(&self.state_key, &codec::encode(&state), cas) {
                 Ok(()) => {
                     // The epoch's content is irrelevant: its CAS number is the signal.
@@ -247,7 +355,7 @@ mod tests {
         a.refresh(&host).unwrap();
         b.refresh(&host).unwrap();
         let ev = a
-            .update(&host, |s| {
+            .update(&host, 0, |s| {
                 s.record_failure(0, 429, 0, &P).into_iter().collect()
             })
             .unwrap();
@@ -262,7 +370,7 @@ mod tests {
     fn refresh_reads_the_full_state_only_when_the_epoch_moved() {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
-        a.update(&host, |s| {
+        a.update(&host, 0, |s| {
             s.record_failure(1, 500, 0, &P).into_iter().collect()
         })
         .unwrap();
@@ -282,12 +390,12 @@ mod tests {
     fn no_events_means_no_write() {
         let host = FakeShared::default();
         let mut a = store(&[1]);
-        a.update(&host, |s| {
+        a.update(&host, 0, |s| {
             s.record_failure(0, 429, 0, &P).into_iter().collect()
         })
         .unwrap();
         let sets = host.sets.get();
-        let ev = a.update(&host, |_| Vec::new()).unwrap();
+        let ev = a.update(&host, 0, |_| Vec::new()).unwrap();
         assert!(ev.is_empty());
         assert_eq!(host.sets.get(), sets);
     }
@@ -297,7 +405,7 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         let mut other = store(&[1, 2]);
-        a.update(&host, |_| Vec::new()).unwrap();
+        a.update(&host, 0, |_| Vec::new()).unwrap();
         // The other worker marks key 1 down between our read and our write, once.
         let fired = std::rc::Rc::new(Cell::new(false));
         let f = fired.clone();
@@ -313,7 +421,7 @@ mod tests {
             }
         }));
         let ev = a
-            .update(&host, |s| {
+            .update(&host, 0, |s| {
                 s.record_failure(0, 429, 0, &P).into_iter().collect()
             })
             .unwrap();
@@ -347,7 +455,7 @@ mod tests {
             &format!("{}/state", entry_prefix(9)),
             &codec::encode(&PoolState::fresh(&[1])),
         );
-        let r = a.update(&host, |s| {
+        let r = a.update(&host, 0, |s| {
             s.record_failure(0, 429, 0, &P).into_iter().collect()
         });
         assert_eq!(r, Err(UpdateError::GaveUp));
@@ -363,7 +471,7 @@ mod tests {
         a.refresh(&host).unwrap();
         assert!(a.corrupt_entry_seen);
         assert_eq!(a.view().available_count(), 2);
-        a.update(&host, |s| {
+        a.update(&host, 0, |s| {
             s.record_failure(0, 429, 0, &P).into_iter().collect()
         })
         .unwrap();
@@ -375,7 +483,7 @@ mod tests {
     fn a_stored_state_from_another_key_list_is_reconciled_and_rewritten() {
         let host = FakeShared::default();
         let mut old = store(&[1, 2]);
-        old.update(&host, |s| {
+        old.update(&host, 0, |s| {
             s.record_failure(1, 429, 0, &P).into_iter().collect()
         })
         .unwrap();
@@ -387,7 +495,7 @@ mod tests {
             "key 2 keeps its state"
         );
         assert_eq!(new.state().keys[1].health, Health::Available);
-        new.update(&host, |_| Vec::new()).unwrap();
+        new.update(&host, 0, |_| Vec::new()).unwrap();
         let stored =
             codec::decode(&host.entries.borrow()[&format!("{}/state", entry_prefix(9))].0).unwrap();
         assert_eq!(
@@ -397,6 +505,62 @@ mod tests {
                 .map(|k| k.fingerprint)
                 .collect::<Vec<_>>(),
             [2, 3]
+        );
+    }
+
+    #[test]
+    fn a_new_pool_takes_over_the_newest_state_of_keys_it_keeps() {
+        let host = FakeShared::default();
+        // Config A: keys 1, 2, 3; key 2 is cooling down.
+        let mut a = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        assert_eq!(a.carry_over(&host, 10).unwrap(), CarryOver::default());
+        a.update(&host, 20, |s| {
+            s.record_failure(1, 429, 20, &P).into_iter().collect()
+        })
+        .unwrap();
+        // Config B drops key 3 and adds key 4: another key list, another pool id.
+        let mut b = PoolStore::new(200, vec![4, 2, 1], vec![1; 3], Selection::RoundRobin);
+        assert_eq!(b.carry_over(&host, 30).unwrap().keys_carried, 1);
+        b.refresh(&host).unwrap();
+        assert_eq!(
+            b.state().keys[0],
+            crate::pool::KeyState::fresh(4),
+            "a new key starts available"
+        );
+        assert_eq!(
+            b.state().keys[1].health,
+            Health::CoolingDown,
+            "key 2 stays down"
+        );
+        assert_eq!(b.state().keys[1].down_until_ms, 1_020);
+        assert_eq!(b.view().available_count(), 2);
+        // Back to config A: B's newer word on key 2 (restored there) wins over A's stale entry.
+        b.update(&host, 2_000, |s| s.restore_due(2_000)).unwrap();
+        let mut a2 = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        assert_eq!(a2.carry_over(&host, 2_100).unwrap().keys_carried, 1);
+        a2.refresh(&host).unwrap();
+        assert_eq!(a2.view().available_count(), 3);
+        let registry = decode_registry(
+            host.entries
+                .borrow()
+                .get(REGISTRY_KEY)
+                .map(|e| e.0.as_slice()),
+        );
+        assert_eq!(registry, vec![200, 100]);
+    }
+
+    #[test]
+    fn carry_over_is_a_no_op_when_nothing_is_newer() {
+        let host = FakeShared::default();
+        let mut a = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        a.carry_over(&host, 0).unwrap();
+        let sets = host.sets.get();
+        let mut a_again = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        a_again.carry_over(&host, 5).unwrap();
+        assert_eq!(
+            host.sets.get(),
+            sets,
+            "no write when the registry already ends with us"
         );
     }
 }

@@ -461,6 +461,14 @@ def cluster_config(name: str, port: int, upstream_filters: list[dict] | None = N
     return c
 
 
+# The README's recommended tag extraction: Prometheus sees pool, key and failure_class labels.
+STATS_TAGS = [
+    {"tag_name": "pool", "regex": r"^wasmcustom\.ai_key_failover\.(pool\.([^.]+)\.)"},
+    {"tag_name": "key", "regex": r"^wasmcustom\.ai_key_failover\.pool\.[^.]+\.(key\.([^.]+)\.)"},
+    {"tag_name": "failure_class", "regex": r"^wasmcustom\.ai_key_failover\.pool\.[^.]+\.(class\.([^.]+)\.)"},
+]
+
+
 def envoy_config(*, upstream_port: int, plugin_config: Any = None, wasm: bool = True, routes: list | None = None,
                  cluster_name: str = DEFAULT_CLUSTER, extra_filter_options: dict | None = None,
                  extra_clusters: dict[str, int] | None = None, filter_mode: str = "downstream",
@@ -477,6 +485,7 @@ def envoy_config(*, upstream_port: int, plugin_config: Any = None, wasm: bool = 
         clusters.append(cluster_config(name, port))
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": STATS_TAGS},
         "static_resources": {
             "listeners": [{
                 "name": "listener_e2e",
@@ -578,9 +587,10 @@ def _is_envoy_dump(logger: str, record: str) -> bool:
     """Envoy's own dumps of what it was told to send or load: header maps at debug level
     (`router decoding headers`, `request headers complete`: after the plugin put the key on the
     request, they show it, as they show any credential header) and the filter config it loaded
-    (`config: {...}`, which holds the plugin configuration verbatim)."""
+    (`config: {...}`, and `config update accepted for <file>: <the resources>` for a file-based
+    xDS update; both hold the plugin configuration verbatim)."""
     first = record.split("\n", 1)[0]
-    if logger == "config" and "config: {" in first:
+    if logger == "config" and ("config: {" in first or "config update accepted for" in first):
         return True
     continuation = record.split("\n")[1:]
     header_dump = all(line.startswith("'") or not line.strip() for line in continuation)

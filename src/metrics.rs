@@ -1,0 +1,395 @@
+//! Envoy stats for pools and keys.
+//!
+//! Names are `ai_key_failover.pool.<pool>.<metric>` and
+//! `ai_key_failover.pool.<pool>.key.<key>.key_<metric>`: pools and keys by their configured name
+//! or short hash, never by the key. With the `stats_tags` in the README, Prometheus sees
+//! `ai_key_failover_keys_available{pool="..."}` and `ai_key_failover_key_available{pool, key}`.
+//!
+//! Costs are kept off the request path: per-request counters are summed locally and flushed on
+//! tick; transition counters are bumped once, by the worker whose write made the transition;
+//! gauges are re-derived from the shared state on tick, writing only values that changed.
+
+use crate::pool::{Event, Health, PoolState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// The host's stats API, behind a trait so the engine runs in host tests.
+pub trait MetricsHost {
+    fn define(&self, kind: MetricKind, name: &str) -> Option<u32>;
+    fn increment(&self, id: u32, delta: u64);
+    fn record(&self, id: u32, value: u64);
+}
+
+/// Why a key was taken out; one counter each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    RateLimit,
+    ServerError,
+    KeyRefused,
+    Other,
+}
+
+impl FailureClass {
+    pub const ALL: [FailureClass; 4] = [
+        FailureClass::RateLimit,
+        FailureClass::ServerError,
+        FailureClass::KeyRefused,
+        FailureClass::Other,
+    ];
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            429 => FailureClass::RateLimit,
+            401..=403 => FailureClass::KeyRefused,
+            500..=599 => FailureClass::ServerError,
+            _ => FailureClass::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureClass::RateLimit => "rate_limit",
+            FailureClass::ServerError => "server_error",
+            FailureClass::KeyRefused => "key_refused",
+            FailureClass::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct KeyGauges {
+    available: u64,
+    consecutive_failures: u64,
+    down_until_s: u64,
+}
+
+impl KeyGauges {
+    fn of(state: &crate::pool::KeyState) -> Self {
+        let down = state.health != Health::Available;
+        KeyGauges {
+            available: u64::from(!down),
+            consecutive_failures: u64::from(state.consecutive_failures),
+            down_until_s: if down {
+                state.down_until_ms.div_ceil(1000)
+            } else {
+                0
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeyMetrics {
+    available: Option<u32>,
+    consecutive_failures: Option<u32>,
+    down_until: Option<u32>,
+    marked_down: Option<u32>,
+    restored: Option<u32>,
+    /// What this worker last recorded; None until the first sync.
+    recorded: Option<KeyGauges>,
+}
+
+#[derive(Default)]
+pub struct PoolMetrics {
+    keys_available: Option<u32>,
+    requests_keyed: Option<u32>,
+    requests_rejected: Option<u32>,
+    keys_restored: Option<u32>,
+    cas_gave_up: Option<u32>,
+    marked_down: [Option<u32>; 4],
+    keys: Vec<KeyMetrics>,
+    recorded_available: Option<u64>,
+    pending_keyed: u64,
+    pending_rejected: u64,
+}
+
+pub fn pool_metric_name(pool: &str, metric: &str) -> String {
+    format!("ai_key_failover.pool.{pool}.{metric}")
+}
+
+pub fn key_metric_name(pool: &str, key: &str, metric: &str) -> String {
+    format!("ai_key_failover.pool.{pool}.key.{key}.key_{metric}")
+}
+
+impl PoolMetrics {
+    /// Defines every stat of a pool. `key_labels` are the keys' names or short hashes.
+    pub fn define(host: &dyn MetricsHost, pool: &str, key_labels: &[String]) -> Self {
+        use MetricKind::{Counter, Gauge};
+        let pool_metric = |kind, metric: &str| host.define(kind, &pool_metric_name(pool, metric));
+        if let Some(id) = pool_metric(Gauge, "keys_configured") {
+            host.record(id, key_labels.len() as u64);
+        }
+        let mut marked_down = [None; 4];
+        for class in FailureClass::ALL {
+            if let Some(slot) = marked_down.get_mut(class.index()) {
+                *slot = host.define(
+                    Counter,
+                    &format!(
+                        "ai_key_failover.pool.{pool}.class.{}.keys_marked_down",
+                        class.name()
+                    ),
+                );
+            }
+        }
+        let keys = key_labels
+            .iter()
+            .map(|key| {
+                let key_metric =
+                    |kind, metric: &str| host.define(kind, &key_metric_name(pool, key, metric));
+                KeyMetrics {
+                    available: key_metric(Gauge, "available"),
+                    consecutive_failures: key_metric(Gauge, "consecutive_failures"),
+                    down_until: key_metric(Gauge, "down_until_seconds"),
+                    marked_down: key_metric(Counter, "marked_down"),
+                    restored: key_metric(Counter, "restored"),
+                    recorded: None,
+                }
+            })
+            .collect();
+        PoolMetrics {
+            keys_available: pool_metric(Gauge, "keys_available"),
+            requests_keyed: pool_metric(Counter, "requests_keyed"),
+            requests_rejected: pool_metric(Counter, "requests_rejected"),
+            keys_restored: pool_metric(Counter, "keys_restored"),
+            cas_gave_up: pool_metric(Counter, "cas_gave_up"),
+            marked_down,
+            keys,
+            recorded_available: None,
+            pending_keyed: 0,
+            pending_rejected: 0,
+        }
+    }
+
+    pub fn count_keyed(&mut self) {
+        self.pending_keyed += 1;
+    }
+
+    pub fn count_rejected(&mut self) {
+        self.pending_rejected += 1;
+    }
+
+    pub fn count_gave_up(&self, host: &dyn MetricsHost) {
+        increment(host, self.cas_gave_up, 1);
+    }
+
+    /// Transition counters, bumped by the worker whose write made the transitions.
+    pub fn count_events(&self, host: &dyn MetricsHost, events: &[Event]) {
+        for event in events {
+            match *event {
+                Event::MarkedDown { key, status, .. } => {
+                    let class = FailureClass::of_status(status);
+                    increment(
+                        host,
+                        self.marked_down.get(class.index()).copied().flatten(),
+                        1,
+                    );
+                    increment(host, self.keys.get(key).and_then(|k| k.marked_down), 1);
+                }
+                Event::Restored { key } => {
+                    increment(host, self.keys_restored, 1);
+                    increment(host, self.keys.get(key).and_then(|k| k.restored), 1);
+                }
+                Event::FailureCounted { .. }
+                | Event::CooldownExtended { .. }
+                | Event::FailuresReset { .. } => {}
+            }
+        }
+    }
+
+    /// Flushes request counters and brings gauges in line with `state`, writing only changes.
+    pub fn sync(&mut self, host: &dyn MetricsHost, state: &PoolState) {
+        increment(
+            host,
+            self.requests_keyed,
+            std::mem::take(&mut self.pending_keyed),
+        );
+        increment(
+            host,
+            self.requests_rejected,
+            std::mem::take(&mut self.pending_rejected),
+        );
+        let available = state.available_count() as u64;
+        if self.recorded_available != Some(available) {
+            record(host, self.keys_available, available);
+            self.recorded_available = Some(available);
+        }
+        for (metrics, key) in self.keys.iter_mut().zip(&state.keys) {
+            let now = KeyGauges::of(key);
+            let before = metrics.recorded;
+            if before.map(|b| b.available) != Some(now.available) {
+                record(host, metrics.available, now.available);
+            }
+            if before.map(|b| b.consecutive_failures) != Some(now.consecutive_failures) {
+                record(host, metrics.consecutive_failures, now.consecutive_failures);
+            }
+            if before.map(|b| b.down_until_s) != Some(now.down_until_s) {
+                record(host, metrics.down_until, now.down_until_s);
+            }
+            metrics.recorded = Some(now);
+        }
+    }
+}
+
+fn increment(host: &dyn MetricsHost, id: Option<u32>, delta: u64) {
+    if let (Some(id), true) = (id, delta > 0) {
+        host.increment(id, delta);
+    }
+}
+
+fn record(host: &dyn MetricsHost, id: Option<u32>, value: u64) {
+    if let Some(id) = id {
+        host.record(id, value);
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// Envoy's stats as a map: defining an existing name returns the same id.
+    #[derive(Default)]
+    pub struct FakeMetrics {
+        pub names: RefCell<Vec<(String, MetricKind)>>,
+        pub values: RefCell<BTreeMap<String, u64>>,
+        pub writes: RefCell<usize>,
+    }
+
+    impl FakeMetrics {
+        pub fn get(&self, name: &str) -> u64 {
+            self.values.borrow().get(name).copied().unwrap_or(0)
+        }
+        fn name_of(&self, id: u32) -> String {
+            self.names.borrow()[id as usize].0.clone()
+        }
+    }
+
+    impl MetricsHost for FakeMetrics {
+        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+            let mut names = self.names.borrow_mut();
+            if let Some(i) = names.iter().position(|(n, _)| n == name) {
+                return Some(i as u32);
+            }
+            names.push((name.to_string(), kind));
+            Some(names.len() as u32 - 1)
+        }
+        fn increment(&self, id: u32, delta: u64) {
+            *self.writes.borrow_mut() += 1;
+            *self
+                .values
+                .borrow_mut()
+                .entry(self.name_of(id))
+                .or_default() += delta;
+        }
+        fn record(&self, id: u32, value: u64) {
+            *self.writes.borrow_mut() += 1;
+            self.values.borrow_mut().insert(self.name_of(id), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeMetrics;
+    use super::*;
+    use crate::pool::Policy;
+
+    const P: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 5_000,
+    };
+
+    #[test]
+    fn names_follow_the_documented_scheme() {
+        assert_eq!(
+            pool_metric_name("main", "keys_available"),
+            "ai_key_failover.pool.main.keys_available"
+        );
+        assert_eq!(
+            key_metric_name("main", "key-0a1b2c3d", "available"),
+            "ai_key_failover.pool.main.key.key-0a1b2c3d.key_available"
+        );
+    }
+
+    #[test]
+    fn classes_follow_the_status() {
+        assert_eq!(FailureClass::of_status(429), FailureClass::RateLimit);
+        assert_eq!(FailureClass::of_status(503), FailureClass::ServerError);
+        assert_eq!(FailureClass::of_status(401), FailureClass::KeyRefused);
+        assert_eq!(FailureClass::of_status(409), FailureClass::Other);
+    }
+
+    #[test]
+    fn gauges_follow_state_and_write_only_changes() {
+        let host = FakeMetrics::default();
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let mut m = PoolMetrics::define(&host, "p", &labels);
+        assert_eq!(host.get("ai_key_failover.pool.p.keys_configured"), 2);
+        let mut state = PoolState::fresh(&[1, 2]);
+        m.sync(&host, &state);
+        assert_eq!(host.get("ai_key_failover.pool.p.keys_available"), 2);
+        assert_eq!(host.get("ai_key_failover.pool.p.key.a.key_available"), 1);
+        let writes = *host.writes.borrow();
+        m.sync(&host, &state);
+        assert_eq!(
+            *host.writes.borrow(),
+            writes,
+            "nothing changed, nothing written"
+        );
+
+        let ev: Vec<Event> = state
+            .record_failure(1, 429, 10_000, &P)
+            .into_iter()
+            .collect();
+        m.count_events(&host, &ev);
+        m.sync(&host, &state);
+        assert_eq!(host.get("ai_key_failover.pool.p.keys_available"), 1);
+        assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 0);
+        assert_eq!(
+            host.get("ai_key_failover.pool.p.key.b.key_down_until_seconds"),
+            15
+        );
+        assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_marked_down"), 1);
+        assert_eq!(
+            host.get("ai_key_failover.pool.p.class.rate_limit.keys_marked_down"),
+            1
+        );
+
+        let ev = state.restore_due(15_000);
+        m.count_events(&host, &ev);
+        m.sync(&host, &state);
+        assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);
+        assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_restored"), 1);
+        assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 1);
+        assert_eq!(
+            host.get("ai_key_failover.pool.p.key.b.key_down_until_seconds"),
+            0
+        );
+    }
+
+    #[test]
+    fn request_counters_are_flushed_in_one_write() {
+        let host = FakeMetrics::default();
+        let mut m = PoolMetrics::define(&host, "p", &["a".to_string()]);
+        let state = PoolState::fresh(&[1]);
+        m.sync(&host, &state);
+        let writes = *host.writes.borrow();
+        for _ in 0..100 {
+            m.count_keyed();
+        }
+        m.count_rejected();
+        m.sync(&host, &state);
+        assert_eq!(host.get("ai_key_failover.pool.p.requests_keyed"), 100);
+        assert_eq!(host.get("ai_key_failover.pool.p.requests_rejected"), 1);
+        assert_eq!(*host.writes.borrow() - writes, 2);
+    }
+}

@@ -1,0 +1,92 @@
+"""A new plugin config (an LDS update) keeps what the pool learned."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+
+from harness import envoy_config, free_port, wait_for
+
+A, B, C = "sk-test-uniform-0001", "sk-test-victor-0002", "sk-test-whiskey-0003"
+
+
+def lds_setup(tmp_path, mock_port, listener_port, plugin_config):
+    """A bootstrap whose listener comes from a file, and a writer that swaps that file atomically."""
+    full = envoy_config(upstream_port=mock_port, plugin_config=plugin_config, listener_port=listener_port)
+    listeners = full["static_resources"].pop("listeners")
+    lds_path = tmp_path / "lds.json"
+
+    def write_listeners(cfg):
+        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port)[
+            "static_resources"]["listeners"][0]
+        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+        tmp = tmp_path / "lds.json.tmp"
+        tmp.write_text(json.dumps({"resources": [listener]}))
+        os.rename(tmp, lds_path)  # Envoy watches for the move
+
+    assert listeners
+    write_listeners(plugin_config)
+    full["node"] = {"id": "e2e", "cluster": "e2e"}
+    full["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": str(lds_path)},
+                                                "resource_api_version": "V3"}}
+    return full, write_listeners
+
+
+def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(envoy_factory, mock, tmp_path):
+    mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {}, C: {}}})
+    v1 = {"name": "main", "apiTokens": [{"token": A, "name": "uniform"}, {"token": B, "name": "victor"}],
+          "failover": {"cooldownDuration": 600000}}
+    v2 = {"name": "main", "apiTokens": [{"token": A, "name": "uniform"}, {"token": B, "name": "victor"},
+                                        {"token": C, "name": "whiskey"}],
+          "exposeKeyName": True, "failover": {"cooldownDuration": 600000, "failureThreshold": 2}}
+    port = free_port()
+    bootstrap, swap = lds_setup(tmp_path, mock.port, port, v1)
+    envoy = envoy_factory.start(v2, raw_config=bootstrap, concurrency=2)  # v2 lists every key for the secret scan
+    envoy.port = port
+
+    with envoy.client() as c:
+        while c.chat().status != 429:
+            pass
+    envoy.wait_log(r"key uniform marked down", plugin_only=True)
+
+    # Traffic keeps flowing through the swap.
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load():
+        # A new connection each time, so requests reach the new listener as soon as it serves.
+        while not stop.is_set():
+            statuses.append(envoy.chat().status)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    mock.clear()
+    swap(v2)
+    wait_for(lambda: "x-ai-key-failover-key" in envoy.chat().headers, 10, what="the new config to serve")
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    assert statuses and set(statuses) == {200}, Counter(statuses)
+    with envoy.client() as c:
+        for _ in range(4):
+            c.chat()
+    got = Counter(mock.keys_received())
+    assert got[A] == 0, "the cooling key stayed out through the reload"
+    assert got[C] >= 2, ("the new key is used", got)
+    envoy.wait_log(r"pool main: kept the state of 1 keys", plugin_only=True)
+
+    # The new threshold applies from now on: victor now needs two failures in a row.
+    mock.always(B, {"status": 503})
+    mock.clear()
+    with envoy.client() as c:
+        for _ in range(10):
+            c.chat()
+    got = Counter(mock.keys_received())
+    assert got[B] == 2 and got[A] == 0 and got[C] == 8, got
