@@ -3,15 +3,16 @@
 //! Fixed-size little-endian records, so decoding is a bounded loop with no allocation per field
 //! and a corrupt or foreign entry is recognised (magic, version, length, checksum) rather than
 //! misread. Layout: `AKF` version(1) written_at_ms(u64) count(u32) then per key
-//! fingerprint(u64) health(u8) consecutive_failures(u32) down_since_ms(u64) down_until_ms(u64),
+//! fingerprint(u64) health(u8) consecutive_failures(u32) strikes(u32) down_since_ms(u64)
+//! down_until_ms(u64) probe_until_ms(u64),
 //! then an FNV-1a checksum (u32) of everything before it.
 
 use crate::pool::{Health, KeyState, PoolState};
 
 const MAGIC: &[u8; 3] = b"AKF";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HEADER_LEN: usize = 3 + 1 + 8 + 4;
-const RECORD_LEN: usize = 8 + 1 + 4 + 8 + 8;
+const RECORD_LEN: usize = 8 + 1 + 4 + 4 + 8 + 8 + 8;
 const CHECKSUM_LEN: usize = 4;
 /// Far above any real pool; bounds what a corrupt length field can make us allocate.
 pub const MAX_KEYS: usize = 100_000;
@@ -59,10 +60,14 @@ pub fn encode(state: &PoolState) -> Vec<u8> {
         out.push(match key.health {
             Health::Available => 0,
             Health::CoolingDown => 1,
+            Health::Disabled => 2,
+            Health::Probing => 3,
         });
         out.extend_from_slice(&key.consecutive_failures.to_le_bytes());
+        out.extend_from_slice(&key.strikes.to_le_bytes());
         out.extend_from_slice(&key.down_since_ms.to_le_bytes());
         out.extend_from_slice(&key.down_until_ms.to_le_bytes());
+        out.extend_from_slice(&key.probe_until_ms.to_le_bytes());
     }
     let checksum = fnv1a32(&out);
     out.extend_from_slice(&checksum.to_le_bytes());
@@ -122,14 +127,18 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
         let health = match r.u8()? {
             0 => Health::Available,
             1 => Health::CoolingDown,
+            2 => Health::Disabled,
+            3 => Health::Probing,
             other => return Err(DecodeError::BadHealth(other)),
         };
         keys.push(KeyState {
             fingerprint,
             health,
             consecutive_failures: r.u32()?,
+            strikes: r.u32()?,
             down_since_ms: r.u64()?,
             down_until_ms: r.u64()?,
+            probe_until_ms: r.u64()?,
         });
     }
     Ok(PoolState {
@@ -141,16 +150,17 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::Policy;
-
     fn sample() -> PoolState {
-        let mut s = PoolState::fresh(&[11, 22, u64::MAX]);
-        let policy = Policy {
-            failure_threshold: 1,
-            cooldown_ms: 5,
-        };
-        s.record_failure(1, 429, 1_700_000_000_000, &policy);
+        let mut s = PoolState::fresh(&[11, 22, u64::MAX, 44]);
+        s.keys[1].health = Health::CoolingDown;
+        s.keys[1].down_since_ms = 1_700_000_000_000;
+        s.keys[1].down_until_ms = 1_700_000_060_000;
+        s.keys[1].strikes = 2;
         s.keys[2].consecutive_failures = 3;
+        s.keys[2].health = Health::Disabled;
+        s.keys[2].down_until_ms = crate::pool::FOREVER;
+        s.keys[3].health = Health::Probing;
+        s.keys[3].probe_until_ms = 99;
         s.written_at_ms = 1_700_000_000_123;
         s
     }
@@ -174,6 +184,13 @@ mod tests {
         let mut bad = good.clone();
         bad[3] = 9;
         assert_eq!(decode(&bad), Err(DecodeError::UnknownVersion(9)));
+        let mut old = good.clone();
+        old[3] = 1;
+        assert_eq!(
+            decode(&old),
+            Err(DecodeError::UnknownVersion(1)),
+            "an older layout is refused, not misread"
+        );
         let mut bad = good.clone();
         bad[12] = 200;
         assert_eq!(decode(&bad), Err(DecodeError::LengthMismatch));

@@ -107,7 +107,27 @@ pub struct Failover {
     pub enabled: bool,
     pub failure_threshold: u32,
     pub failover_on_status: Vec<StatusPattern>,
+    pub disable_on_status: Vec<StatusPattern>,
     pub cooldown_ms: u64,
+    pub disable_ms: u64,
+    pub respect_retry_after: bool,
+    pub min_cooldown_ms: u64,
+    pub max_cooldown_ms: u64,
+    /// `cooldownBackoff` in thousandths (2 = 2000).
+    pub backoff_permille: u32,
+}
+
+impl Failover {
+    pub fn policy(&self) -> crate::pool::Policy {
+        crate::pool::Policy {
+            failure_threshold: self.failure_threshold,
+            cooldown_ms: self.cooldown_ms,
+            backoff_permille: self.backoff_permille,
+            min_cooldown_ms: self.min_cooldown_ms,
+            max_cooldown_ms: self.max_cooldown_ms,
+            disable_ms: self.disable_ms,
+        }
+    }
 }
 
 /// One pool: a distinct list of keys with its own shared state.
@@ -173,6 +193,12 @@ const FAILOVER_FIELDS: &[&str] = &[
     "failureThreshold",
     "failoverOnStatus",
     "cooldownDuration",
+    "disableOnStatus",
+    "disableDuration",
+    "respectRetryAfter",
+    "minCooldownDuration",
+    "maxCooldownDuration",
+    "cooldownBackoff",
     "healthCheckInterval",
     "healthCheckTimeout",
     "healthCheckModel",
@@ -485,6 +511,26 @@ impl Builder {
             1,
             1_000,
         )? as u32;
+        let min_cooldown_ms = integer(
+            obj.get("minCooldownDuration"),
+            &field("minCooldownDuration"),
+            1_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        let max_cooldown_ms = integer(
+            obj.get("maxCooldownDuration"),
+            &field("maxCooldownDuration"),
+            600_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        if min_cooldown_ms > max_cooldown_ms {
+            return err(
+                &field("minCooldownDuration"),
+                format!("({min_cooldown_ms}) is above maxCooldownDuration ({max_cooldown_ms}); lower it or raise the maximum"),
+            );
+        }
         let cooldown_ms = integer(
             obj.get("cooldownDuration"),
             &field("cooldownDuration"),
@@ -492,6 +538,40 @@ impl Builder {
             1,
             MAX_DURATION_MS,
         )?;
+        if !(min_cooldown_ms..=max_cooldown_ms).contains(&cooldown_ms) {
+            return err(
+                &field("cooldownDuration"),
+                format!(
+                    "({cooldown_ms}) must lie between minCooldownDuration ({min_cooldown_ms}) and maxCooldownDuration ({max_cooldown_ms}); move it or the bound"
+                ),
+            );
+        }
+        let disable_ms = integer(
+            obj.get("disableDuration"),
+            &field("disableDuration"),
+            3_600_000,
+            0,
+            MAX_DURATION_MS,
+        )?;
+        let respect_retry_after = match obj.get("respectRetryAfter") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return err(&field("respectRetryAfter"), "must be true or false"),
+        };
+        let backoff_permille = match obj.get("cooldownBackoff") {
+            None => 2_000,
+            Some(v) => match v.as_f64() {
+                Some(f) if (1.0..=10.0).contains(&f) => (f * 1000.0).round() as u32,
+                _ => {
+                    return err(
+                        &field("cooldownBackoff"),
+                        format!(
+                        "must be a number from 1 (no backoff) to 10 (got {v}); the default is 2"
+                    ),
+                    )
+                }
+            },
+        };
         // Accepted so an operator can paste Higress ai-proxy's failover block; active health
         // checks are not implemented yet, so these only get validated.
         integer(
@@ -530,49 +610,62 @@ impl Builder {
                 field("healthCheckModel")
             ));
         }
-        let patterns_field = field("failoverOnStatus");
-        let failover_on_status = match obj.get("failoverOnStatus") {
-            None => vec![
-                StatusPattern::parse("429").map_err(|e| ConfigError {
-                    field: patterns_field.clone(),
-                    message: e.0,
-                })?,
-                StatusPattern::parse("5xx").map_err(|e| ConfigError {
-                    field: patterns_field.clone(),
-                    message: e.0,
-                })?,
-            ],
-            Some(v) => {
-                let texts = string_list(Some(v), &patterns_field)?;
-                if texts.is_empty() {
-                    return err(
-                        &patterns_field,
-                        "must list at least one pattern; to never take keys out, set failover.enabled to false",
-                    );
-                }
-                let mut patterns = Vec::with_capacity(texts.len());
-                for (i, text) in texts.iter().enumerate() {
-                    let pattern = StatusPattern::parse(text).map_err(|e| ConfigError {
-                        field: format!("{patterns_field}[{i}]"),
-                        message: e.0,
-                    })?;
-                    let shadowed = shadowed_codes(&pattern);
-                    if !shadowed.is_empty() {
-                        self.warn(format!(
-                            "{patterns_field}[{i}]: {text:?} covers {shadowed:?}, which are the request's or the provider's fault, not the key's; those never take a key out"
-                        ));
-                    }
-                    patterns.push(pattern);
-                }
-                patterns
-            }
-        };
+        let failover_on_status = self.patterns(
+            obj.get("failoverOnStatus"),
+            &field("failoverOnStatus"),
+            &["429", "5xx"],
+        )?;
+        let disable_on_status = self.patterns(
+            obj.get("disableOnStatus"),
+            &field("disableOnStatus"),
+            &["401", "402", "403"],
+        )?;
         Ok(Failover {
             enabled,
             failure_threshold,
             failover_on_status,
+            disable_on_status,
             cooldown_ms,
+            disable_ms,
+            respect_retry_after,
+            min_cooldown_ms,
+            max_cooldown_ms,
+            backoff_permille,
         })
+    }
+
+    /// A list of status patterns; warns when one covers codes that never count against a key.
+    fn patterns(
+        &mut self,
+        v: Option<&Value>,
+        list_field: &str,
+        default: &[&str],
+    ) -> Result<Vec<StatusPattern>, ConfigError> {
+        let texts = match v {
+            None => default.iter().map(|s| s.to_string()).collect(),
+            Some(v) => string_list(Some(v), list_field)?,
+        };
+        if texts.is_empty() && list_field.ends_with("failoverOnStatus") {
+            return err(
+                list_field,
+                "must list at least one pattern; to never take keys out, set failover.enabled to false",
+            );
+        }
+        let mut patterns = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let pattern = StatusPattern::parse(text).map_err(|e| ConfigError {
+                field: format!("{list_field}[{i}]"),
+                message: e.0,
+            })?;
+            let shadowed = shadowed_codes(&pattern);
+            if v.is_some() && !shadowed.is_empty() {
+                self.warn(format!(
+                    "{list_field}[{i}]: {text:?} covers {shadowed:?}, which are the request's or the provider's fault, not the key's; those never take a key out"
+                ));
+            }
+            patterns.push(pattern);
+        }
+        Ok(patterns)
     }
 
     fn warn(&mut self, message: String) {
@@ -788,6 +881,15 @@ mod tests {
         assert!(p.failover.enabled);
         assert_eq!(p.failover.failure_threshold, 1);
         assert_eq!(p.failover.cooldown_ms, 60_000);
+        assert_eq!(p.failover.disable_ms, 3_600_000);
+        assert!(p.failover.respect_retry_after);
+        assert_eq!(
+            (p.failover.min_cooldown_ms, p.failover.max_cooldown_ms),
+            (1_000, 600_000)
+        );
+        assert_eq!(p.failover.backoff_permille, 2_000);
+        assert!(p.failover.disable_on_status.iter().any(|s| s.matches(402)));
+        assert!(!p.failover.disable_on_status.iter().any(|s| s.matches(429)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(503)));
         assert!(!p.failover.failover_on_status.iter().any(|s| s.matches(401)));
@@ -1091,14 +1193,14 @@ mod tests {
             "apiTokens": ["g1", "g2"],
             "failover": {"cooldownDuration": 5000, "failureThreshold": 2},
             "_rules_": [
-                {"_match_route_": ["route-chat"], "failover": {"cooldownDuration": 100}},
+                {"_match_route_": ["route-chat"], "failover": {"cooldownDuration": 1500}},
                 {"_match_domain_": ["*.team-a.com"], "apiTokens": ["a1"], "provider": "azure"},
                 {"_match_route_": ["other"], "apiTokens": ["g2", "g1"]}
             ]}"#);
         assert_eq!(c.rules.len(), 3);
         let global = &c.profiles[c.global.unwrap()];
         let r0 = &c.profiles[c.rules[0].profile];
-        assert_eq!(r0.failover.cooldown_ms, 100);
+        assert_eq!(r0.failover.cooldown_ms, 1500);
         assert_eq!(
             r0.failover.failure_threshold, 2,
             "inherited from the global failover block"
@@ -1117,7 +1219,7 @@ mod tests {
     fn rules_do_not_inherit_the_pool_name() {
         let c = ok(r#"{"name": "main", "apiTokens": ["a"], "_rules_": [
             {"_match_route_": ["r1"], "apiTokens": ["b"]},
-            {"_match_route_": ["r2"], "failover": {"cooldownDuration": 5}}]}"#);
+            {"_match_route_": ["r2"], "failover": {"cooldownDuration": 2000}}]}"#);
         assert_eq!(c.pools[0].label, "main");
         assert!(c.pools[1].label.starts_with("pool-"));
         assert_eq!(

@@ -4,19 +4,22 @@
 
 use crate::config::{PluginConfig, Profile};
 use crate::metrics::{MetricsHost, PoolMetrics};
-use crate::pool::{Event, Policy};
+use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::rules::{needed_facts, NeededFacts, RequestFacts};
 use crate::select::{Pick, Rng, Selection};
-use crate::status::{classify, Verdict};
+use crate::status::{classify, FailureClass, Verdict};
 use crate::store::{PoolStore, SharedData, UpdateError};
+
+/// How long a probe may stay unanswered before another request may probe the key. Long enough
+/// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
+pub const PROBE_LEASE_MS: u64 = 60_000;
 
 /// The key a request was sent with, remembered until its response arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Assignment {
     pub profile: usize,
     pub key: usize,
-    /// Every key was down; `earliest` chose this one anyway.
-    pub while_down: bool,
+    pub sent: SentAs,
 }
 
 /// Everything the engine needs from the host: shared data and stats.
@@ -137,7 +140,22 @@ impl Engine {
             return Decision::Untouched;
         };
         let (pool, selection, on_all) = (p.pool, p.selection, p.on_all_unavailable);
-        self.refresh_and_restore(host, pool, now_ms);
+        self.refresh_and_advance(host, pool, now_ms);
+        // A key whose time out is over is tried by exactly one request: whoever claims it.
+        let candidate = self
+            .stores
+            .get(pool)
+            .and_then(|s| s.view().probe_candidate());
+        if let Some(key) = candidate {
+            if self.claim_probe(host, pool, key, now_ms) {
+                self.count(pool, true);
+                return Decision::UseKey(Assignment {
+                    profile: profile_idx,
+                    key,
+                    sent: SentAs::Probe,
+                });
+            }
+        }
         let (Some(store), Some(cursor)) = (self.stores.get(pool), self.cursors.get_mut(pool))
         else {
             return Decision::Untouched;
@@ -145,27 +163,41 @@ impl Engine {
         let pick = store
             .view()
             .pick(selection, on_all, cursor, &mut self.rng, now_ms);
-        let metrics = self.metrics.get_mut(pool);
         match pick {
-            Pick::Key { key, while_down } => {
-                if let Some(m) = metrics {
-                    m.count_keyed();
-                }
+            Pick::Key { key, sent } => {
+                self.count(pool, true);
                 Decision::UseKey(Assignment {
                     profile: profile_idx,
                     key,
-                    while_down,
+                    sent,
                 })
             }
             Pick::Reject { retry_after_ms } => {
-                if let Some(m) = metrics {
-                    m.count_rejected();
-                }
+                self.count(pool, false);
                 Decision::Reject {
                     retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
                 }
             }
         }
+    }
+
+    fn count(&mut self, pool: usize, keyed: bool) {
+        if let Some(m) = self.metrics.get_mut(pool) {
+            if keyed {
+                m.count_keyed();
+            } else {
+                m.count_rejected();
+            }
+        }
+    }
+
+    fn claim_probe(&mut self, host: &dyn Host, pool: usize, key: usize, now_ms: u64) -> bool {
+        let events = self.change(host, pool, now_ms, |s| {
+            s.claim_probe(key, now_ms, PROBE_LEASE_MS)
+                .into_iter()
+                .collect()
+        });
+        events.contains(&Event::ProbeClaimed { key })
     }
 
     /// The header to put on the upstream request for this key: `(name, value)`.
@@ -183,66 +215,114 @@ impl Engine {
         Some(self.config.pools.get(p.pool)?.keys.get(key)?.label())
     }
 
-    /// What an upstream status means for the key, before asking where the response came from.
-    pub fn verdict(&self, profile: usize, status: u16) -> Verdict {
+    /// What an upstream status means for the key. `quota_exhausted`: a 429's error body said
+    /// `insufficient_quota`.
+    pub fn verdict(&self, profile: usize, status: u16, quota_exhausted: bool) -> Verdict {
         match self.config.profiles.get(profile) {
-            Some(p) if p.failover.enabled => classify(status, &p.failover.failover_on_status),
+            Some(p) if p.failover.enabled => classify(
+                status,
+                &p.failover.failover_on_status,
+                &p.failover.disable_on_status,
+                quota_exhausted,
+            ),
             _ => Verdict::Neutral,
         }
     }
 
+    /// Whether the response body may change the verdict or carry a retry hint: only a 429's,
+    /// so no success body is ever read.
+    pub fn wants_error_body(&self, profile: usize, status: u16) -> bool {
+        status == 429
+            && self
+                .config
+                .profiles
+                .get(profile)
+                .is_some_and(|p| p.failover.enabled)
+    }
+
+    /// Whether retry hints are read for this verdict.
+    pub fn wants_retry_hint(&self, profile: usize, verdict: Verdict) -> bool {
+        match (verdict, self.config.profiles.get(profile)) {
+            (Verdict::KeyFailure(class), Some(p)) => {
+                p.failover.respect_retry_after && class.takes_retry_hints()
+            }
+            _ => false,
+        }
+    }
+
     /// Records what the upstream said about a key. Writes shared data only if the key's state
-    /// changes (a success on a key with no failures writes nothing).
+    /// changes (a success on a key with no failures writes nothing). A probe that got no verdict
+    /// gives its claim back.
     pub fn record(
         &mut self,
         host: &dyn Host,
         sent: Assignment,
         verdict: Verdict,
         status: u16,
+        hint_ms: Option<u64>,
         now_ms: u64,
     ) {
-        let Assignment {
-            profile,
-            key,
-            while_down,
-        } = sent;
-        let Some(p) = self.config.profiles.get(profile) else {
+        let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
         };
         let pool = p.pool;
-        let policy = Policy {
-            failure_threshold: p.failover.failure_threshold,
-            cooldown_ms: p.failover.cooldown_ms,
-        };
-        let Some(store) = self.stores.get(pool) else {
+        let policy = p.failover.policy();
+        let key = sent.key;
+        let Some(cached) = self.stores.get(pool).and_then(|s| s.state().keys.get(key)) else {
             return;
         };
-        let needs_write =
-            match verdict {
-                Verdict::KeyFailure => true,
-                Verdict::Success => store.state().keys.get(key).is_some_and(|k| {
-                    k.consecutive_failures > 0 || (while_down && !k.is_available())
-                }),
-                Verdict::Neutral => false,
-            };
+        let needs_write = match verdict {
+            Verdict::KeyFailure(_) => true,
+            Verdict::Success => {
+                !cached.is_available()
+                    || cached.consecutive_failures > 0
+                    || cached.strikes > 0
+                    || sent.sent == SentAs::Probe
+            }
+            Verdict::Neutral => sent.sent == SentAs::Probe,
+        };
         if !needs_write {
             return;
         }
-        self.change(host, pool, now_ms, |s| match verdict {
-            Verdict::KeyFailure => s
-                .record_failure(key, status, now_ms, &policy)
-                .into_iter()
-                .collect(),
-            Verdict::Success => s.record_success(key, while_down).into_iter().collect(),
-            Verdict::Neutral => Vec::new(),
+        let failure = match verdict {
+            Verdict::KeyFailure(class) => Some(Failure {
+                status,
+                class,
+                hint_ms: hint_ms
+                    .filter(|_| class.takes_retry_hints() && p.failover.respect_retry_after),
+                jitter_permille: self.rng.below(101) as u32,
+            }),
+            _ => None,
+        };
+        self.change(host, pool, now_ms, |s| {
+            let event = match (verdict, failure) {
+                (Verdict::KeyFailure(_), Some(f)) => s.record_failure(key, &f, now_ms, &policy),
+                (Verdict::Success, _) => s.record_success(key, sent.sent),
+                _ => s.release_probe(key),
+            };
+            event.into_iter().collect()
         });
     }
 
-    /// Periodic work: bring back keys whose cooldown passed, even with no traffic, and bring
-    /// the stats in line with the shared state.
+    /// The request ended without a response the plugin could judge (a client disconnect, a
+    /// reset): a probe it held is given back.
+    pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
+        if sent.sent != SentAs::Probe {
+            return;
+        }
+        let Some(pool) = self.config.profiles.get(sent.profile).map(|p| p.pool) else {
+            return;
+        };
+        self.change(host, pool, now_ms, |s| {
+            s.release_probe(sent.key).into_iter().collect()
+        });
+    }
+
+    /// Periodic work: end time outs that are over, even with no traffic, and bring the stats in
+    /// line with the shared state.
     pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
         for pool in 0..self.stores.len() {
-            self.refresh_and_restore(host, pool, now_ms);
+            self.refresh_and_advance(host, pool, now_ms);
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get(pool)) {
                 m.sync(host, store.state());
             }
@@ -253,27 +333,28 @@ impl Engine {
         &self.stores
     }
 
-    fn refresh_and_restore(&mut self, host: &dyn Host, pool: usize, now_ms: u64) {
+    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, now_ms: u64) {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
         if let Err(e) = store.refresh(host) {
             log::debug!("reading shared state failed ({e:?}); using the cached copy");
         }
-        if store.view().next_return_ms().is_some_and(|t| t <= now_ms) {
-            self.change(host, pool, now_ms, |s| s.restore_due(now_ms));
+        if store.view().next_change_ms().is_some_and(|t| t <= now_ms) {
+            self.change(host, pool, now_ms, |s| s.advance(now_ms));
         }
     }
 
+    /// Applies a change with CAS, then counts and logs what it caused. Returns the events.
     fn change(
         &mut self,
         host: &dyn Host,
         pool: usize,
         now_ms: u64,
-        change: impl FnMut(&mut crate::pool::PoolState) -> Vec<Event>,
-    ) {
+        change: impl FnMut(&mut PoolState) -> Vec<Event>,
+    ) -> Vec<Event> {
         let Some(store) = self.stores.get_mut(pool) else {
-            return;
+            return Vec::new();
         };
         match store.update(host, now_ms, change) {
             Ok(events) => {
@@ -281,6 +362,7 @@ impl Engine {
                     m.count_events(host, &events);
                 }
                 self.log_events(pool, &events, now_ms);
+                events
             }
             Err(UpdateError::GaveUp) => {
                 if let Some(m) = self.metrics.get(pool) {
@@ -290,11 +372,15 @@ impl Engine {
                     "pool {}: gave up updating shared state after repeated concurrent changes",
                     self.pool_label(pool)
                 );
+                Vec::new()
             }
-            Err(UpdateError::Host(e)) => log::warn!(
-                "pool {}: shared state write failed: {e}",
-                self.pool_label(pool)
-            ),
+            Err(UpdateError::Host(e)) => {
+                log::warn!(
+                    "pool {}: shared state write failed: {e}",
+                    self.pool_label(pool)
+                );
+                Vec::new()
+            }
         }
     }
 
@@ -309,58 +395,107 @@ impl Engine {
         let Some(pool_cfg) = self.config.pools.get(pool) else {
             return;
         };
+        let p = &pool_cfg.label;
         let key_label = |k: usize| {
             pool_cfg
                 .keys
                 .get(k)
                 .map_or_else(|| "?".to_string(), |k| k.label())
         };
-        let secs = |until: u64| until.saturating_sub(now_ms) as f64 / 1000.0;
-        let mut marked_down = false;
+        let back_in = |until: u64| {
+            if until == FOREVER {
+                "until a health check passes or the configuration changes".to_string()
+            } else {
+                format!(
+                    "back in {:.1}s",
+                    until.saturating_sub(now_ms) as f64 / 1000.0
+                )
+            }
+        };
+        let mut went_out = false;
         for event in events {
             match *event {
                 Event::MarkedDown {
                     key,
                     status,
+                    class,
+                    until_ms,
+                    strikes,
+                } => {
+                    went_out = true;
+                    let streak = if strikes > 1 {
+                        format!(", time out {strikes} in a row")
+                    } else {
+                        String::new()
+                    };
+                    log::warn!(
+                        "pool {p}: key {} marked down after status {status} ({}); {}{streak}",
+                        key_label(key),
+                        class.name(),
+                        back_in(until_ms)
+                    );
+                }
+                Event::Disabled {
+                    key,
+                    status,
                     until_ms,
                 } => {
-                    marked_down = true;
+                    went_out = true;
                     log::warn!(
-                        "pool {}: key {} marked down after status {status}; back in {:.1}s",
-                        pool_cfg.label,
+                        "pool {p}: key {} refused by the provider (status {status}, {}); disabled, {}",
                         key_label(key),
-                        secs(until_ms)
+                        FailureClass::KeyRefused.name(),
+                        back_in(until_ms)
                     );
                 }
                 Event::CooldownExtended { key, until_ms } => log::info!(
-                    "pool {}: key {} failed again while down; back in {:.1}s",
-                    pool_cfg.label,
+                    "pool {p}: key {} failed again while out; {}",
                     key_label(key),
-                    secs(until_ms)
+                    back_in(until_ms)
                 ),
-                Event::Restored { key } => {
-                    log::info!("pool {}: key {} restored", pool_cfg.label, key_label(key))
+                Event::ProbeReady { key } => log::info!(
+                    "pool {p}: key {} time out over; the next request probes it",
+                    key_label(key)
+                ),
+                Event::Restored { key } => log::info!("pool {p}: key {} restored", key_label(key)),
+                Event::FailureCounted { key, consecutive } => {
+                    log::info!(
+                        "pool {p}: key {} failure {consecutive} counted",
+                        key_label(key)
+                    )
                 }
-                Event::FailureCounted { key, consecutive } => log::info!(
-                    "pool {}: key {} failure {consecutive} counted",
-                    pool_cfg.label,
-                    key_label(key)
-                ),
-                Event::FailuresReset { key } => log::debug!(
-                    "pool {}: key {} succeeded; failure count reset",
-                    pool_cfg.label,
-                    key_label(key)
-                ),
+                Event::ProbeClaimed { key } => {
+                    log::debug!("pool {p}: probing key {}", key_label(key))
+                }
+                Event::ProbeReleased { key } => {
+                    log::debug!(
+                        "pool {p}: probe of key {} gave no answer; released",
+                        key_label(key)
+                    )
+                }
+                Event::FailuresReset { key } => {
+                    log::debug!(
+                        "pool {p}: key {} succeeded; failure count reset",
+                        key_label(key)
+                    )
+                }
             }
         }
-        if marked_down {
+        if went_out {
             if let Some(store) = self.stores.get(pool) {
                 if store.view().available_count() == 0 {
+                    let first = store.view().next_change_ms().map_or_else(
+                        || "none returns by itself".to_string(),
+                        |t| {
+                            format!(
+                                "the first returns in {:.1}s",
+                                t.saturating_sub(now_ms) as f64 / 1000.0
+                            )
+                        },
+                    );
                     log::warn!(
-                        "pool {}: all {} keys are down; the first returns in {:.1}s",
-                        pool_cfg.label,
-                        pool_cfg.keys.len(),
-                        store.view().next_return_ms().map_or(0.0, secs)
+                        "pool {p}: all {} keys are down; {first}",
+                        pool_cfg.keys.len()
                     );
                 }
             }
@@ -421,20 +556,23 @@ mod tests {
         Engine::new(config::parse(json.as_bytes()).unwrap(), seed)
     }
 
-    fn use_key(d: Decision) -> (usize, usize, bool) {
+    fn use_key(d: Decision) -> (usize, usize, SentAs) {
         match d {
-            Decision::UseKey(a) => (a.profile, a.key, a.while_down),
+            Decision::UseKey(a) => (a.profile, a.key, a.sent),
             other => panic!("expected a key, got {other:?}"),
         }
     }
 
-    fn sent(profile: usize, key: usize, while_down: bool) -> Assignment {
+    fn sent(profile: usize, key: usize, how: SentAs) -> Assignment {
         Assignment {
             profile,
             key,
-            while_down,
+            sent: how,
         }
     }
+
+    const RATE: Verdict = Verdict::KeyFailure(FailureClass::RateLimit);
+    const SERVER: Verdict = Verdict::KeyFailure(FailureClass::ServerError);
 
     #[test]
     fn a_429_on_one_worker_moves_every_worker_off_the_key_until_the_cooldown_ends() {
@@ -444,39 +582,133 @@ mod tests {
         let mut w2 = engine(cfg, 2);
         let g = w1.profile_for(&mut NoFacts);
         let (p, k, _) = use_key(w1.decide(&host, g, 0));
-        let v = w1.verdict(p, 429);
-        w1.record(&host, sent(p, k, false), v, 429, 10);
+        let v = w1.verdict(p, 429, false);
+        w1.record(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
         for now in [20, 500, 1009] {
             for _ in 0..4 {
                 let (_, k2, _) = use_key(w2.decide(&host, g, now));
                 assert_ne!(k2, k, "at {now}");
             }
         }
+        // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
+        let (_, probe_key, how) = use_key(w2.decide(&host, g, 1120));
+        assert_eq!((probe_key, how), (k, SentAs::Probe));
+        for _ in 0..4 {
+            let (_, k2, how) = use_key(w1.decide(&host, g, 1121));
+            assert_ne!(k2, k, "one probe at a time, on any worker");
+            assert_eq!(how, SentAs::Normal);
+        }
+        w2.record(
+            &host,
+            sent(p, k, SentAs::Probe),
+            Verdict::Success,
+            200,
+            None,
+            1130,
+        );
         let seen: std::collections::HashSet<usize> = (0..4)
-            .map(|_| use_key(w2.decide(&host, g, 1010)).1)
+            .map(|_| use_key(w1.decide(&host, g, 1131)).1)
             .collect();
-        assert_eq!(seen.len(), 2, "restored at 10 + 1000");
+        assert_eq!(seen.len(), 2, "the probe's success restored it");
+    }
+
+    #[test]
+    fn a_failed_probe_backs_off_and_a_silent_probe_is_released() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000, "cooldownBackoff": 3}}"#;
+        let mut w = engine(cfg, 9);
+        w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200));
+        assert_eq!((k, how), (0, SentAs::Probe));
+        w.record(&host, sent(0, 0, SentAs::Probe), SERVER, 503, None, 1200);
+        let key = &w.stores()[0].state().keys[0];
+        assert_eq!(key.strikes, 2);
+        let cooldown = key.down_until_ms - 1200;
+        assert!((3_000..=3_300).contains(&cooldown), "{cooldown}");
+        // The next probe comes back with nothing to say (a local reply): another may probe.
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 5000));
+        assert_eq!((k, how), (0, SentAs::Probe));
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Probe),
+            Verdict::Neutral,
+            504,
+            None,
+            5001,
+        );
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 5002));
+        assert_eq!((k, how), (0, SentAs::Probe));
+        w.abandon(&host, sent(0, 0, SentAs::Probe), 5003);
+        assert!(w.stores()[0].state().keys[0].probe_claimable());
+    }
+
+    #[test]
+    fn retry_hints_and_refusals_set_how_long_a_key_stays_out() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut w = engine(cfg, 4);
+        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, Some(1_000), 0);
+        let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
+        w.record(&host, sent(0, 1, SentAs::Normal), refused, 401, None, 0);
+        w.record(
+            &host,
+            sent(0, 2, SentAs::Normal),
+            SERVER,
+            503,
+            Some(1_000),
+            0,
+        );
+        let keys = &w.stores()[0].state().keys;
+        assert!(
+            (1_000..=1_100).contains(&keys[0].down_until_ms),
+            "the hint rules a rate limit"
+        );
+        assert_eq!(
+            keys[1].down_until_ms, 3_600_000,
+            "refused keys stay out for disableDuration"
+        );
+        assert!(
+            keys[2].down_until_ms >= 60_000,
+            "a server error's hint is ignored"
+        );
+        let no_hints = engine(
+            r#"{"apiTokens": ["a"], "failover": {"respectRetryAfter": false}}"#,
+            1,
+        );
+        assert!(!no_hints.wants_retry_hint(0, RATE));
+        assert!(w.wants_retry_hint(0, RATE));
+        assert!(!w.wants_retry_hint(0, SERVER));
+        assert!(
+            w.wants_error_body(0, 429)
+                && !w.wants_error_body(0, 200)
+                && !w.wants_error_body(0, 503)
+        );
+        assert_eq!(
+            w.verdict(0, 429, true),
+            refused,
+            "insufficient_quota is a refusal"
+        );
     }
 
     #[test]
     fn tick_restores_without_traffic_and_only_one_worker_writes() {
         let host = TestHost::default();
-        let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 100}}"#;
+        let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 1000}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
-        w1.record(&host, sent(0, 0, false), Verdict::KeyFailure, 503, 0);
-        w1.tick(&host, 50);
-        w2.tick(&host, 50);
+        w1.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
+        w1.tick(&host, 500);
+        w2.tick(&host, 500);
         assert_eq!(w2.stores()[0].view().available_count(), 0);
         let sets = host.shared.sets.get();
-        w1.tick(&host, 100);
-        w2.tick(&host, 100);
+        w1.tick(&host, 1200);
+        w2.tick(&host, 1200);
         assert_eq!(
             host.shared.sets.get() - sets,
             2,
             "one state write and one epoch write"
         );
-        assert_eq!(w2.stores()[0].view().available_count(), 1);
+        assert_eq!(w2.stores()[0].view().probe_candidate(), Some(0));
     }
 
     #[test]
@@ -488,12 +720,26 @@ mod tests {
         );
         for _ in 0..5 {
             w.decide(&host, Some(0), 0);
-            w.record(&host, sent(0, 0, false), Verdict::Success, 200, 0);
+            w.record(
+                &host,
+                sent(0, 0, SentAs::Normal),
+                Verdict::Success,
+                200,
+                None,
+                0,
+            );
         }
         assert_eq!(host.shared.sets.get(), 0);
-        w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 500, 0);
+        w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
         w.decide(&host, Some(0), 0);
-        w.record(&host, sent(0, 0, false), Verdict::Success, 200, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            0,
+        );
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
     }
@@ -505,8 +751,8 @@ mod tests {
             r#"{"apiTokens": ["a", "b"], "onAllUnavailable": "reject", "failover": {"cooldownDuration": 2500}}"#,
             1,
         );
-        w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 429, 0);
-        w.record(&host, sent(0, 1, false), Verdict::KeyFailure, 429, 1000);
+        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0);
+        w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 1000);
         assert_eq!(
             w.decide(&host, Some(0), 1000),
             Decision::Reject {
@@ -520,8 +766,12 @@ mod tests {
             }
         );
         assert!(matches!(
-            w.decide(&host, Some(0), 2500),
-            Decision::UseKey(Assignment { key: 0, .. })
+            w.decide(&host, Some(0), 2800),
+            Decision::UseKey(Assignment {
+                key: 0,
+                sent: SentAs::Probe,
+                ..
+            })
         ));
     }
 
@@ -532,18 +782,18 @@ mod tests {
             r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000}}"#,
             1,
         );
-        w.record(&host, sent(0, 1, false), Verdict::KeyFailure, 429, 0);
-        w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 429, 100);
+        w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 0);
+        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 100);
         let (p, k, down) = use_key(w.decide(&host, Some(0), 200));
-        assert_eq!((k, down), (1, true));
-        w.record(&host, sent(p, k, down), Verdict::Success, 200, 200);
+        assert_eq!((k, down), (1, SentAs::WhileDown));
+        w.record(&host, sent(p, k, down), Verdict::Success, 200, None, 200);
         assert_eq!(w.stores()[0].view().available_count(), 1);
     }
 
     #[test]
     fn disabled_failover_never_marks_keys() {
         let w = engine(r#"{"apiTokens": ["a"], "failover": {"enabled": false}}"#, 1);
-        assert_eq!(w.verdict(0, 429), Verdict::Neutral);
+        assert_eq!(w.verdict(0, 429, false), Verdict::Neutral);
     }
 
     #[test]
@@ -585,8 +835,8 @@ mod tests {
         for _ in 0..5 {
             w.decide(&host, Some(0), 0);
         }
-        w.record(&host, sent(0, 0, false), Verdict::KeyFailure, 429, 10);
-        w.record(&host, sent(0, 1, false), Verdict::KeyFailure, 503, 10);
+        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
+        w.record(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 10);
         w.decide(&host, Some(0), 20);
         w.tick(&host, 20);
         assert_eq!(m("requests_keyed"), 5);
@@ -596,9 +846,17 @@ mod tests {
         assert_eq!(m("class.server_error.keys_marked_down"), 1);
         assert_eq!(m("key.ka.key_available"), 0);
         assert_eq!(m("key.ka.key_down_until_seconds"), 2);
-        w.tick(&host, 1010);
-        assert_eq!(m("keys_restored"), 2);
-        assert_eq!(m("key.ka.key_restored"), 1);
-        assert_eq!(m("keys_available"), 2);
+        w.tick(&host, 1200);
+        assert_eq!(
+            m("keys_restored"),
+            0,
+            "a key whose time out ended waits for its probe"
+        );
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200));
+        assert_eq!(how, SentAs::Probe);
+        w.record(&host, sent(0, k, how), Verdict::Success, 200, None, 1201);
+        w.tick(&host, 1202);
+        assert_eq!(m("keys_restored"), 1);
+        assert_eq!(m("keys_available"), 1);
     }
 }

@@ -11,6 +11,7 @@ use proxy_wasm::types::{Action, ContextType};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Assignment, Decision, Engine};
+use crate::hints;
 use crate::host::{self, HostShared};
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::status::Verdict;
@@ -76,6 +77,7 @@ impl RootContext for Root {
         Some(Box::new(Request {
             engine: self.engine.clone(),
             chosen: None,
+            reading_error: None,
         }))
     }
 
@@ -92,8 +94,22 @@ fn random_seed() -> u64 {
 
 struct Request {
     engine: Option<Rc<RefCell<Engine>>>,
+    /// The key this request went out with, until its response is judged.
     chosen: Option<Assignment>,
+    /// A 429 whose body is being read (for `insufficient_quota` or a Gemini retry delay) as it
+    /// streams past; nothing is held back from the client.
+    reading_error: Option<ErrorResponse>,
 }
+
+struct ErrorResponse {
+    sent: Assignment,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+/// Enough for any provider's error JSON; a longer body is judged on its start.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 impl Context for Request {}
 
@@ -180,34 +196,126 @@ impl HttpContext for Request {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (Some(chosen), Some(engine)) = (self.chosen.take(), self.engine.clone()) else {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let (Some(sent), Some(engine)) = (self.chosen.take(), self.engine.clone()) else {
             return Action::Continue;
         };
         let Ok(mut engine) = engine.try_borrow_mut() else {
             return Action::Continue;
         };
-        let Some(status) = host::response_header(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-        else {
-            return Action::Continue;
-        };
         if engine
-            .profile(chosen.profile)
+            .profile(sent.profile)
             .is_some_and(|p| p.expose_key_name)
         {
-            if let Some(label) = engine.key_label(chosen.profile, chosen.key) {
+            if let Some(label) = engine.key_label(sent.profile, sent.key) {
                 host::set_response_header("x-ai-key-failover-key", label.as_bytes());
             }
         }
-        let verdict = engine.verdict(chosen.profile, status);
+        let Some(status) = host::response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+        else {
+            engine.abandon(&HostShared, sent, host::now_ms());
+            return Action::Continue;
+        };
+        let first_look = engine.verdict(sent.profile, status, false);
         // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if verdict == Verdict::KeyFailure && !from_upstream() {
+        if matches!(first_look, Verdict::KeyFailure(_)) && !from_upstream() {
+            engine.record(
+                &HostShared,
+                sent,
+                Verdict::Neutral,
+                status,
+                None,
+                host::now_ms(),
+            );
             return Action::Continue;
         }
-        engine.record(&HostShared, chosen, verdict, status, host::now_ms());
+        if engine.wants_error_body(sent.profile, status) && !end_of_stream {
+            self.reading_error = Some(ErrorResponse {
+                sent,
+                status,
+                headers: host::response_headers(),
+                body: Vec::new(),
+            });
+            return Action::Continue;
+        }
+        let headers = if engine.wants_retry_hint(sent.profile, first_look) {
+            host::response_headers()
+        } else {
+            Vec::new()
+        };
+        judge(&mut engine, sent, status, &headers, None);
         Action::Continue
     }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(reading) = self.reading_error.as_mut() else {
+            return Action::Continue;
+        };
+        let room = MAX_ERROR_BODY.saturating_sub(reading.body.len());
+        if room > 0 {
+            if let Some(chunk) = host::response_body(body_size.min(room)) {
+                reading.body.extend_from_slice(&chunk);
+            }
+        }
+        if end_of_stream || reading.body.len() >= MAX_ERROR_BODY {
+            self.finish_error_response();
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // The stream ended: judge an error body read so far, or give back an unanswered probe.
+        self.finish_error_response();
+        let (Some(sent), Some(engine)) = (self.chosen.take(), self.engine.clone()) else {
+            return;
+        };
+        let Ok(mut engine) = engine.try_borrow_mut() else {
+            return;
+        };
+        engine.abandon(&HostShared, sent, host::now_ms());
+    }
+}
+
+impl Request {
+    fn finish_error_response(&mut self) {
+        let (Some(reading), Some(engine)) = (self.reading_error.take(), self.engine.clone()) else {
+            return;
+        };
+        let Ok(mut engine) = engine.try_borrow_mut() else {
+            return;
+        };
+        judge(
+            &mut engine,
+            reading.sent,
+            reading.status,
+            &reading.headers,
+            Some(&reading.body),
+        );
+    }
+}
+
+/// Classifies an upstream response (with its error body when one was read) and records it.
+fn judge(
+    engine: &mut Engine,
+    sent: Assignment,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    body: Option<&[u8]>,
+) {
+    let quota_exhausted = body.is_some_and(hints::is_insufficient_quota);
+    let verdict = engine.verdict(sent.profile, status, quota_exhausted);
+    let now = host::now_ms();
+    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        hints::retry_hint_ms(&pairs, body, now)
+    } else {
+        None
+    };
+    engine.record(&HostShared, sent, verdict, status, hint_ms, now);
 }
 
 fn from_upstream() -> bool {

@@ -24,6 +24,11 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> Status;
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
     fn proxy_get_header_map_value(
         map_type: MapType,
         key_data: *const u8,
@@ -251,18 +256,8 @@ pub fn send_local_response(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> bool {
-    let mut map = Vec::new();
-    map.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (name, value) in headers {
-        map.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        map.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    }
-    for (name, value) in headers {
-        map.extend_from_slice(name.as_bytes());
-        map.push(0);
-        map.extend_from_slice(value.as_bytes());
-        map.push(0);
-    }
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+    let map = crate::abi::serialize_header_map(&pairs);
     // SAFETY: every pointer and length describes a live slice for the call.
     unsafe {
         proxy_send_local_response(
@@ -279,6 +274,33 @@ pub fn send_local_response(
             map.len(),
             -1,
         ) == Status::Ok
+    }
+}
+
+/// Every response header, names lowercased, in one host call.
+pub fn response_headers() -> Vec<(String, Vec<u8>)> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: out-pointers are valid; the host allocates the result through our allocator.
+    match unsafe { proxy_get_header_map_pairs(MapType::HttpResponseHeaders, &mut data, &mut size) }
+    {
+        Status::Ok => owned(data, size)
+            .map(|bytes| crate::abi::deserialize_header_map(&bytes))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// The response body chunk this callback was given (up to `max` bytes).
+pub fn response_body(max: usize) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as above.
+    match unsafe {
+        proxy_get_buffer_bytes(BufferType::HttpResponseBody, 0, max, &mut data, &mut size)
+    } {
+        Status::Ok => owned(data, size),
+        _ => None,
     }
 }
 

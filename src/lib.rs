@@ -5,10 +5,12 @@
 //!
 //! Everything but `glue` is plain Rust, testable on the host with injected time.
 
+pub mod abi;
 pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
+pub mod hints;
 pub mod metrics;
 pub mod pool;
 pub mod rules;

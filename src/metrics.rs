@@ -10,6 +10,7 @@
 //! gauges are re-derived from the shared state on tick, writing only values that changed.
 
 use crate::pool::{Event, Health, PoolState};
+use crate::status::FailureClass;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricKind {
@@ -24,43 +25,12 @@ pub trait MetricsHost {
     fn record(&self, id: u32, value: u64);
 }
 
-/// Why a key was taken out; one counter each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureClass {
-    RateLimit,
-    ServerError,
-    KeyRefused,
-    Other,
-}
-
-impl FailureClass {
-    pub const ALL: [FailureClass; 4] = [
-        FailureClass::RateLimit,
-        FailureClass::ServerError,
-        FailureClass::KeyRefused,
-        FailureClass::Other,
-    ];
-
-    pub fn of_status(status: u16) -> Self {
-        match status {
-            429 => FailureClass::RateLimit,
-            401..=403 => FailureClass::KeyRefused,
-            500..=599 => FailureClass::ServerError,
-            _ => FailureClass::Other,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            FailureClass::RateLimit => "rate_limit",
-            FailureClass::ServerError => "server_error",
-            FailureClass::KeyRefused => "key_refused",
-            FailureClass::Other => "other",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
+fn class_index(class: FailureClass) -> usize {
+    match class {
+        FailureClass::RateLimit => 0,
+        FailureClass::ServerError => 1,
+        FailureClass::KeyRefused => 2,
+        FailureClass::Other => 3,
     }
 }
 
@@ -73,6 +43,7 @@ struct KeyGauges {
 
 impl KeyGauges {
     fn of(state: &crate::pool::KeyState) -> Self {
+        // A key waiting for or holding its probe is still out of rotation.
         let down = state.health != Health::Available;
         KeyGauges {
             available: u64::from(!down),
@@ -129,7 +100,7 @@ impl PoolMetrics {
         }
         let mut marked_down = [None; 4];
         for class in FailureClass::ALL {
-            if let Some(slot) = marked_down.get_mut(class.index()) {
+            if let Some(slot) = marked_down.get_mut(class_index(class)) {
                 *slot = host.define(
                     Counter,
                     &format!(
@@ -184,14 +155,9 @@ impl PoolMetrics {
     pub fn count_events(&self, host: &dyn MetricsHost, events: &[Event]) {
         for event in events {
             match *event {
-                Event::MarkedDown { key, status, .. } => {
-                    let class = FailureClass::of_status(status);
-                    increment(
-                        host,
-                        self.marked_down.get(class.index()).copied().flatten(),
-                        1,
-                    );
-                    increment(host, self.keys.get(key).and_then(|k| k.marked_down), 1);
+                Event::MarkedDown { key, class, .. } => self.count_marked_down(host, key, class),
+                Event::Disabled { key, .. } => {
+                    self.count_marked_down(host, key, FailureClass::KeyRefused)
                 }
                 Event::Restored { key } => {
                     increment(host, self.keys_restored, 1);
@@ -199,9 +165,21 @@ impl PoolMetrics {
                 }
                 Event::FailureCounted { .. }
                 | Event::CooldownExtended { .. }
-                | Event::FailuresReset { .. } => {}
+                | Event::FailuresReset { .. }
+                | Event::ProbeReady { .. }
+                | Event::ProbeClaimed { .. }
+                | Event::ProbeReleased { .. } => {}
             }
         }
+    }
+
+    fn count_marked_down(&self, host: &dyn MetricsHost, key: usize, class: FailureClass) {
+        increment(
+            host,
+            self.marked_down.get(class_index(class)).copied().flatten(),
+            1,
+        );
+        increment(host, self.keys.get(key).and_then(|k| k.marked_down), 1);
     }
 
     /// Flushes request counters and brings gauges in line with `state`, writing only changes.
@@ -301,11 +279,21 @@ pub mod fake {
 mod tests {
     use super::fake::FakeMetrics;
     use super::*;
-    use crate::pool::Policy;
+    use crate::pool::{Failure, Policy, SentAs};
 
     const P: Policy = Policy {
         failure_threshold: 1,
         cooldown_ms: 5_000,
+        backoff_permille: 2_000,
+        min_cooldown_ms: 1_000,
+        max_cooldown_ms: 600_000,
+        disable_ms: 0,
+    };
+    const RATE: Failure = Failure {
+        status: 429,
+        class: FailureClass::RateLimit,
+        hint_ms: None,
+        jitter_permille: 0,
     };
 
     #[test]
@@ -318,14 +306,6 @@ mod tests {
             key_metric_name("main", "key-0a1b2c3d", "available"),
             "ai_key_failover.pool.main.key.key-0a1b2c3d.key_available"
         );
-    }
-
-    #[test]
-    fn classes_follow_the_status() {
-        assert_eq!(FailureClass::of_status(429), FailureClass::RateLimit);
-        assert_eq!(FailureClass::of_status(503), FailureClass::ServerError);
-        assert_eq!(FailureClass::of_status(401), FailureClass::KeyRefused);
-        assert_eq!(FailureClass::of_status(409), FailureClass::Other);
     }
 
     #[test]
@@ -347,7 +327,7 @@ mod tests {
         );
 
         let ev: Vec<Event> = state
-            .record_failure(1, 429, 10_000, &P)
+            .record_failure(1, &RATE, 10_000, &P)
             .into_iter()
             .collect();
         m.count_events(&host, &ev);
@@ -364,7 +344,15 @@ mod tests {
             1
         );
 
-        let ev = state.restore_due(15_000);
+        m.count_events(&host, &state.advance(15_000));
+        m.count_events(
+            &host,
+            &state
+                .claim_probe(1, 15_000, 100)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        let ev: Vec<Event> = state.record_success(1, SentAs::Probe).into_iter().collect();
         m.count_events(&host, &ev);
         m.sync(&host, &state);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);

@@ -1,12 +1,23 @@
 //! The key-pool state machine: pure functions of the pool's state, the time and the settings.
-//! Nothing here talks to the host; `store` persists the state and `glue` feeds in the events.
+//! Nothing here talks to the host; `store` persists the state and `engine` feeds in the events.
+//!
+//! A key is Available, CoolingDown (until a time), Disabled (refused by the provider: until a
+//! time, or until a health check or config change), or Probing: its time out is over and exactly
+//! one request, across all workers, may try it. That probe's success makes it Available; its
+//! failure sends it back down for longer.
 
-/// Where one key stands. Time is milliseconds since the Unix epoch, read from the host clock.
+use crate::status::FailureClass;
+
+/// A `down_until_ms` that never comes: a refused key with `disableDuration: 0`.
+pub const FOREVER: u64 = u64::MAX;
+
+/// Time is milliseconds since the Unix epoch, read from the host clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
     Available,
-    /// Out of rotation until `down_until_ms`.
     CoolingDown,
+    Disabled,
+    Probing,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,10 +25,14 @@ pub struct KeyState {
     /// Identifies the key across config reloads without storing the key itself.
     pub fingerprint: u64,
     pub health: Health,
-    /// Consecutive failures seen while available; reaches `failureThreshold` to mark the key down.
+    /// Failures in a row while available; reaching `failureThreshold` takes the key out.
     pub consecutive_failures: u32,
+    /// Times in a row the key was taken out without a success in between; drives backoff.
+    pub strikes: u32,
     pub down_since_ms: u64,
     pub down_until_ms: u64,
+    /// While probing: when the probe's claim lapses (0: nobody holds it).
+    pub probe_until_ms: u64,
 }
 
 impl KeyState {
@@ -26,13 +41,29 @@ impl KeyState {
             fingerprint,
             health: Health::Available,
             consecutive_failures: 0,
+            strikes: 0,
             down_since_ms: 0,
             down_until_ms: 0,
+            probe_until_ms: 0,
         }
     }
 
     pub fn is_available(&self) -> bool {
         self.health == Health::Available
+    }
+
+    pub fn probe_claimable(&self) -> bool {
+        self.health == Health::Probing && self.probe_until_ms == 0
+    }
+
+    /// When this key's state next changes by itself, if ever.
+    pub fn next_change_ms(&self) -> Option<u64> {
+        match self.health {
+            Health::CoolingDown => Some(self.down_until_ms),
+            Health::Disabled if self.down_until_ms != FOREVER => Some(self.down_until_ms),
+            Health::Probing if self.probe_until_ms != 0 => Some(self.probe_until_ms),
+            _ => None,
+        }
     }
 }
 
@@ -45,14 +76,77 @@ pub struct PoolState {
 }
 
 /// The settings that drive transitions; taken from the matched config on every call, so a changed
-/// threshold applies from the next event on.
+/// setting applies from the next event on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub failure_threshold: u32,
     pub cooldown_ms: u64,
+    /// Each further strike multiplies the cooldown by this many thousandths (2000 = x2).
+    pub backoff_permille: u32,
+    pub min_cooldown_ms: u64,
+    pub max_cooldown_ms: u64,
+    /// How long a refused key stays out; 0 = until a health check passes or the config changes.
+    pub disable_ms: u64,
 }
 
-/// A change worth a log line (and, later, a metric).
+/// One failure as the engine saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub status: u16,
+    pub class: FailureClass,
+    /// The provider's own word on when to retry, already validated; used as given, clamped.
+    pub hint_ms: Option<u64>,
+    /// 0 to 100: adds up to 10% so keys that went down together do not return together.
+    pub jitter_permille: u32,
+}
+
+impl Policy {
+    /// The cooldown for a key's `strikes`-th time out in a row.
+    pub fn cooldown_ms(&self, strikes: u32, failure: &Failure) -> u64 {
+        let base = match failure.hint_ms {
+            Some(hint) => hint,
+            None => {
+                let mut ms = u128::from(self.cooldown_ms);
+                for _ in 1..strikes {
+                    ms = ms * u128::from(self.backoff_permille) / 1000;
+                    if ms >= u128::from(self.max_cooldown_ms) {
+                        break;
+                    }
+                }
+                u64::try_from(ms).unwrap_or(u64::MAX)
+            }
+        };
+        let clamped = base.clamp(
+            self.min_cooldown_ms,
+            self.max_cooldown_ms.max(self.min_cooldown_ms),
+        );
+        let jitter = clamped / 1000 * u64::from(failure.jitter_permille.min(100));
+        clamped
+            .saturating_add(jitter)
+            .min(self.max_cooldown_ms.max(clamped))
+    }
+
+    fn disabled_until(&self, now_ms: u64) -> u64 {
+        if self.disable_ms == 0 {
+            FOREVER
+        } else {
+            now_ms.saturating_add(self.disable_ms)
+        }
+    }
+}
+
+/// How the request that reports a success was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SentAs {
+    /// The key was available.
+    Normal,
+    /// This request held the key's probe.
+    Probe,
+    /// Every key was down and `earliest` chose this one anyway.
+    WhileDown,
+}
+
+/// A change worth a log line or a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     FailureCounted {
@@ -62,14 +156,34 @@ pub enum Event {
     MarkedDown {
         key: usize,
         status: u16,
+        class: FailureClass,
+        until_ms: u64,
+        strikes: u32,
+    },
+    /// Refused by the provider: out for `disableDuration`, or indefinitely.
+    Disabled {
+        key: usize,
+        status: u16,
         until_ms: u64,
     },
-    /// An in-flight request failed on a key that was already down: its return moves later.
+    /// An in-flight request failed on a key that was already out: its return moves later.
     CooldownExtended {
         key: usize,
         until_ms: u64,
     },
     FailuresReset {
+        key: usize,
+    },
+    /// The time out is over; the next request may probe the key.
+    ProbeReady {
+        key: usize,
+    },
+    ProbeClaimed {
+        key: usize,
+    },
+    /// The probe ended without a word about the key (a local reply, a disconnect), or its claim
+    /// lapsed: another request may probe.
+    ProbeReleased {
         key: usize,
     },
     Restored {
@@ -122,20 +236,39 @@ impl PoolState {
         self.keys.iter().filter(|k| k.is_available()).count()
     }
 
-    /// The upstream answered `status` for a request sent with key `key`, and the status counts
-    /// against the key.
+    /// The upstream's answer for a request sent with key `key` counts against it.
     pub fn record_failure(
         &mut self,
         key: usize,
-        status: u16,
+        failure: &Failure,
         now_ms: u64,
         policy: &Policy,
     ) -> Option<Event> {
         let state = self.keys.get_mut(key)?;
-        let until_ms = now_ms.saturating_add(policy.cooldown_ms);
+        let status = failure.status;
+        if failure.class == FailureClass::KeyRefused {
+            let until_ms = policy.disabled_until(now_ms);
+            if state.health == Health::Disabled && until_ms <= state.down_until_ms {
+                return None;
+            }
+            if state.health != Health::Disabled {
+                state.down_since_ms = now_ms;
+            }
+            state.health = Health::Disabled;
+            state.down_until_ms = until_ms;
+            state.probe_until_ms = 0;
+            state.strikes = state.strikes.saturating_add(1);
+            return Some(Event::Disabled {
+                key,
+                status,
+                until_ms,
+            });
+        }
         match state.health {
-            Health::CoolingDown => {
-                // Never shorten a cooldown: a late failure only pushes the return further out.
+            Health::CoolingDown | Health::Disabled => {
+                // Never shorten a time out: a late failure only pushes the return further out.
+                let until_ms =
+                    now_ms.saturating_add(policy.cooldown_ms(state.strikes.max(1), failure));
                 if until_ms > state.down_until_ms {
                     state.down_until_ms = until_ms;
                     Some(Event::CooldownExtended { key, until_ms })
@@ -143,66 +276,108 @@ impl PoolState {
                     None
                 }
             }
-            Health::Available => {
+            Health::Available | Health::Probing => {
+                let probing = state.health == Health::Probing;
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                if state.consecutive_failures >= policy.failure_threshold.max(1) {
-                    state.health = Health::CoolingDown;
-                    state.down_since_ms = now_ms;
-                    state.down_until_ms = until_ms;
-                    Some(Event::MarkedDown {
-                        key,
-                        status,
-                        until_ms,
-                    })
-                } else {
-                    Some(Event::FailureCounted {
+                if !probing && state.consecutive_failures < policy.failure_threshold.max(1) {
+                    return Some(Event::FailureCounted {
                         key,
                         consecutive: state.consecutive_failures,
-                    })
+                    });
                 }
+                state.strikes = state.strikes.saturating_add(1);
+                let until_ms = now_ms.saturating_add(policy.cooldown_ms(state.strikes, failure));
+                state.health = Health::CoolingDown;
+                state.down_since_ms = now_ms;
+                state.down_until_ms = until_ms;
+                state.probe_until_ms = 0;
+                Some(Event::MarkedDown {
+                    key,
+                    status,
+                    class: failure.class,
+                    until_ms,
+                    strikes: state.strikes,
+                })
             }
         }
     }
 
-    /// The key served a request. `sent_while_down` says the request went out with a key that was
-    /// already cooling down (every key was down and `earliest` chose it): then the success is proof
-    /// the key works again. A request that merely started before another marked the key down
-    /// proves nothing about the limit that tripped, so it leaves the cooldown alone.
-    pub fn record_success(&mut self, key: usize, sent_while_down: bool) -> Option<Event> {
+    /// The key served a request. A success proves the key works only if the request was sent
+    /// while the key was out (its probe, or `earliest`); one that merely started before another
+    /// took the key out proves nothing about the limit that tripped.
+    pub fn record_success(&mut self, key: usize, sent: SentAs) -> Option<Event> {
         let state = self.keys.get_mut(key)?;
-        match state.health {
-            Health::CoolingDown if sent_while_down => {
+        match (state.health, sent) {
+            (Health::Available, _) => {
+                if state.consecutive_failures == 0 && state.strikes == 0 {
+                    return None;
+                }
+                state.consecutive_failures = 0;
+                state.strikes = 0;
+                Some(Event::FailuresReset { key })
+            }
+            (_, SentAs::Probe | SentAs::WhileDown) => {
                 *state = KeyState::fresh(state.fingerprint);
                 Some(Event::Restored { key })
             }
-            Health::CoolingDown => None,
-            Health::Available if state.consecutive_failures > 0 => {
-                state.consecutive_failures = 0;
-                Some(Event::FailuresReset { key })
-            }
-            Health::Available => None,
+            (_, SentAs::Normal) => None,
         }
     }
 
-    /// Brings back every key whose cooldown has passed.
-    pub fn restore_due(&mut self, now_ms: u64) -> Vec<Event> {
+    /// Ends time outs that are over (the key becomes a probe candidate) and lapsed probe claims.
+    pub fn advance(&mut self, now_ms: u64) -> Vec<Event> {
         let mut events = Vec::new();
         for (key, state) in self.keys.iter_mut().enumerate() {
-            if state.health == Health::CoolingDown && state.down_until_ms <= now_ms {
-                *state = KeyState::fresh(state.fingerprint);
-                events.push(Event::Restored { key });
+            match state.health {
+                Health::CoolingDown | Health::Disabled if state.down_until_ms <= now_ms => {
+                    state.health = Health::Probing;
+                    state.consecutive_failures = 0;
+                    state.probe_until_ms = 0;
+                    events.push(Event::ProbeReady { key });
+                }
+                Health::Probing if state.probe_until_ms != 0 && state.probe_until_ms <= now_ms => {
+                    state.probe_until_ms = 0;
+                    events.push(Event::ProbeReleased { key });
+                }
+                _ => {}
             }
         }
         events
     }
 
-    /// The earliest moment a cooling key returns, if any key is cooling down.
-    pub fn next_return_ms(&self) -> Option<u64> {
-        self.keys
-            .iter()
-            .filter(|k| k.health == Health::CoolingDown)
-            .map(|k| k.down_until_ms)
-            .min()
+    /// Takes the probe of a key whose time out is over, for `lease_ms`.
+    pub fn claim_probe(&mut self, key: usize, now_ms: u64, lease_ms: u64) -> Option<Event> {
+        let state = self.keys.get_mut(key)?;
+        if state.health != Health::Probing
+            || (state.probe_until_ms != 0 && state.probe_until_ms > now_ms)
+        {
+            return None;
+        }
+        state.probe_until_ms = now_ms.saturating_add(lease_ms).max(1);
+        Some(Event::ProbeClaimed { key })
+    }
+
+    /// The probe came back without a verdict: let another request try.
+    pub fn release_probe(&mut self, key: usize) -> Option<Event> {
+        let state = self.keys.get_mut(key)?;
+        if state.health != Health::Probing || state.probe_until_ms == 0 {
+            return None;
+        }
+        state.probe_until_ms = 0;
+        Some(Event::ProbeReleased { key })
+    }
+
+    /// Restores every key that is out, at once (a health check or an operator said so).
+    #[cfg(test)]
+    pub fn restore_all(&mut self) {
+        for state in &mut self.keys {
+            *state = KeyState::fresh(state.fingerprint);
+        }
+    }
+
+    /// The earliest moment a key's state changes by itself.
+    pub fn next_change_ms(&self) -> Option<u64> {
+        self.keys.iter().filter_map(KeyState::next_change_ms).min()
     }
 }
 
@@ -213,113 +388,279 @@ mod tests {
     const POLICY: Policy = Policy {
         failure_threshold: 1,
         cooldown_ms: 60_000,
+        backoff_permille: 2_000,
+        min_cooldown_ms: 1_000,
+        max_cooldown_ms: 600_000,
+        disable_ms: 3_600_000,
+    };
+
+    fn rate_limit(hint_ms: Option<u64>) -> Failure {
+        Failure {
+            status: 429,
+            class: FailureClass::RateLimit,
+            hint_ms,
+            jitter_permille: 0,
+        }
+    }
+
+    const SERVER: Failure = Failure {
+        status: 503,
+        class: FailureClass::ServerError,
+        hint_ms: None,
+        jitter_permille: 0,
+    };
+
+    const REFUSED: Failure = Failure {
+        status: 401,
+        class: FailureClass::KeyRefused,
+        hint_ms: None,
+        jitter_permille: 0,
     };
 
     #[test]
-    fn a_failure_at_threshold_one_marks_the_key_down_until_the_cooldown_ends() {
+    fn a_failure_at_threshold_one_takes_the_key_out_then_one_probe_brings_it_back() {
         let mut s = PoolState::fresh(&[1, 2]);
-        let ev = s.record_failure(0, 429, 1_000, &POLICY);
+        let ev = s.record_failure(0, &rate_limit(None), 1_000, &POLICY);
         assert_eq!(
             ev,
             Some(Event::MarkedDown {
                 key: 0,
                 status: 429,
-                until_ms: 61_000
+                class: FailureClass::RateLimit,
+                until_ms: 61_000,
+                strikes: 1
             })
         );
         assert_eq!(s.available_count(), 1);
-        assert_eq!(s.next_return_ms(), Some(61_000));
-        assert!(s.restore_due(60_999).is_empty());
-        assert_eq!(s.restore_due(61_000), vec![Event::Restored { key: 0 }]);
+        assert_eq!(s.next_change_ms(), Some(61_000));
+        assert!(s.advance(60_999).is_empty());
+        assert_eq!(s.advance(61_000), vec![Event::ProbeReady { key: 0 }]);
+        assert_eq!(
+            s.available_count(),
+            1,
+            "a probe candidate is not in rotation yet"
+        );
+        assert_eq!(
+            s.claim_probe(0, 61_001, 30_000),
+            Some(Event::ProbeClaimed { key: 0 })
+        );
+        assert_eq!(s.claim_probe(0, 61_002, 30_000), None, "exactly one probe");
+        assert_eq!(
+            s.record_success(0, SentAs::Probe),
+            Some(Event::Restored { key: 0 })
+        );
         assert_eq!(s.keys[0], KeyState::fresh(1));
-        assert_eq!(s.next_return_ms(), None);
+    }
+
+    #[test]
+    fn a_failed_probe_sends_the_key_back_for_longer_and_backoff_caps_at_the_maximum() {
+        let mut s = PoolState::fresh(&[1]);
+        let policy = Policy {
+            cooldown_ms: 1_000,
+            max_cooldown_ms: 5_000,
+            ..POLICY
+        };
+        let mut now = 0;
+        let mut cooldowns = Vec::new();
+        for _ in 0..5 {
+            match s.record_failure(0, &SERVER, now, &policy) {
+                Some(Event::MarkedDown { until_ms, .. }) => {
+                    cooldowns.push(until_ms - now);
+                    now = until_ms;
+                }
+                other => panic!("{other:?}"),
+            }
+            s.advance(now);
+            s.claim_probe(0, now, 10_000);
+        }
+        assert_eq!(cooldowns, [1_000, 2_000, 4_000, 5_000, 5_000]);
+        s.record_success(0, SentAs::Probe);
+        assert_eq!(
+            s.record_failure(0, &SERVER, now, &policy),
+            Some(Event::MarkedDown {
+                key: 0,
+                status: 503,
+                class: FailureClass::ServerError,
+                until_ms: now + 1_000,
+                strikes: 1
+            }),
+            "a success resets the backoff"
+        );
+    }
+
+    #[test]
+    fn provider_hints_set_the_cooldown_within_the_clamp() {
+        let mut s = PoolState::fresh(&[1, 2, 3]);
+        s.record_failure(0, &rate_limit(Some(1_500)), 0, &POLICY);
+        s.record_failure(1, &rate_limit(Some(10)), 0, &POLICY);
+        s.record_failure(2, &rate_limit(Some(86_400_000)), 0, &POLICY);
+        let untils: Vec<u64> = s.keys.iter().map(|k| k.down_until_ms).collect();
+        assert_eq!(untils, [1_500, 1_000, 600_000]);
+    }
+
+    #[test]
+    fn jitter_adds_at_most_ten_percent_and_never_passes_the_maximum() {
+        let f = |jitter_permille| Failure {
+            jitter_permille,
+            ..SERVER
+        };
+        assert_eq!(POLICY.cooldown_ms(1, &f(0)), 60_000);
+        assert_eq!(POLICY.cooldown_ms(1, &f(100)), 66_000);
+        assert_eq!(POLICY.cooldown_ms(1, &f(5000)), 66_000, "clamped to 10%");
+        assert_eq!(POLICY.cooldown_ms(30, &f(100)), 600_000);
     }
 
     #[test]
     fn threshold_counts_consecutive_failures_and_success_resets() {
         let policy = Policy {
             failure_threshold: 2,
-            cooldown_ms: 10,
+            ..POLICY
         };
         let mut s = PoolState::fresh(&[7]);
         assert_eq!(
-            s.record_failure(0, 503, 0, &policy),
+            s.record_failure(0, &SERVER, 0, &policy),
             Some(Event::FailureCounted {
                 key: 0,
                 consecutive: 1
             })
         );
         assert_eq!(
-            s.record_success(0, false),
+            s.record_success(0, SentAs::Normal),
             Some(Event::FailuresReset { key: 0 })
         );
-        assert_eq!(s.record_success(0, false), None, "nothing to write");
-        s.record_failure(0, 503, 0, &policy);
+        assert_eq!(
+            s.record_success(0, SentAs::Normal),
+            None,
+            "nothing to write"
+        );
+        s.record_failure(0, &SERVER, 0, &policy);
         assert!(matches!(
-            s.record_failure(0, 503, 5, &policy),
-            Some(Event::MarkedDown { until_ms: 15, .. })
+            s.record_failure(0, &SERVER, 5, &policy),
+            Some(Event::MarkedDown { .. })
         ));
     }
 
     #[test]
-    fn late_failures_extend_but_never_shorten_a_cooldown() {
-        let mut s = PoolState::fresh(&[1]);
-        s.record_failure(0, 429, 0, &POLICY);
+    fn refused_keys_stay_out_for_the_disable_duration_or_for_good() {
+        let mut s = PoolState::fresh(&[1, 2]);
         assert_eq!(
-            s.record_failure(0, 429, 5_000, &POLICY),
+            s.record_failure(0, &REFUSED, 0, &POLICY),
+            Some(Event::Disabled {
+                key: 0,
+                status: 401,
+                until_ms: 3_600_000
+            })
+        );
+        let forever = Policy {
+            disable_ms: 0,
+            ..POLICY
+        };
+        s.record_failure(1, &REFUSED, 0, &forever);
+        assert_eq!(s.keys[1].down_until_ms, FOREVER);
+        assert_eq!(s.next_change_ms(), Some(3_600_000));
+        assert_eq!(s.advance(u64::MAX - 1), vec![Event::ProbeReady { key: 0 }]);
+        assert_eq!(s.keys[1].health, Health::Disabled);
+    }
+
+    #[test]
+    fn a_refusal_overrides_a_cooldown_and_ignores_the_threshold() {
+        let policy = Policy {
+            failure_threshold: 5,
+            ..POLICY
+        };
+        let mut s = PoolState::fresh(&[1]);
+        assert!(matches!(
+            s.record_failure(0, &REFUSED, 0, &policy),
+            Some(Event::Disabled { .. })
+        ));
+        let mut s = PoolState::fresh(&[1]);
+        s.record_failure(0, &rate_limit(None), 0, &POLICY);
+        assert!(matches!(
+            s.record_failure(0, &REFUSED, 10, &POLICY),
+            Some(Event::Disabled { .. })
+        ));
+        assert_eq!(s.keys[0].health, Health::Disabled);
+    }
+
+    #[test]
+    fn late_failures_extend_but_never_shorten_a_time_out() {
+        let mut s = PoolState::fresh(&[1]);
+        s.record_failure(0, &rate_limit(None), 0, &POLICY);
+        assert_eq!(
+            s.record_failure(0, &rate_limit(None), 5_000, &POLICY),
             Some(Event::CooldownExtended {
                 key: 0,
                 until_ms: 65_000
             })
         );
-        let shorter = Policy {
-            failure_threshold: 1,
-            cooldown_ms: 1_000,
-        };
-        assert_eq!(s.record_failure(0, 429, 6_000, &shorter), None);
+        assert_eq!(
+            s.record_failure(0, &rate_limit(Some(1_000)), 6_000, &POLICY),
+            None
+        );
         assert_eq!(s.keys[0].down_until_ms, 65_000);
     }
 
     #[test]
-    fn success_on_a_down_key_restores_it_only_when_it_was_sent_while_down() {
+    fn only_a_probe_or_an_earliest_request_proves_a_key_that_is_out() {
         let mut s = PoolState::fresh(&[1]);
-        s.record_failure(0, 429, 0, &POLICY);
-        assert_eq!(s.record_success(0, false), None);
-        assert_eq!(s.available_count(), 0);
-        assert_eq!(s.record_success(0, true), Some(Event::Restored { key: 0 }));
-        assert_eq!(s.available_count(), 1);
+        s.record_failure(0, &rate_limit(None), 0, &POLICY);
+        assert_eq!(s.record_success(0, SentAs::Normal), None);
+        assert_eq!(
+            s.record_success(0, SentAs::WhileDown),
+            Some(Event::Restored { key: 0 })
+        );
+    }
+
+    #[test]
+    fn a_probe_that_says_nothing_frees_the_claim_and_a_lapsed_claim_frees_itself() {
+        let mut s = PoolState::fresh(&[1]);
+        s.record_failure(0, &rate_limit(None), 0, &POLICY);
+        s.advance(60_000);
+        s.claim_probe(0, 60_000, 1_000);
+        assert_eq!(s.release_probe(0), Some(Event::ProbeReleased { key: 0 }));
+        assert_eq!(s.release_probe(0), None);
+        s.claim_probe(0, 60_100, 1_000);
+        assert_eq!(s.next_change_ms(), Some(61_100));
+        assert_eq!(s.advance(61_100), vec![Event::ProbeReleased { key: 0 }]);
+        assert!(s.keys[0].probe_claimable());
     }
 
     #[test]
     fn out_of_range_keys_are_ignored() {
         let mut s = PoolState::fresh(&[1]);
-        assert_eq!(s.record_failure(3, 429, 0, &POLICY), None);
-        assert_eq!(s.record_success(3, true), None);
+        assert_eq!(s.record_failure(3, &SERVER, 0, &POLICY), None);
+        assert_eq!(s.record_success(3, SentAs::Probe), None);
+        assert_eq!(s.claim_probe(3, 0, 1), None);
+        assert_eq!(s.release_probe(3), None);
     }
 
     #[test]
     fn reconcile_keeps_known_keys_forgets_removed_and_adds_new() {
         let mut stored = PoolState::fresh(&[1, 2, 3]);
-        stored.record_failure(1, 429, 0, &POLICY);
+        stored.record_failure(1, &SERVER, 0, &POLICY);
         let (same, changed) = PoolState::reconcile(stored.clone(), &[1, 2, 3]);
         assert!(!changed);
         assert_eq!(same, stored);
         let (s, changed) = PoolState::reconcile(stored, &[4, 2]);
         assert!(changed);
-        assert_eq!(s.keys.len(), 2);
         assert_eq!(s.keys[0], KeyState::fresh(4));
-        assert_eq!(s.keys[1].fingerprint, 2);
         assert_eq!(s.keys[1].health, Health::CoolingDown);
     }
 
     #[test]
-    fn restore_due_restores_several_keys_at_once() {
-        let mut s = PoolState::fresh(&[1, 2, 3]);
-        s.record_failure(0, 429, 0, &POLICY);
-        s.record_failure(2, 500, 10, &POLICY);
-        assert_eq!(s.next_return_ms(), Some(60_000));
-        let ev = s.restore_due(70_000);
-        assert_eq!(ev.len(), 2);
-        assert_eq!(s.available_count(), 3);
+    fn restore_all_brings_every_key_back() {
+        let mut s = PoolState::fresh(&[1, 2]);
+        s.record_failure(
+            0,
+            &REFUSED,
+            0,
+            &Policy {
+                disable_ms: 0,
+                ..POLICY
+            },
+        );
+        s.record_failure(1, &SERVER, 0, &POLICY);
+        s.restore_all();
+        assert_eq!(s.available_count(), 2);
     }
 }

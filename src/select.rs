@@ -4,7 +4,7 @@
 //! then indexes into it. The view lists the available keys and, for `weighted`, an alias table
 //! over them (Vose), so a weighted pick is two random numbers and a comparison.
 
-use crate::pool::{Health, PoolState};
+use crate::pool::{Health, PoolState, SentAs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {
@@ -23,15 +23,18 @@ pub enum OnAllUnavailable {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pick {
-    /// `while_down`: every key was down and `earliest` chose this one anyway.
+    /// `sent` is `Normal`, or `WhileDown` when every key was out and `earliest` chose this one.
     Key {
         key: usize,
-        while_down: bool,
+        sent: SentAs,
     },
     Reject {
         retry_after_ms: u64,
     },
 }
+
+/// When every key is out for good, how long a rejected client is told to wait.
+const RETRY_AFTER_WHEN_ALL_DISABLED_MS: u64 = 60_000;
 
 /// xorshift64*: fast, small and good enough to spread load; not for secrets.
 #[derive(Clone, Debug)]
@@ -121,8 +124,11 @@ impl AliasTable {
 pub struct PoolView {
     available: Vec<u32>,
     weighted: AliasTable,
-    /// The cooling key that returns first, and when.
+    /// Keys whose time out is over and whose probe nobody holds.
+    probe_candidates: Vec<u32>,
+    /// The key `earliest` falls back to when nothing is available, and when it returns.
     earliest_down: Option<(usize, u64)>,
+    next_change_ms: Option<u64>,
 }
 
 impl PoolView {
@@ -143,17 +149,35 @@ impl PoolView {
         } else {
             AliasTable::default()
         };
+        let probe_candidates = state
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.probe_claimable())
+            .map(|(i, _)| i as u32)
+            .collect();
+        // Prefer the key whose time out ends first; then a key being probed; a key refused
+        // for good only as a last resort.
+        let rank = |k: &crate::pool::KeyState| match k.health {
+            Health::CoolingDown => (0, k.down_until_ms),
+            Health::Disabled if k.down_until_ms != crate::pool::FOREVER => (0, k.down_until_ms),
+            Health::Probing => (1, k.probe_until_ms),
+            _ => (2, u64::MAX),
+        };
         let earliest_down = state
             .keys
             .iter()
             .enumerate()
-            .filter(|(_, k)| k.health == Health::CoolingDown)
-            .min_by_key(|(_, k)| k.down_until_ms)
-            .map(|(i, k)| (i, k.down_until_ms));
+            .filter(|(_, k)| !k.is_available())
+            .min_by_key(|(_, k)| rank(k))
+            .map(|(i, k)| (i, rank(k)))
+            .and_then(|(i, (tier, until))| (tier < 2).then_some((i, until)));
         PoolView {
             available,
             weighted,
+            probe_candidates,
             earliest_down,
+            next_change_ms: state.next_change_ms(),
         }
     }
 
@@ -161,9 +185,14 @@ impl PoolView {
         self.available.len()
     }
 
-    /// When the first cooling key is due back, if any is cooling.
-    pub fn next_return_ms(&self) -> Option<u64> {
-        self.earliest_down.map(|(_, until)| until)
+    /// When some key's state next changes by itself (a time out or a probe claim ends).
+    pub fn next_change_ms(&self) -> Option<u64> {
+        self.next_change_ms
+    }
+
+    /// A key ready to be probed, if any.
+    pub fn probe_candidate(&self) -> Option<usize> {
+        self.probe_candidates.first().map(|&k| k as usize)
     }
 
     /// `cursor` is this worker's round-robin position for the pool.
@@ -189,20 +218,22 @@ impl PoolView {
             if let Some(&key) = slot.and_then(|s| self.available.get(s)) {
                 return Pick::Key {
                     key: key as usize,
-                    while_down: false,
+                    sent: SentAs::Normal,
                 };
             }
         }
         match (on_all_unavailable, self.earliest_down) {
             (OnAllUnavailable::Earliest, Some((key, _))) => Pick::Key {
                 key,
-                while_down: true,
+                sent: SentAs::WhileDown,
             },
-            (_, Some((_, until_ms))) => Pick::Reject {
-                retry_after_ms: until_ms.saturating_sub(now_ms),
+            (_, _) => Pick::Reject {
+                retry_after_ms: self
+                    .next_change_ms
+                    .map_or(RETRY_AFTER_WHEN_ALL_DISABLED_MS, |t| {
+                        t.saturating_sub(now_ms)
+                    }),
             },
-            // An empty pool cannot be configured; answer as if the keys return at once.
-            (_, None) => Pick::Reject { retry_after_ms: 0 },
         }
     }
 }
@@ -210,11 +241,22 @@ impl PoolView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::Policy;
+    use crate::pool::{Failure, Policy};
+    use crate::status::FailureClass;
 
     const P: Policy = Policy {
         failure_threshold: 1,
         cooldown_ms: 1_000,
+        backoff_permille: 1_000,
+        min_cooldown_ms: 1,
+        max_cooldown_ms: 1_000_000,
+        disable_ms: 0,
+    };
+    const F: Failure = Failure {
+        status: 429,
+        class: FailureClass::RateLimit,
+        hint_ms: None,
+        jitter_permille: 0,
     };
 
     fn picks(view: &PoolView, sel: Selection, n: usize, cursor: u64) -> Vec<usize> {
@@ -236,7 +278,7 @@ mod tests {
         let view = PoolView::build(&s, &[], Selection::RoundRobin);
         assert_eq!(picks(&view, Selection::RoundRobin, 5, 0), [0, 1, 2, 3, 0]);
         assert_eq!(picks(&view, Selection::RoundRobin, 3, 2), [2, 3, 0]);
-        s.record_failure(1, 429, 0, &P);
+        s.record_failure(1, &F, 0, &P);
         let view = PoolView::build(&s, &[], Selection::RoundRobin);
         assert_eq!(
             picks(&view, Selection::RoundRobin, 6, 0),
@@ -247,7 +289,7 @@ mod tests {
     #[test]
     fn random_spreads_over_available_keys_only() {
         let mut s = PoolState::fresh(&[1, 2, 3]);
-        s.record_failure(0, 429, 0, &P);
+        s.record_failure(0, &F, 0, &P);
         let view = PoolView::build(&s, &[], Selection::Random);
         let mut counts = [0usize; 3];
         for k in picks(&view, Selection::Random, 3000, 0) {
@@ -261,7 +303,7 @@ mod tests {
     fn weighted_follows_weights_and_skips_down_keys() {
         let mut s = PoolState::fresh(&[1, 2, 3, 4]);
         let weights = [1, 3, 6, 5];
-        s.record_failure(3, 429, 0, &P);
+        s.record_failure(3, &F, 0, &P);
         let view = PoolView::build(&s, &weights, Selection::Weighted);
         let mut counts = [0usize; 4];
         for k in picks(&view, Selection::Weighted, 100_000, 0) {
@@ -306,8 +348,8 @@ mod tests {
     #[test]
     fn all_down_uses_the_earliest_key_or_rejects_with_the_wait() {
         let mut s = PoolState::fresh(&[1, 2]);
-        s.record_failure(0, 429, 500, &P); // back at 1500
-        s.record_failure(1, 429, 100, &P); // back at 1100
+        s.record_failure(0, &F, 500, &P); // back at 1500
+        s.record_failure(1, &F, 100, &P); // back at 1100
         let view = PoolView::build(&s, &[], Selection::RoundRobin);
         let mut c = 0;
         let mut rng = Rng::new(1);
@@ -321,7 +363,7 @@ mod tests {
             ),
             Pick::Key {
                 key: 1,
-                while_down: true
+                sent: SentAs::WhileDown
             }
         );
         assert_eq!(
@@ -346,5 +388,51 @@ mod tests {
                 assert!(rng.below(bound) < bound);
             }
         }
+    }
+
+    #[test]
+    fn probe_candidates_and_the_all_disabled_case() {
+        let refused = Failure {
+            status: 401,
+            class: FailureClass::KeyRefused,
+            ..F
+        };
+        let mut s = PoolState::fresh(&[1, 2]);
+        s.record_failure(0, &F, 0, &P);
+        s.record_failure(1, &refused, 0, &P);
+        s.advance(1_000);
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        assert_eq!(view.probe_candidate(), Some(0));
+        assert_eq!(view.next_change_ms(), None);
+        s.claim_probe(0, 1_000, 500);
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        assert_eq!(view.probe_candidate(), None);
+        let (mut c, mut rng) = (0, Rng::new(1));
+        assert_eq!(
+            view.pick(
+                Selection::RoundRobin,
+                OnAllUnavailable::Earliest,
+                &mut c,
+                &mut rng,
+                1_000
+            ),
+            Pick::Key {
+                key: 0,
+                sent: SentAs::WhileDown
+            },
+            "the probed key before a key refused for good"
+        );
+        assert_eq!(
+            view.pick(
+                Selection::RoundRobin,
+                OnAllUnavailable::Reject,
+                &mut c,
+                &mut rng,
+                1_000
+            ),
+            Pick::Reject {
+                retry_after_ms: 500
+            }
+        );
     }
 }

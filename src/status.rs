@@ -75,22 +75,75 @@ impl StatusPattern {
 /// pool by sending bad requests.
 pub const NEVER_THE_KEYS_FAULT: [u16; 7] = [400, 404, 405, 413, 415, 422, 529];
 
+/// Why an answer counts against a key; each class has its own treatment and counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    /// 429: cools down, for as long as the provider says when it says.
+    RateLimit,
+    /// 5xx: cools down with `cooldownDuration` (and backoff).
+    ServerError,
+    /// `disableOnStatus` (401/402/403) or a 429 saying `insufficient_quota`: out for
+    /// `disableDuration`, since a revoked or unpaid key will not heal in a minute.
+    KeyRefused,
+    /// Any other code a `failoverOnStatus` pattern adds: treated like a rate limit.
+    Other,
+}
+
+impl FailureClass {
+    pub const ALL: [FailureClass; 4] = [
+        FailureClass::RateLimit,
+        FailureClass::ServerError,
+        FailureClass::KeyRefused,
+        FailureClass::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureClass::RateLimit => "rate_limit",
+            FailureClass::ServerError => "server_error",
+            FailureClass::KeyRefused => "key_refused",
+            FailureClass::Other => "other",
+        }
+    }
+
+    /// Whether the provider's retry hints apply (a server error's `retry-after` is about the
+    /// provider, not the key's limit window).
+    pub fn takes_retry_hints(self) -> bool {
+        matches!(self, FailureClass::RateLimit | FailureClass::Other)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The key served the request: consecutive failures start again from zero.
+    /// The key served the request: its failure run and backoff start again.
     Success,
     /// The answer counts against the key.
-    KeyFailure,
+    KeyFailure(FailureClass),
     /// Says nothing about the key.
     Neutral,
 }
 
-pub fn classify(status: u16, failover_on: &[StatusPattern]) -> Verdict {
+/// Classifies an upstream status. `quota_exhausted` says a 429's error body reported
+/// `insufficient_quota` (the caller reads the body only for 429s).
+pub fn classify(
+    status: u16,
+    failover_on: &[StatusPattern],
+    disable_on: &[StatusPattern],
+    quota_exhausted: bool,
+) -> Verdict {
     if NEVER_THE_KEYS_FAULT.contains(&status) {
         return Verdict::Neutral;
     }
+    if disable_on.iter().any(|p| p.matches(status)) || (status == 429 && quota_exhausted) {
+        return Verdict::KeyFailure(FailureClass::KeyRefused);
+    }
     if failover_on.iter().any(|p| p.matches(status)) {
-        return Verdict::KeyFailure;
+        let class = match status {
+            429 => FailureClass::RateLimit,
+            500..=599 => FailureClass::ServerError,
+            _ => FailureClass::Other,
+        };
+        return Verdict::KeyFailure(class);
     }
     if (200..300).contains(&status) {
         Verdict::Success
@@ -156,20 +209,66 @@ mod tests {
     }
 
     #[test]
-    fn classification_protects_the_requests_own_faults() {
-        let pats = [p("4.*"), p("5.*")];
-        for code in NEVER_THE_KEYS_FAULT {
-            assert_eq!(classify(code, &pats), Verdict::Neutral, "{code}");
+    fn classification_table() {
+        use FailureClass::*;
+        let broad = [p("4.*"), p("5.*")];
+        let default = [p("429"), p("5xx")];
+        let refuse = [p("401"), p("402"), p("403")];
+        type Row<'a> = (u16, &'a [StatusPattern], &'a [StatusPattern], bool, Verdict);
+        let table: &[Row] = &[
+            (
+                429,
+                &default,
+                &refuse,
+                false,
+                Verdict::KeyFailure(RateLimit),
+            ),
+            (
+                429,
+                &default,
+                &refuse,
+                true,
+                Verdict::KeyFailure(KeyRefused),
+            ),
+            (429, &[], &refuse, true, Verdict::KeyFailure(KeyRefused)),
+            (429, &[p("5xx")], &refuse, false, Verdict::Neutral),
+            (
+                503,
+                &default,
+                &refuse,
+                false,
+                Verdict::KeyFailure(ServerError),
+            ),
+            (500, &[p("429")], &refuse, false, Verdict::Neutral),
+            (
+                401,
+                &default,
+                &refuse,
+                false,
+                Verdict::KeyFailure(KeyRefused),
+            ),
+            (403, &[], &refuse, false, Verdict::KeyFailure(KeyRefused)),
+            (401, &default, &[], false, Verdict::Neutral),
+            (409, &broad, &[], false, Verdict::KeyFailure(Other)),
+            (200, &broad, &refuse, false, Verdict::Success),
+            (204, &broad, &refuse, false, Verdict::Success),
+            (302, &broad, &refuse, false, Verdict::Neutral),
+        ];
+        for (status, failover_on, disable_on, quota, want) in table {
+            assert_eq!(
+                classify(*status, failover_on, disable_on, *quota),
+                *want,
+                "{status}"
+            );
         }
-        assert_eq!(classify(429, &pats), Verdict::KeyFailure);
-        assert_eq!(classify(401, &pats), Verdict::KeyFailure);
-        assert_eq!(classify(503, &pats), Verdict::KeyFailure);
-        assert_eq!(classify(200, &pats), Verdict::Success);
-        assert_eq!(classify(204, &pats), Verdict::Success);
-        assert_eq!(classify(302, &pats), Verdict::Neutral);
-        let only_429 = [p("429")];
-        assert_eq!(classify(500, &only_429), Verdict::Neutral);
-        assert_eq!(classify(429, &only_429), Verdict::KeyFailure);
+    }
+
+    #[test]
+    fn the_requests_own_faults_never_count_whatever_the_patterns() {
+        let all = [p("1xx"), p("2xx"), p("3xx"), p("4xx"), p("5xx")];
+        for code in NEVER_THE_KEYS_FAULT {
+            assert_eq!(classify(code, &all, &all, true), Verdict::Neutral, "{code}");
+        }
     }
 
     #[test]

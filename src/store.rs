@@ -341,7 +341,20 @@ mod tests {
     const P: Policy = Policy {
         failure_threshold: 1,
         cooldown_ms: 1_000,
+        backoff_permille: 1_000,
+        min_cooldown_ms: 1,
+        max_cooldown_ms: 1_000_000,
+        disable_ms: 0,
     };
+
+    fn fail(status: u16) -> crate::pool::Failure {
+        crate::pool::Failure {
+            status,
+            class: crate::status::FailureClass::RateLimit,
+            hint_ms: None,
+            jitter_permille: 0,
+        }
+    }
 
     fn store(fps: &[u64]) -> PoolStore {
         PoolStore::new(9, fps.to_vec(), vec![1; fps.len()], Selection::RoundRobin)
@@ -356,7 +369,7 @@ mod tests {
         b.refresh(&host).unwrap();
         let ev = a
             .update(&host, 0, |s| {
-                s.record_failure(0, 429, 0, &P).into_iter().collect()
+                s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
         assert_eq!(ev.len(), 1);
@@ -371,7 +384,7 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         a.update(&host, 0, |s| {
-            s.record_failure(1, 500, 0, &P).into_iter().collect()
+            s.record_failure(1, &fail(500), 0, &P).into_iter().collect()
         })
         .unwrap();
         a.refresh(&host).unwrap();
@@ -391,7 +404,7 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1]);
         a.update(&host, 0, |s| {
-            s.record_failure(0, 429, 0, &P).into_iter().collect()
+            s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
         let sets = host.sets.get();
@@ -415,14 +428,14 @@ mod tests {
             if !f.get() && key.ends_with("/state") {
                 f.set(true);
                 let mut s = codec::decode(&h.entries.borrow()[key].0).unwrap_or_default();
-                s.record_failure(1, 429, 0, &P);
+                s.record_failure(1, &fail(429), 0, &P);
                 *os.borrow_mut() = Some(s.clone());
                 h.put_raw(key, &codec::encode(&s));
             }
         }));
         let ev = a
             .update(&host, 0, |s| {
-                s.record_failure(0, 429, 0, &P).into_iter().collect()
+                s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
         assert_eq!(ev.len(), 1);
@@ -456,7 +469,7 @@ mod tests {
             &codec::encode(&PoolState::fresh(&[1])),
         );
         let r = a.update(&host, 0, |s| {
-            s.record_failure(0, 429, 0, &P).into_iter().collect()
+            s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         });
         assert_eq!(r, Err(UpdateError::GaveUp));
     }
@@ -472,7 +485,7 @@ mod tests {
         assert!(a.corrupt_entry_seen);
         assert_eq!(a.view().available_count(), 2);
         a.update(&host, 0, |s| {
-            s.record_failure(0, 429, 0, &P).into_iter().collect()
+            s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
         let stored = codec::decode(&host.entries.borrow()[&key].0).unwrap();
@@ -484,7 +497,7 @@ mod tests {
         let host = FakeShared::default();
         let mut old = store(&[1, 2]);
         old.update(&host, 0, |s| {
-            s.record_failure(1, 429, 0, &P).into_iter().collect()
+            s.record_failure(1, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
         let mut new = store(&[2, 3]);
@@ -515,7 +528,9 @@ mod tests {
         let mut a = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
         assert_eq!(a.carry_over(&host, 10).unwrap(), CarryOver::default());
         a.update(&host, 20, |s| {
-            s.record_failure(1, 429, 20, &P).into_iter().collect()
+            s.record_failure(1, &fail(429), 20, &P)
+                .into_iter()
+                .collect()
         })
         .unwrap();
         // Config B drops key 3 and adds key 4: another key list, another pool id.
@@ -535,7 +550,11 @@ mod tests {
         assert_eq!(b.state().keys[1].down_until_ms, 1_020);
         assert_eq!(b.view().available_count(), 2);
         // Back to config A: B's newer word on key 2 (restored there) wins over A's stale entry.
-        b.update(&host, 2_000, |s| s.restore_due(2_000)).unwrap();
+        b.update(&host, 2_000, |s| {
+            s.restore_all();
+            vec![Event::Restored { key: 1 }]
+        })
+        .unwrap();
         let mut a2 = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
         assert_eq!(a2.carry_over(&host, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();

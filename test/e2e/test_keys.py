@@ -128,6 +128,9 @@ def test_no_configured_key_in_the_debug_log(envoy_factory, mock):
         for _ in range(12):
             c.chat(headers={"authorization": "Bearer client-own-key"})
     envoy.wait_log(r"marked down after status 429", plugin_only=True)
+    envoy.wait_log(r"time out over", timeout=4, plugin_only=True)
+    for _ in range(3):  # probes the keys whose time out ended: bravo's succeeds
+        envoy.chat()
     envoy.wait_log(r"restored", timeout=4, plugin_only=True)
     log = envoy.log()
     assert "[debug]" in log, "Envoy ran at debug level"

@@ -37,7 +37,7 @@ def test_every_worker_sees_the_key_come_back(envoy_factory, mock):
     )
     envoy.parallel(lambda c, i: c.chat(), 8, 4)
     envoy.wait_log(r"key oscar marked down", plugin_only=True)
-    envoy.wait_log(r"key oscar restored", timeout=4, plugin_only=True)
+    envoy.wait_log(r"key oscar time out over", timeout=4, plugin_only=True)
     mock.clear()
     envoy.parallel(lambda c, i: c.chat(), 80, 8)
     got = Counter(mock.keys_received())

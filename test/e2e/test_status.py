@@ -95,7 +95,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     main = rows["main"]
     state, failures, cooldown, marked, restored = main["alpha"]
     assert (state, failures, marked, restored) == ("DOWN", "1", "1", "0")
-    assert 50 <= int(cooldown) <= 60
+    assert 50 <= int(cooldown) <= 66  # 60 s plus up to 10% jitter
     assert main["bravo"] == ["available", "0", "-", "0", "0"]
     unnamed = [k for k in main if k not in ("alpha", "bravo")]
     assert len(unnamed) == 1 and HASH.fullmatch(unnamed[0]), main
@@ -116,7 +116,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     alpha = keys.pop("alpha")
     assert alpha["state"] == "DOWN" and alpha["consecutive_failures"] == 1
     assert alpha["marked_down"] == 1 and alpha["restored"] == 0
-    assert 50 <= alpha["cooldown_left_seconds"] <= 60
+    assert 50 <= alpha["cooldown_left_seconds"] <= 66
     assert alpha["down_until_unix"] >= doc["time"] + alpha["cooldown_left_seconds"]
     assert all(k["state"] == "available" and k["cooldown_left_seconds"] is None for k in keys.values())
     assert "bravo" in keys and any(HASH.fullmatch(n) for n in keys)
