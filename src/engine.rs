@@ -100,11 +100,20 @@ impl Engine {
                 .get(pool)
                 .map_or("?", |p| p.label.as_str());
             match store.carry_over(host, now_ms) {
-                Ok(c) if c.keys_carried > 0 => log::info!(
-                    "pool {label}: kept the state of {} keys from the previous configuration",
-                    c.keys_carried
-                ),
-                Ok(_) => {}
+                Ok(c) => {
+                    if c.keys_carried > 0 {
+                        log::info!(
+                            "pool {label}: kept the state of {} keys from the previous configuration",
+                            c.keys_carried
+                        );
+                    }
+                    if c.keys_reenabled > 0 {
+                        log::info!(
+                            "pool {label}: {} keys disabled until the configuration changed are back",
+                            c.keys_reenabled
+                        );
+                    }
+                }
                 Err(e) => log::warn!("pool {label}: could not take over earlier state: {e:?}"),
             }
         }

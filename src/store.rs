@@ -7,7 +7,7 @@
 //! per-request cost flat however many keys the pool has.
 
 use crate::codec;
-use crate::pool::{Event, PoolState};
+use crate::pool::{Event, Health, KeyState, PoolState, FOREVER};
 use crate::select::{PoolView, Selection};
 
 /// Attempts before a change gives up; each failed attempt means another worker changed the
@@ -75,6 +75,8 @@ fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
 pub struct CarryOver {
     /// Keys whose state came from a pool of an earlier config.
     pub keys_carried: usize,
+    /// Keys that were disabled until the configuration changed, and now return.
+    pub keys_reenabled: usize,
 }
 
 impl PoolStore {
@@ -151,8 +153,17 @@ impl PoolStore {
                     }
                 }
             }
+            // "Disabled until a health check passes or the configuration changes": it changed.
+            let mut reenabled = 0;
+            for key in state.keys.iter_mut() {
+                if key.health == Health::Disabled && key.down_until_ms == FOREVER {
+                    *key = KeyState::fresh(key.fingerprint);
+                    reenabled += 1;
+                }
+            }
             result.keys_carried = carried;
-            if carried == 0 {
+            result.keys_reenabled = reenabled;
+            if carried == 0 && reenabled == 0 {
                 break;
             }
             state.written_at_ms = now_ms;
@@ -335,7 +346,7 @@ pub mod fake {
 mod tests {
     use super::fake::FakeShared;
     use super::*;
-    use crate::pool::{Health, Policy};
+    use crate::pool::Policy;
     use std::cell::{Cell, RefCell};
 
     const P: Policy = Policy {
@@ -580,6 +591,48 @@ mod tests {
             host.sets.get(),
             sets,
             "no write when the registry already ends with us"
+        );
+    }
+
+    #[test]
+    fn a_config_load_brings_back_keys_disabled_until_the_config_changes() {
+        let host = FakeShared::default();
+        let mut a = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        a.carry_over(&host, 0).unwrap();
+        let forever = Policy { disable_ms: 0, ..P };
+        let refused = crate::pool::Failure {
+            class: crate::status::FailureClass::KeyRefused,
+            ..fail(401)
+        };
+        a.update(&host, 10, |s| {
+            s.record_failure(0, &refused, 10, &forever)
+                .into_iter()
+                .collect()
+        })
+        .unwrap();
+        a.update(&host, 10, |s| {
+            s.record_failure(
+                1,
+                &refused,
+                10,
+                &Policy {
+                    disable_ms: 60_000,
+                    ..P
+                },
+            )
+            .into_iter()
+            .collect()
+        })
+        .unwrap();
+        let mut again = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let result = again.carry_over(&host, 20).unwrap();
+        assert_eq!(result.keys_reenabled, 1);
+        again.refresh(&host).unwrap();
+        assert!(again.state().keys[0].is_available());
+        assert_eq!(
+            again.state().keys[1].health,
+            Health::Disabled,
+            "a timed disable runs its course"
         );
     }
 }
