@@ -159,6 +159,18 @@ pub struct Profile {
     pub on_all_unavailable: OnAllUnavailable,
     /// Adds `x-ai-key-failover-key: <key name or hash>` to responses.
     pub expose_key_name: bool,
+    pub retry: RetryOnFailure,
+}
+
+/// Higress ai-proxy's `retryOnFailure`: the plugin itself re-sends a failed request with another
+/// key (downstream mode; in upstream mode Envoy's own retries do this).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryOnFailure {
+    pub enabled: bool,
+    pub max_retries: u32,
+    pub timeout_ms: u64,
+    pub on_status: Vec<StatusPattern>,
+    pub max_body_bytes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +199,14 @@ const CONFIG_FIELDS: &[&str] = &[
     "failover",
     "onAllUnavailable",
     "exposeKeyName",
+    "retryOnFailure",
+];
+const RETRY_FIELDS: &[&str] = &[
+    "enabled",
+    "maxRetries",
+    "retryTimeout",
+    "retryOnStatus",
+    "maxBodyBytes",
 ];
 const FAILOVER_FIELDS: &[&str] = &[
     "enabled",
@@ -435,6 +455,7 @@ impl Builder {
             Some(_) => return err(&field("exposeKeyName"), "must be true or false"),
         };
         let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
+        let retry = self.parse_retry(obj.get("retryOnFailure"), &field("retryOnFailure"))?;
         let pool = self.pool_for(keys, name, &field("name"))?;
         self.profiles.push(Profile {
             pool,
@@ -444,6 +465,7 @@ impl Builder {
             failover,
             on_all_unavailable,
             expose_key_name,
+            retry,
         });
         Ok(self.profiles.len() - 1)
     }
@@ -631,6 +653,59 @@ impl Builder {
             min_cooldown_ms,
             max_cooldown_ms,
             backoff_permille,
+        })
+    }
+
+    fn parse_retry(
+        &mut self,
+        v: Option<&Value>,
+        prefix: &str,
+    ) -> Result<RetryOnFailure, ConfigError> {
+        let empty = Map::new();
+        let obj = match v {
+            None => &empty,
+            Some(Value::Object(o)) => o,
+            Some(_) => return err(prefix, "must be an object"),
+        };
+        check_unknown(obj, RETRY_FIELDS, &format!("{prefix}."))?;
+        let field = |name: &str| format!("{prefix}.{name}");
+        let enabled = match obj.get("enabled") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return err(&field("enabled"), "must be true or false"),
+        };
+        let max_retries = integer(obj.get("maxRetries"), &field("maxRetries"), 1, 1, 10)? as u32;
+        let timeout_ms = integer(
+            obj.get("retryTimeout"),
+            &field("retryTimeout"),
+            30_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        let max_body_bytes = integer(
+            obj.get("maxBodyBytes"),
+            &field("maxBodyBytes"),
+            10 * 1024 * 1024,
+            0,
+            256 * 1024 * 1024,
+        )? as usize;
+        let on_status = self.patterns(
+            obj.get("retryOnStatus"),
+            &field("retryOnStatus"),
+            &["429", "5xx"],
+        )?;
+        if on_status.is_empty() {
+            return err(
+                &field("retryOnStatus"),
+                "must list at least one pattern; to never retry, set retryOnFailure.enabled to false",
+            );
+        }
+        Ok(RetryOnFailure {
+            enabled,
+            max_retries,
+            timeout_ms,
+            on_status,
+            max_body_bytes,
         })
     }
 
@@ -890,6 +965,16 @@ mod tests {
         assert_eq!(p.failover.backoff_permille, 2_000);
         assert!(p.failover.disable_on_status.iter().any(|s| s.matches(402)));
         assert!(!p.failover.disable_on_status.iter().any(|s| s.matches(429)));
+        assert!(!p.retry.enabled);
+        assert_eq!(
+            (
+                p.retry.max_retries,
+                p.retry.timeout_ms,
+                p.retry.max_body_bytes
+            ),
+            (1, 30_000, 10 * 1024 * 1024)
+        );
+        assert!(p.retry.on_status.iter().any(|s| s.matches(503)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(503)));
         assert!(!p.failover.failover_on_status.iter().any(|s| s.matches(401)));
@@ -1243,5 +1328,66 @@ mod tests {
         assert!(!k.label().contains("abcdef"));
         let again = ok(r#"{"apiTokens": ["sk-abcdef0123456789"]}"#);
         assert_eq!(again.pools[0].id, c.pools[0].id);
+    }
+
+    #[test]
+    fn retry_on_failure_errors_name_the_field() {
+        let table: &[(&str, &str, &str)] = &[
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": true}"#,
+                "retryOnFailure",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"maxRetries": 0}}"#,
+                "retryOnFailure.maxRetries",
+                "from 1 to 10",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"retryTimeout": 0}}"#,
+                "retryOnFailure.retryTimeout",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"retryOnStatus": []}}"#,
+                "retryOnFailure.retryOnStatus",
+                "never retry",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"retryOnStatus": ["4x"]}}"#,
+                "retryOnFailure.retryOnStatus[0]",
+                "status pattern",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"attempts": 2}}"#,
+                "retryOnFailure.attempts",
+                "unknown field",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "retryOnFailure": {"enabled": "yes"}}"#,
+                "retryOnFailure.enabled",
+                "true or false",
+            ),
+        ];
+        for (json, field, needle) in table {
+            let e = fails(json);
+            assert_eq!(e.field, *field, "{json}: {e}");
+            assert!(
+                e.message.contains(needle),
+                "{json}: {e} (wanted {needle:?})"
+            );
+        }
+        let c = ok(
+            r#"{"apiTokens": ["a"], "retryOnFailure": {"enabled": true, "maxRetries": 3, "retryTimeout": 5000,
+            "retryOnStatus": ["429"], "maxBodyBytes": 1024}}"#,
+        );
+        let r = &c.profiles[0].retry;
+        assert!(
+            r.enabled && r.max_retries == 3 && r.timeout_ms == 5000 && r.max_body_bytes == 1024
+        );
+        assert!(
+            r.on_status.iter().any(|p| p.matches(429))
+                && !r.on_status.iter().any(|p| p.matches(503))
+        );
     }
 }

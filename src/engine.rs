@@ -2,6 +2,7 @@
 //! request needs. Free of proxy-wasm so the whole flow runs in host tests against a fake store;
 //! `glue` only reads headers and properties and calls in here.
 
+use crate::attempts::Attempts;
 use crate::config::{PluginConfig, Profile};
 use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
@@ -47,6 +48,16 @@ pub struct Engine {
     needed: NeededFacts,
     /// Per pool; empty until `start` defines them.
     metrics: Vec<PoolMetrics>,
+    /// Keys that failed per request across Envoy's retry attempts (upstream mode).
+    attempts: Attempts,
+}
+
+/// How a retry attempt ended, for the retry counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Started,
+    Succeeded,
+    Failed,
 }
 
 impl Engine {
@@ -78,6 +89,7 @@ impl Engine {
             rng,
             needed,
             metrics: Vec::new(),
+            attempts: Attempts::default(),
         }
     }
 
@@ -142,7 +154,14 @@ impl Engine {
         self.config.profiles.get(profile)
     }
 
-    pub fn decide(&mut self, host: &dyn Host, profile: Option<usize>, now_ms: u64) -> Decision {
+    /// `avoid`: keys that already failed for this request (its earlier attempts).
+    pub fn decide(
+        &mut self,
+        host: &dyn Host,
+        profile: Option<usize>,
+        now_ms: u64,
+        avoid: &[usize],
+    ) -> Decision {
         let Some((profile_idx, p)) =
             profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
         else {
@@ -154,7 +173,8 @@ impl Engine {
         let candidate = self
             .stores
             .get(pool)
-            .and_then(|s| s.view().probe_candidate());
+            .and_then(|s| s.view().probe_candidate())
+            .filter(|k| !avoid.contains(k));
         if let Some(key) = candidate {
             if self.claim_probe(host, pool, key, now_ms) {
                 self.count(pool, true);
@@ -171,7 +191,7 @@ impl Engine {
         };
         let pick = store
             .view()
-            .pick(selection, on_all, cursor, &mut self.rng, now_ms);
+            .pick(selection, on_all, cursor, &mut self.rng, now_ms, avoid);
         match pick {
             Pick::Key { key, sent } => {
                 self.count(pool, true);
@@ -187,6 +207,24 @@ impl Engine {
                     retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
                 }
             }
+        }
+    }
+
+    /// Keys that failed for this request in its earlier attempts.
+    pub fn failed_for(&self, request_id: &str) -> Vec<usize> {
+        self.attempts.failed(request_id).to_vec()
+    }
+
+    pub fn note_failed_attempt(&mut self, request_id: &str, key: usize, now_ms: u64) {
+        self.attempts.note_failure(request_id, key, now_ms);
+    }
+
+    pub fn count_retry(&mut self, profile: usize, outcome: RetryOutcome) {
+        let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) else {
+            return;
+        };
+        if let Some(m) = self.metrics.get_mut(pool) {
+            m.count_retry(outcome);
         }
     }
 
@@ -330,6 +368,7 @@ impl Engine {
     /// Periodic work: end time outs that are over, even with no traffic, and bring the stats in
     /// line with the shared state.
     pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
+        self.attempts.purge(now_ms);
         for pool in 0..self.stores.len() {
             self.refresh_and_advance(host, pool, now_ms);
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get(pool)) {
@@ -590,20 +629,20 @@ mod tests {
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, 0));
+        let (p, k, _) = use_key(w1.decide(&host, g, 0, &[]));
         let v = w1.verdict(p, 429, false);
         w1.record(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
         for now in [20, 500, 1009] {
             for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, now));
+                let (_, k2, _) = use_key(w2.decide(&host, g, now, &[]));
                 assert_ne!(k2, k, "at {now}");
             }
         }
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
-        let (_, probe_key, how) = use_key(w2.decide(&host, g, 1120));
+        let (_, probe_key, how) = use_key(w2.decide(&host, g, 1120, &[]));
         assert_eq!((probe_key, how), (k, SentAs::Probe));
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w1.decide(&host, g, 1121));
+            let (_, k2, how) = use_key(w1.decide(&host, g, 1121, &[]));
             assert_ne!(k2, k, "one probe at a time, on any worker");
             assert_eq!(how, SentAs::Normal);
         }
@@ -616,7 +655,7 @@ mod tests {
             1130,
         );
         let seen: std::collections::HashSet<usize> = (0..4)
-            .map(|_| use_key(w1.decide(&host, g, 1131)).1)
+            .map(|_| use_key(w1.decide(&host, g, 1131, &[])).1)
             .collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
     }
@@ -627,7 +666,7 @@ mod tests {
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000, "cooldownBackoff": 3}}"#;
         let mut w = engine(cfg, 9);
         w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200, &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
         w.record(&host, sent(0, 0, SentAs::Probe), SERVER, 503, None, 1200);
         let key = &w.stores()[0].state().keys[0];
@@ -635,7 +674,7 @@ mod tests {
         let cooldown = key.down_until_ms - 1200;
         assert!((3_000..=3_300).contains(&cooldown), "{cooldown}");
         // The next probe comes back with nothing to say (a local reply): another may probe.
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 5000));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 5000, &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
         w.record(
             &host,
@@ -645,7 +684,7 @@ mod tests {
             None,
             5001,
         );
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 5002));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 5002, &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
         w.abandon(&host, sent(0, 0, SentAs::Probe), 5003);
         assert!(w.stores()[0].state().keys[0].probe_claimable());
@@ -728,7 +767,7 @@ mod tests {
             1,
         );
         for _ in 0..5 {
-            w.decide(&host, Some(0), 0);
+            w.decide(&host, Some(0), 0, &[]);
             w.record(
                 &host,
                 sent(0, 0, SentAs::Normal),
@@ -740,7 +779,7 @@ mod tests {
         }
         assert_eq!(host.shared.sets.get(), 0);
         w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
-        w.decide(&host, Some(0), 0);
+        w.decide(&host, Some(0), 0, &[]);
         w.record(
             &host,
             sent(0, 0, SentAs::Normal),
@@ -763,19 +802,19 @@ mod tests {
         w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0);
         w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 1000);
         assert_eq!(
-            w.decide(&host, Some(0), 1000),
+            w.decide(&host, Some(0), 1000, &[]),
             Decision::Reject {
                 retry_after_secs: 2
             }
         );
         assert_eq!(
-            w.decide(&host, Some(0), 2499),
+            w.decide(&host, Some(0), 2499, &[]),
             Decision::Reject {
                 retry_after_secs: 1
             }
         );
         assert!(matches!(
-            w.decide(&host, Some(0), 2800),
+            w.decide(&host, Some(0), 2800, &[]),
             Decision::UseKey(Assignment {
                 key: 0,
                 sent: SentAs::Probe,
@@ -793,7 +832,7 @@ mod tests {
         );
         w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 0);
         w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 100);
-        let (p, k, down) = use_key(w.decide(&host, Some(0), 200));
+        let (p, k, down) = use_key(w.decide(&host, Some(0), 200, &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
         w.record(&host, sent(p, k, down), Verdict::Success, 200, None, 200);
         assert_eq!(w.stores()[0].view().available_count(), 1);
@@ -823,7 +862,7 @@ mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c", "d", "e", "f", "g", "h"]}"#;
         let firsts: std::collections::HashSet<usize> = (0..8)
-            .map(|seed| use_key(engine(cfg, seed * 7919).decide(&host, Some(0), 0)).1)
+            .map(|seed| use_key(engine(cfg, seed * 7919).decide(&host, Some(0), 0, &[])).1)
             .collect();
         assert!(firsts.len() > 1);
     }
@@ -842,11 +881,11 @@ mod tests {
         assert_eq!(m("keys_configured"), 2);
         assert_eq!(m("keys_available"), 2);
         for _ in 0..5 {
-            w.decide(&host, Some(0), 0);
+            w.decide(&host, Some(0), 0, &[]);
         }
         w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
         w.record(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 10);
-        w.decide(&host, Some(0), 20);
+        w.decide(&host, Some(0), 20, &[]);
         w.tick(&host, 20);
         assert_eq!(m("requests_keyed"), 5);
         assert_eq!(m("requests_rejected"), 1);
@@ -861,7 +900,7 @@ mod tests {
             0,
             "a key whose time out ended waits for its probe"
         );
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200, &[]));
         assert_eq!(how, SentAs::Probe);
         w.record(&host, sent(0, k, how), Verdict::Success, 200, None, 1201);
         w.tick(&host, 1202);

@@ -1,4 +1,8 @@
 //! The thin Envoy layer: reads what a request says, asks the engine, writes headers back.
+//!
+//! The same filter runs downstream (the listener's HTTP filters) or upstream (a cluster's
+//! upstream HTTP filters, once per retry attempt of the route). It tells which on the first
+//! request: only an upstream filter already knows the upstream host.
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
@@ -10,23 +14,33 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, Decision, Engine};
+use crate::engine::{Assignment, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
 use crate::rules::{host_of_authority, RequestFacts};
-use crate::status::Verdict;
+use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
 
-/// Restores keys during quiet periods; under traffic, requests restore due keys themselves.
+/// Ends time outs during quiet periods; under traffic, requests do it themselves.
 const TICK_PERIOD_MS: u32 = 1000;
+/// Enough for any provider's error JSON; a longer body is judged on its start.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+const KEY_NAME_HEADER: &str = "x-ai-key-failover-key";
 
 proxy_wasm::main! {{
     host::install_logger();
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { engine: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
 }}
 
+/// What a root context shares with the requests it creates.
+struct Shared {
+    engine: RefCell<Engine>,
+    /// Whether this filter instance runs as an upstream filter; learned on the first request.
+    upstream: std::cell::Cell<Option<bool>>,
+}
+
 struct Root {
-    /// Replaced whole on reconfigure; requests in flight keep the engine they started with.
-    engine: Option<Rc<RefCell<Engine>>>,
+    /// Replaced whole on reconfigure; requests in flight keep the one they started with.
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for Root {}
@@ -57,7 +71,10 @@ impl RootContext for Root {
         );
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&HostShared, host::now_ms());
-        self.engine = Some(Rc::new(RefCell::new(engine)));
+        self.shared = Some(Rc::new(Shared {
+            engine: RefCell::new(engine),
+            upstream: std::cell::Cell::new(None),
+        }));
         if !host::set_tick_period_ms(TICK_PERIOD_MS) {
             log::warn!("could not set the tick period; keys return only on traffic");
         }
@@ -66,8 +83,8 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         host::sync_log_level();
-        if let Some(engine) = &self.engine {
-            if let Ok(mut engine) = engine.try_borrow_mut() {
+        if let Some(shared) = &self.shared {
+            if let Ok(mut engine) = shared.engine.try_borrow_mut() {
                 engine.tick(&HostShared, host::now_ms());
             }
         }
@@ -75,9 +92,11 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
-            engine: self.engine.clone(),
+            shared: self.shared.clone(),
             chosen: None,
+            attempt: None,
             reading_error: None,
+            retry: None,
         }))
     }
 
@@ -92,29 +111,7 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
-struct Request {
-    engine: Option<Rc<RefCell<Engine>>>,
-    /// The key this request went out with, until its response is judged.
-    chosen: Option<Assignment>,
-    /// A 429 whose body is being read (for `insufficient_quota` or a Gemini retry delay) as it
-    /// streams past; nothing is held back from the client.
-    reading_error: Option<ErrorResponse>,
-}
-
-struct ErrorResponse {
-    sent: Assignment,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
-/// Enough for any provider's error JSON; a longer body is judged on its start.
-const MAX_ERROR_BODY: usize = 64 * 1024;
-
-impl Context for Request {}
-
-/// Request facts read from the host, each at most once and only if a rule asks.
-#[derive(Default)]
+/// Request facts read from the host, only when a rule asks.
 struct HostFacts;
 
 fn property_string(paths: &[&[&str]]) -> Option<String> {
@@ -124,16 +121,232 @@ fn property_string(paths: &[&[&str]]) -> Option<String> {
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
+fn cluster_name() -> Option<String> {
+    // Envoy >= 1.33 names it xds.cluster_name; Higress's Envoy may know only cluster_name.
+    property_string(&[&["xds", "cluster_name"], &["cluster_name"]])
+}
+
 impl RequestFacts for HostFacts {
     fn route_name(&mut self) -> Option<String> {
-        // Envoy >= 1.33 names it xds.route_name; Higress's Envoy may know only route_name.
         property_string(&[&["xds", "route_name"], &["route_name"]])
     }
     fn cluster_name(&mut self) -> Option<String> {
-        property_string(&[&["xds", "cluster_name"], &["cluster_name"]])
+        cluster_name()
     }
     fn host(&mut self) -> Option<String> {
         host::request_header(":authority").map(|a| host_of_authority(&String::from_utf8_lossy(&a)))
+    }
+}
+
+/// Upstream mode: which downstream request this attempt belongs to.
+struct Attempt {
+    request_id: String,
+    is_retry: bool,
+}
+
+/// Downstream `retryOnFailure`: what is needed to send the request again.
+struct RetryState {
+    profile: usize,
+    /// The request as it went upstream, minus the key header (set per attempt).
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    body_complete: bool,
+    body_too_large: bool,
+    /// Keys that failed for this request, in order.
+    tried: Vec<usize>,
+    retries_done: u32,
+    /// The attempt in flight as a `dispatch_http_call`.
+    in_flight: Option<(u32, Assignment)>,
+}
+
+struct Request {
+    shared: Option<Rc<Shared>>,
+    /// The key this request (or attempt) went out with, until its response is judged.
+    chosen: Option<Assignment>,
+    attempt: Option<Attempt>,
+    /// A 429 whose body is being read (for `insufficient_quota` or a Gemini retry delay) as it
+    /// streams past; nothing is held back from the client.
+    reading_error: Option<ErrorResponse>,
+    retry: Option<RetryState>,
+}
+
+struct ErrorResponse {
+    sent: Assignment,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        // Whatever happens, the held response must not hang: let it through if we cannot answer.
+        let Some(shared) = self.shared.clone() else {
+            host::resume_response();
+            return;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+            host::resume_response();
+            return;
+        };
+        let Some(retry) = self.retry.as_mut() else {
+            host::resume_response();
+            return;
+        };
+        let Some((token, sent)) = retry.in_flight.take() else {
+            host::resume_response();
+            return;
+        };
+        if token != token_id {
+            retry.in_flight = Some((token, sent));
+            return;
+        }
+        let (headers, body) = host::call_response(body_size);
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        // Envoy's router marks answers that came from the upstream; its own replies to the call
+        // (timeout, no healthy host, reset) carry no such header and say nothing about the key.
+        let from_upstream = headers
+            .iter()
+            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        let now = host::now_ms();
+        let status = match status {
+            Some(status) if from_upstream => {
+                judge(&mut engine, sent, status, &headers, Some(&body));
+                if retriable(&engine, sent.profile, status) {
+                    retry.tried.push(sent.key);
+                    if send_retry(&mut engine, retry) {
+                        engine.count_retry(sent.profile, RetryOutcome::Failed);
+                        return;
+                    }
+                }
+                status
+            }
+            local => {
+                engine.record(&HostShared, sent, Verdict::Neutral, 0, None, now);
+                retry.tried.push(sent.key);
+                if send_retry(&mut engine, retry) {
+                    engine.count_retry(sent.profile, RetryOutcome::Failed);
+                    return;
+                }
+                let Some(status) = local else {
+                    engine.count_retry(sent.profile, RetryOutcome::Failed);
+                    let reply = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
+                    if !host::send_local_response(
+                        502,
+                        "ai_key_failover_retry_failed",
+                        &[("content-type", b"application/json")],
+                        reply,
+                    ) {
+                        host::resume_response();
+                    }
+                    return;
+                };
+                status
+            }
+        };
+        let outcome = if (200..300).contains(&status) {
+            RetryOutcome::Succeeded
+        } else {
+            RetryOutcome::Failed
+        };
+        engine.count_retry(sent.profile, outcome);
+        let label = engine
+            .profile(sent.profile)
+            .filter(|p| p.expose_key_name)
+            .and_then(|_| engine.key_label(sent.profile, sent.key));
+        let mut reply: Vec<(&str, &[u8])> = headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with(':') && !is_hop_by_hop(n) && n != "content-length")
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        if let Some(label) = &label {
+            reply.push((KEY_NAME_HEADER, label.as_bytes()));
+        }
+        if !host::send_local_response(u32::from(status), "ai_key_failover_retried", &reply, &body) {
+            host::resume_response();
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.finish();
+        true
+    }
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    )
+}
+
+/// Whether `retryOnFailure` re-sends after this status.
+fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
+    engine.profile(profile).is_some_and(|p| {
+        p.retry.enabled
+            && !NEVER_THE_KEYS_FAULT.contains(&status)
+            && p.retry.on_status.iter().any(|s| s.matches(status))
+    })
+}
+
+/// Sends the request again with a key it has not tried, if the budget and the pool allow.
+fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
+    let profile = retry.profile;
+    let Some(p) = engine.profile(profile) else {
+        return false;
+    };
+    let (max_retries, timeout_ms) = (p.retry.max_retries, p.retry.timeout_ms);
+    if retry.retries_done >= max_retries || !retry.body_complete || retry.body_too_large {
+        return false;
+    }
+    let Some(cluster) = cluster_name() else {
+        return false;
+    };
+    let now = host::now_ms();
+    let tried = retry.tried.clone();
+    let sent = match engine.decide(&HostShared, Some(profile), now, &tried) {
+        Decision::UseKey(a) if !tried.contains(&a.key) => a,
+        // No key left that this request has not failed with: the client gets the failure.
+        Decision::UseKey(a) => {
+            engine.abandon(&HostShared, a, now);
+            return false;
+        }
+        _ => return false,
+    };
+    let Some((auth_name, auth_value)) = engine.key_header(profile, sent.key) else {
+        return false;
+    };
+    let mut headers: Vec<(&str, &[u8])> = retry
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    headers.push((auth_name, auth_value.as_bytes()));
+    match host::dispatch_http_call(&cluster, &headers, &retry.body, timeout_ms) {
+        Some(token) => {
+            retry.retries_done += 1;
+            retry.in_flight = Some((token, sent));
+            engine.count_retry(profile, RetryOutcome::Started);
+            true
+        }
+        None => {
+            engine.abandon(&HostShared, sent, now);
+            false
+        }
     }
 }
 
@@ -147,24 +360,78 @@ impl Request {
             429,
             "ai_key_failover_all_keys_down",
             &[
-                ("retry-after", &retry_after),
-                ("content-type", "application/json"),
+                ("retry-after", retry_after.as_bytes()),
+                ("content-type", b"application/json"),
             ],
             body.as_bytes(),
+        );
+    }
+
+    /// The stream ended: judge an error body read so far, or give back an unanswered probe.
+    fn finish(&mut self) {
+        self.finish_error_response();
+        let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
+            return;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+            return;
+        };
+        engine.abandon(&HostShared, sent, host::now_ms());
+    }
+
+    fn finish_error_response(&mut self) {
+        let (Some(reading), Some(shared)) = (self.reading_error.take(), self.shared.clone()) else {
+            return;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+            return;
+        };
+        judge(
+            &mut engine,
+            reading.sent,
+            reading.status,
+            &reading.headers,
+            Some(&reading.body),
         );
     }
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(engine) = self.engine.clone() else {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(shared) = self.shared.clone() else {
             return Action::Continue;
         };
-        let Ok(mut engine) = engine.try_borrow_mut() else {
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return Action::Continue;
+        };
+        let upstream = match shared.upstream.get() {
+            Some(known) => known,
+            None => {
+                let upstream = host::property(&["upstream", "address"]).is_some();
+                shared.upstream.set(Some(upstream));
+                log::info!(
+                    "running as {} filter",
+                    if upstream {
+                        "an upstream (per retry attempt)"
+                    } else {
+                        "a downstream"
+                    }
+                );
+                upstream
+            }
         };
         let profile = engine.profile_for(&mut HostFacts);
-        match engine.decide(&HostShared, profile, host::now_ms()) {
+        // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
+        let request_id = if upstream {
+            host::request_header("x-request-id").map(|id| String::from_utf8_lossy(&id).into_owned())
+        } else {
+            None
+        };
+        let avoid = request_id
+            .as_deref()
+            .map(|id| engine.failed_for(id))
+            .unwrap_or_default();
+        match engine.decide(&HostShared, profile, host::now_ms(), &avoid) {
             Decision::Untouched => Action::Continue,
             Decision::Reject { retry_after_secs } => {
                 self.reject(retry_after_secs);
@@ -184,11 +451,34 @@ impl HttpContext for Request {
                 if !host::set_request_header(auth_name, auth_value.as_bytes()) {
                     log::warn!("could not set the {auth_name} header");
                 }
-                if engine
-                    .profile(assignment.profile)
-                    .is_some_and(|p| p.provider == Provider::Gemini)
-                {
+                let profile = engine.profile(assignment.profile);
+                if profile.is_some_and(|p| p.provider == Provider::Gemini) {
                     strip_gemini_query_key();
+                }
+                if let Some(id) = request_id {
+                    if !avoid.is_empty() {
+                        engine.count_retry(assignment.profile, RetryOutcome::Started);
+                    }
+                    self.attempt = Some(Attempt {
+                        is_retry: !avoid.is_empty(),
+                        request_id: id,
+                    });
+                } else if profile.is_some_and(|p| p.retry.enabled) {
+                    let auth = auth_name.to_string();
+                    let headers = host::request_headers()
+                        .into_iter()
+                        .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
+                        .collect();
+                    self.retry = Some(RetryState {
+                        profile: assignment.profile,
+                        headers,
+                        body: Vec::new(),
+                        body_complete: end_of_stream,
+                        body_too_large: false,
+                        tried: Vec::new(),
+                        retries_done: 0,
+                        in_flight: None,
+                    });
                 }
                 self.chosen = Some(assignment);
                 Action::Continue
@@ -196,11 +486,38 @@ impl HttpContext for Request {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let (Some(sent), Some(engine)) = (self.chosen.take(), self.engine.clone()) else {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(retry) = self.retry.as_mut() else {
             return Action::Continue;
         };
-        let Ok(mut engine) = engine.try_borrow_mut() else {
+        if !retry.body_too_large {
+            let limit = self
+                .shared
+                .as_ref()
+                .and_then(|s| {
+                    s.engine
+                        .try_borrow()
+                        .ok()?
+                        .profile(retry.profile)
+                        .map(|p| p.retry.max_body_bytes)
+                })
+                .unwrap_or(0);
+            if retry.body.len().saturating_add(body_size) > limit {
+                retry.body_too_large = true;
+                retry.body = Vec::new();
+            } else if let Some(chunk) = host::request_body(body_size) {
+                retry.body.extend_from_slice(&chunk);
+            }
+        }
+        retry.body_complete = end_of_stream;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
+            return Action::Continue;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return Action::Continue;
         };
         if engine
@@ -208,7 +525,7 @@ impl HttpContext for Request {
             .is_some_and(|p| p.expose_key_name)
         {
             if let Some(label) = engine.key_label(sent.profile, sent.key) {
-                host::set_response_header("x-ai-key-failover-key", label.as_bytes());
+                host::set_response_header(KEY_NAME_HEADER, label.as_bytes());
             }
         }
         let Some(status) = host::response_header(":status")
@@ -217,20 +534,45 @@ impl HttpContext for Request {
             engine.abandon(&HostShared, sent, host::now_ms());
             return Action::Continue;
         };
+        let now = host::now_ms();
+        if let Some(attempt) = &self.attempt {
+            // Before Envoy starts the next attempt, so that attempt avoids this key.
+            if status >= 400 {
+                engine.note_failed_attempt(&attempt.request_id, sent.key, now);
+            }
+            if attempt.is_retry {
+                let outcome = if (200..300).contains(&status) {
+                    RetryOutcome::Succeeded
+                } else {
+                    RetryOutcome::Failed
+                };
+                engine.count_retry(sent.profile, outcome);
+            }
+        }
         let first_look = engine.verdict(sent.profile, status, false);
+        let via_upstream = from_upstream();
         // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if matches!(first_look, Verdict::KeyFailure(_)) && !from_upstream() {
-            engine.record(
-                &HostShared,
-                sent,
-                Verdict::Neutral,
-                status,
-                None,
-                host::now_ms(),
-            );
+        if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
+            engine.record(&HostShared, sent, Verdict::Neutral, status, None, now);
             return Action::Continue;
         }
-        if engine.wants_error_body(sent.profile, status) && !end_of_stream {
+        if let Some(retry) = self.retry.as_mut() {
+            if via_upstream && retriable(&engine, sent.profile, status) {
+                let headers = host::response_headers();
+                judge(&mut engine, sent, status, &headers, None);
+                retry.tried.push(sent.key);
+                if send_retry(&mut engine, retry) {
+                    // Hold this answer back; the retry's answer replaces it.
+                    return Action::Pause;
+                }
+                return Action::Continue;
+            }
+        }
+        // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
+        let read_body = self.attempt.is_none()
+            && engine.wants_error_body(sent.profile, status)
+            && !end_of_stream;
+        if read_body {
             self.reading_error = Some(ErrorResponse {
                 sent,
                 status,
@@ -265,33 +607,7 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
-        // The stream ended: judge an error body read so far, or give back an unanswered probe.
-        self.finish_error_response();
-        let (Some(sent), Some(engine)) = (self.chosen.take(), self.engine.clone()) else {
-            return;
-        };
-        let Ok(mut engine) = engine.try_borrow_mut() else {
-            return;
-        };
-        engine.abandon(&HostShared, sent, host::now_ms());
-    }
-}
-
-impl Request {
-    fn finish_error_response(&mut self) {
-        let (Some(reading), Some(engine)) = (self.reading_error.take(), self.engine.clone()) else {
-            return;
-        };
-        let Ok(mut engine) = engine.try_borrow_mut() else {
-            return;
-        };
-        judge(
-            &mut engine,
-            reading.sent,
-            reading.status,
-            &reading.headers,
-            Some(&reading.body),
-        );
+        self.finish();
     }
 }
 

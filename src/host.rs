@@ -76,6 +76,7 @@ extern "C" {
     ) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
+    fn proxy_continue_stream(stream_type: proxy_wasm::types::StreamType) -> Status;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -249,15 +250,14 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     }
 }
 
-/// Sends a local reply instead of forwarding the request.
+/// Sends a local reply instead of forwarding the request (or instead of a held response).
 pub fn send_local_response(
     status: u32,
     details: &str,
-    headers: &[(&str, &str)],
+    headers: &[(&str, &[u8])],
     body: &[u8],
 ) -> bool {
-    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
-    let map = crate::abi::serialize_header_map(&pairs);
+    let map = crate::abi::serialize_header_map(headers);
     // SAFETY: every pointer and length describes a live slice for the call.
     unsafe {
         proxy_send_local_response(
@@ -277,13 +277,11 @@ pub fn send_local_response(
     }
 }
 
-/// Every response header, names lowercased, in one host call.
-pub fn response_headers() -> Vec<(String, Vec<u8>)> {
+fn header_map(map_type: MapType) -> Vec<(String, Vec<u8>)> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: out-pointers are valid; the host allocates the result through our allocator.
-    match unsafe { proxy_get_header_map_pairs(MapType::HttpResponseHeaders, &mut data, &mut size) }
-    {
+    match unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) } {
         Status::Ok => owned(data, size)
             .map(|bytes| crate::abi::deserialize_header_map(&bytes))
             .unwrap_or_default(),
@@ -291,17 +289,71 @@ pub fn response_headers() -> Vec<(String, Vec<u8>)> {
     }
 }
 
-/// The response body chunk this callback was given (up to `max` bytes).
-pub fn response_body(max: usize) -> Option<Vec<u8>> {
+fn buffer(buffer_type: BufferType, max: usize) -> Option<Vec<u8>> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: as above.
-    match unsafe {
-        proxy_get_buffer_bytes(BufferType::HttpResponseBody, 0, max, &mut data, &mut size)
-    } {
+    match unsafe { proxy_get_buffer_bytes(buffer_type, 0, max, &mut data, &mut size) } {
         Status::Ok => owned(data, size),
         _ => None,
     }
+}
+
+/// Every request header, names lowercased, in one host call.
+pub fn request_headers() -> Vec<(String, Vec<u8>)> {
+    header_map(MapType::HttpRequestHeaders)
+}
+
+/// The request body chunk this callback was given (up to `max` bytes).
+pub fn request_body(max: usize) -> Option<Vec<u8>> {
+    buffer(BufferType::HttpRequestBody, max)
+}
+
+/// The response headers and body of a finished `dispatch_http_call`.
+pub fn call_response(body_size: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    (
+        header_map(MapType::HttpCallResponseHeaders),
+        buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default(),
+    )
+}
+
+/// Sends a request of our own to `cluster`; the answer comes to `on_http_call_response`.
+/// Goes through the SDK, which must learn the call's token to route the answer back; header
+/// values that are not UTF-8 are dropped (the SDK's call API takes text).
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Option<u32> {
+    let text: Vec<(&str, &str)> = headers
+        .iter()
+        .filter_map(|(n, v)| Some((*n, std::str::from_utf8(v).ok()?)))
+        .collect();
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        text,
+        (!body.is_empty()).then_some(body),
+        Vec::new(),
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .ok()
+}
+
+/// Lets a held response continue to the client.
+pub fn resume_response() -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpResponse) == Status::Ok }
+}
+
+/// Every response header, names lowercased, in one host call.
+pub fn response_headers() -> Vec<(String, Vec<u8>)> {
+    header_map(MapType::HttpResponseHeaders)
+}
+
+/// The response body chunk this callback was given (up to `max` bytes).
+pub fn response_body(max: usize) -> Option<Vec<u8>> {
+    buffer(BufferType::HttpResponseBody, max)
 }
 
 /// Proxy shared data of this VM's `vm_id`.

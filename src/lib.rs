@@ -6,6 +6,7 @@
 //! Everything but `glue` is plain Rust, testable on the host with injected time.
 
 pub mod abi;
+pub mod attempts;
 pub mod codec;
 pub mod config;
 pub mod credentials;

@@ -75,11 +75,16 @@ pub struct PoolMetrics {
     requests_rejected: Option<u32>,
     keys_restored: Option<u32>,
     cas_gave_up: Option<u32>,
+    retries: Option<u32>,
+    retries_succeeded: Option<u32>,
+    retries_failed: Option<u32>,
     marked_down: [Option<u32>; 4],
     keys: Vec<KeyMetrics>,
     recorded_available: Option<u64>,
     pending_keyed: u64,
     pending_rejected: u64,
+    /// Retry attempts started, succeeded, failed since the last flush.
+    pending_retries: [u64; 3],
 }
 
 pub fn pool_metric_name(pool: &str, metric: &str) -> String {
@@ -131,11 +136,15 @@ impl PoolMetrics {
             requests_rejected: pool_metric(Counter, "requests_rejected"),
             keys_restored: pool_metric(Counter, "keys_restored"),
             cas_gave_up: pool_metric(Counter, "cas_gave_up"),
+            retries: pool_metric(Counter, "retries"),
+            retries_succeeded: pool_metric(Counter, "retries_succeeded"),
+            retries_failed: pool_metric(Counter, "retries_failed"),
             marked_down,
             keys,
             recorded_available: None,
             pending_keyed: 0,
             pending_rejected: 0,
+            pending_retries: [0; 3],
         }
     }
 
@@ -145,6 +154,18 @@ impl PoolMetrics {
 
     pub fn count_rejected(&mut self) {
         self.pending_rejected += 1;
+    }
+
+    pub fn count_retry(&mut self, outcome: crate::engine::RetryOutcome) {
+        use crate::engine::RetryOutcome::{Failed, Started, Succeeded};
+        let slot = match outcome {
+            Started => 0,
+            Succeeded => 1,
+            Failed => 2,
+        };
+        if let Some(n) = self.pending_retries.get_mut(slot) {
+            *n += 1;
+        }
     }
 
     pub fn count_gave_up(&self, host: &dyn MetricsHost) {
@@ -194,6 +215,10 @@ impl PoolMetrics {
             self.requests_rejected,
             std::mem::take(&mut self.pending_rejected),
         );
+        let [started, succeeded, failed] = std::mem::take(&mut self.pending_retries);
+        increment(host, self.retries, started);
+        increment(host, self.retries_succeeded, succeeded);
+        increment(host, self.retries_failed, failed);
         let available = state.available_count() as u64;
         if self.recorded_available != Some(available) {
             record(host, self.keys_available, available);

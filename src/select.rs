@@ -195,7 +195,8 @@ impl PoolView {
         self.probe_candidates.first().map(|&k| k as usize)
     }
 
-    /// `cursor` is this worker's round-robin position for the pool.
+    /// `cursor` is this worker's round-robin position for the pool. `avoid`: keys that already
+    /// failed for this request; another available key is taken instead when there is one.
     pub fn pick(
         &self,
         selection: Selection,
@@ -203,6 +204,7 @@ impl PoolView {
         cursor: &mut u64,
         rng: &mut Rng,
         now_ms: u64,
+        avoid: &[usize],
     ) -> Pick {
         let n = self.available.len() as u64;
         if n > 0 {
@@ -215,11 +217,19 @@ impl PoolView {
                 Selection::Random => Some(rng.below(n) as usize),
                 Selection::Weighted => self.weighted.sample(rng),
             };
-            if let Some(&key) = slot.and_then(|s| self.available.get(s)) {
-                return Pick::Key {
-                    key: key as usize,
-                    sent: SentAs::Normal,
-                };
+            if let Some(slot) = slot {
+                // A short walk: `avoid` holds the few keys this request already tried.
+                let len = self.available.len();
+                let chosen = (0..len)
+                    .filter_map(|step| self.available.get((slot + step) % len))
+                    .find(|&&k| !avoid.contains(&(k as usize)))
+                    .or_else(|| self.available.get(slot));
+                if let Some(&key) = chosen {
+                    return Pick::Key {
+                        key: key as usize,
+                        sent: SentAs::Normal,
+                    };
+                }
             }
         }
         match (on_all_unavailable, self.earliest_down) {
@@ -264,7 +274,7 @@ mod tests {
         let mut rng = Rng::new(42);
         (0..n)
             .map(
-                |_| match view.pick(sel, OnAllUnavailable::Reject, &mut c, &mut rng, 0) {
+                |_| match view.pick(sel, OnAllUnavailable::Reject, &mut c, &mut rng, 0, &[]) {
                     Pick::Key { key, .. } => key,
                     Pick::Reject { .. } => usize::MAX,
                 },
@@ -359,7 +369,8 @@ mod tests {
                 OnAllUnavailable::Earliest,
                 &mut c,
                 &mut rng,
-                600
+                600,
+                &[]
             ),
             Pick::Key {
                 key: 1,
@@ -372,7 +383,8 @@ mod tests {
                 OnAllUnavailable::Reject,
                 &mut c,
                 &mut rng,
-                600
+                600,
+                &[]
             ),
             Pick::Reject {
                 retry_after_ms: 500
@@ -414,7 +426,8 @@ mod tests {
                 OnAllUnavailable::Earliest,
                 &mut c,
                 &mut rng,
-                1_000
+                1_000,
+                &[]
             ),
             Pick::Key {
                 key: 0,
@@ -428,11 +441,59 @@ mod tests {
                 OnAllUnavailable::Reject,
                 &mut c,
                 &mut rng,
-                1_000
+                1_000,
+                &[]
             ),
             Pick::Reject {
                 retry_after_ms: 500
             }
+        );
+    }
+
+    #[test]
+    fn keys_a_request_already_tried_are_skipped_while_another_is_available() {
+        let s = PoolState::fresh(&[1, 2, 3]);
+        let view = PoolView::build(&s, &[], Selection::RoundRobin);
+        let mut rng = Rng::new(5);
+        for start in 0..6u64 {
+            let mut c = start;
+            let pick = view.pick(
+                Selection::RoundRobin,
+                OnAllUnavailable::Reject,
+                &mut c,
+                &mut rng,
+                0,
+                &[0, 1],
+            );
+            assert_eq!(
+                pick,
+                Pick::Key {
+                    key: 2,
+                    sent: SentAs::Normal
+                }
+            );
+            let pick = view.pick(
+                Selection::Random,
+                OnAllUnavailable::Reject,
+                &mut c,
+                &mut rng,
+                0,
+                &[2],
+            );
+            assert!(matches!(pick, Pick::Key { key: 0 | 1, .. }));
+        }
+        let mut c = 0;
+        let pick = view.pick(
+            Selection::RoundRobin,
+            OnAllUnavailable::Reject,
+            &mut c,
+            &mut rng,
+            0,
+            &[0, 1, 2],
+        );
+        assert!(
+            matches!(pick, Pick::Key { .. }),
+            "with nothing else available a tried key is reused"
         );
     }
 }

@@ -31,21 +31,25 @@ def _walk(node, fn):
             _walk(v, fn)
 
 
-def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_factory):
-    """envoy.yaml as shipped, with only its ports and the .wasm path made test-local."""
-    mock = mock_factory.start(demo=True)
-    config = yaml.safe_load((REPO / "envoy.yaml").read_text())
+def shipped_config(name: str, mock_port: int) -> dict:
+    """A shipped Envoy config with only its ports and the .wasm path made test-local."""
+    config = yaml.safe_load((REPO / name).read_text())
 
     def localize(node):
         addr = node.get("socket_address")
         if isinstance(addr, dict):
-            addr["port_value"] = mock.port if addr.get("port_value") == 8081 else 0
+            addr["port_value"] = mock_port if addr.get("port_value") == 8081 else 0
         local = node.get("local")
         if isinstance(local, dict) and "filename" in local:
             local["filename"] = str(REPO / local["filename"])
 
     _walk(config, localize)
-    envoy = envoy_factory.start(raw_config=config, mock=mock)
+    return config
+
+
+def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_factory):
+    mock = mock_factory.start(demo=True)
+    envoy = envoy_factory.start(raw_config=shipped_config("envoy.yaml", mock.port), mock=mock)
     statuses = [envoy.chat(headers={"authorization": "Bearer not-a-pool-key"}).status for _ in range(12)]
     received = Counter(mock.keys_received())
     assert set(received) <= {"demo-key-1", "demo-key-2", "demo-key-3"}, received
@@ -53,3 +57,15 @@ def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_fact
     # demo-key-1 allows 3 requests per 10 s: it hits its limit, fails over, and the rest succeed.
     assert statuses.count(200) >= 10, statuses
     envoy.wait_log(r"key demo-1 marked down after status 429", plugin_only=True)
+
+
+def test_upstream_retry_example_hides_rate_limits_from_clients(envoy_factory, mock_factory):
+    """examples/envoy-upstream-retry.yaml against the demo mock: demo-key-1 allows 3 requests per
+    10 s and demo-key-2 five, yet every client request succeeds, streamed ones included."""
+    mock = mock_factory.start(demo=True)
+    envoy = envoy_factory.start(raw_config=shipped_config("examples/envoy-upstream-retry.yaml", mock.port), mock=mock)
+    statuses = [envoy.chat(stream=(i % 3 == 0)).status for i in range(20)]
+    assert statuses == [200] * 20
+    got = Counter(r["status"] for r in mock.requests())
+    assert got[429] >= 1, "the demo limits did bite; the retries hid them"
+    envoy.wait_log(r"running as an upstream \(per retry attempt\) filter", plugin_only=True)
