@@ -115,6 +115,21 @@ pub struct Failover {
     pub max_cooldown_ms: u64,
     /// `cooldownBackoff` in thousandths (2 = 2000).
     pub backoff_permille: u32,
+    /// Active health checks, when `healthCheckModel` is set.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Higress ai-proxy's active health checks: a minimal real request with each down key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub model: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub success_threshold: u32,
+    /// None: the provider's usual path (see `Provider::health_check_path`).
+    pub path: Option<String>,
+    /// None: the cluster that served the pool's traffic, learned from live requests.
+    pub cluster: Option<String>,
 }
 
 impl Failover {
@@ -223,6 +238,8 @@ const FAILOVER_FIELDS: &[&str] = &[
     "healthCheckTimeout",
     "healthCheckModel",
     "successThreshold",
+    "healthCheckPath",
+    "healthCheckCluster",
 ];
 
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
@@ -594,44 +611,7 @@ impl Builder {
                 }
             },
         };
-        // Accepted so an operator can paste Higress ai-proxy's failover block; active health
-        // checks are not implemented yet, so these only get validated.
-        integer(
-            obj.get("healthCheckInterval"),
-            &field("healthCheckInterval"),
-            5_000,
-            1,
-            MAX_DURATION_MS,
-        )?;
-        integer(
-            obj.get("healthCheckTimeout"),
-            &field("healthCheckTimeout"),
-            5_000,
-            1,
-            MAX_DURATION_MS,
-        )?;
-        integer(
-            obj.get("successThreshold"),
-            &field("successThreshold"),
-            1,
-            1,
-            1_000,
-        )?;
-        match obj.get("healthCheckModel") {
-            None | Some(Value::String(_)) => {}
-            Some(_) => {
-                return err(
-                    &field("healthCheckModel"),
-                    "must be a model name (a string)",
-                )
-            }
-        }
-        if obj.contains_key("healthCheckModel") {
-            self.warn(format!(
-                "{}: active health checks are not implemented yet; keys return when their cooldown ends",
-                field("healthCheckModel")
-            ));
-        }
+        let health_check = self.parse_health_check(obj, prefix)?;
         let failover_on_status = self.patterns(
             obj.get("failoverOnStatus"),
             &field("failoverOnStatus"),
@@ -653,7 +633,74 @@ impl Builder {
             min_cooldown_ms,
             max_cooldown_ms,
             backoff_permille,
+            health_check,
         })
+    }
+
+    fn parse_health_check(
+        &mut self,
+        obj: &Map<String, Value>,
+        prefix: &str,
+    ) -> Result<Option<HealthCheck>, ConfigError> {
+        let field = |name: &str| format!("{prefix}.{name}");
+        let interval_ms = integer(
+            obj.get("healthCheckInterval"),
+            &field("healthCheckInterval"),
+            5_000,
+            1_000,
+            MAX_DURATION_MS,
+        )?;
+        let timeout_ms = integer(
+            obj.get("healthCheckTimeout"),
+            &field("healthCheckTimeout"),
+            5_000,
+            1,
+            MAX_DURATION_MS,
+        )?;
+        let success_threshold = integer(
+            obj.get("successThreshold"),
+            &field("successThreshold"),
+            1,
+            1,
+            1_000,
+        )? as u32;
+        let text = |name: &str,
+                    what: &str,
+                    valid: fn(&str) -> bool|
+         -> Result<Option<String>, ConfigError> {
+            match obj.get(name) {
+                None => Ok(None),
+                Some(Value::String(s)) if valid(s) => Ok(Some(s.clone())),
+                Some(_) => err(&field(name), what.to_string()),
+            }
+        };
+        let model = text(
+            "healthCheckModel",
+            "must be a model name such as \"gpt-4o-mini\" (printable ASCII, no spaces); it turns on health checks",
+            |s| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\'),
+        )?;
+        let path = text(
+            "healthCheckPath",
+            "must be a request path starting with '/', such as \"/v1/chat/completions\"",
+            |s| {
+                s.starts_with('/')
+                    && s.len() <= 2048
+                    && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            },
+        )?;
+        let cluster = text(
+            "healthCheckCluster",
+            "must be the name of an Envoy cluster",
+            |s| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+        )?;
+        Ok(model.map(|model| HealthCheck {
+            model,
+            interval_ms,
+            timeout_ms,
+            success_threshold,
+            path,
+            cluster,
+        }))
     }
 
     fn parse_retry(
@@ -1265,7 +1312,16 @@ mod tests {
             "failoverOnStatus": ["4.*", "5.*"]}, "_comment_": "ignored"}"#,
         );
         assert_eq!(c.profiles[0].failover.failure_threshold, 3);
-        assert!(c.warnings.iter().any(|w| w.contains("health checks")));
+        let hc = c.profiles[0].failover.health_check.as_ref().unwrap();
+        assert_eq!(
+            (
+                hc.model.as_str(),
+                hc.interval_ms,
+                hc.timeout_ms,
+                hc.success_threshold
+            ),
+            ("gpt-4o-mini", 5000, 5000, 1)
+        );
         assert!(c
             .warnings
             .iter()
@@ -1389,5 +1445,72 @@ mod tests {
             r.on_status.iter().any(|p| p.matches(429))
                 && !r.on_status.iter().any(|p| p.matches(503))
         );
+    }
+
+    #[test]
+    fn health_check_fields_are_validated() {
+        let table: &[(&str, &str, &str)] = &[
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": ""}}"#,
+                "failover.healthCheckModel",
+                "model name",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "a b"}}"#,
+                "failover.healthCheckModel",
+                "no spaces",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": 4}}"#,
+                "failover.healthCheckModel",
+                "model name",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 500}}"#,
+                "failover.healthCheckInterval",
+                "from 1000",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckTimeout": 0}}"#,
+                "failover.healthCheckTimeout",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"successThreshold": 0}}"#,
+                "failover.successThreshold",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckPath": "v1/chat"}}"#,
+                "failover.healthCheckPath",
+                "starting with '/'",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"healthCheckCluster": ""}}"#,
+                "failover.healthCheckCluster",
+                "cluster",
+            ),
+        ];
+        for (json, field, needle) in table {
+            let e = fails(json);
+            assert_eq!(e.field, *field, "{json}: {e}");
+            assert!(
+                e.message.contains(needle),
+                "{json}: {e} (wanted {needle:?})"
+            );
+        }
+        let c = ok(r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 2000}}"#);
+        assert_eq!(
+            c.profiles[0].failover.health_check, None,
+            "no model, no checks"
+        );
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckPath": "/x",
+            "healthCheckCluster": "outbound|443||api.openai.com", "successThreshold": 2}}"#,
+        );
+        let hc = c.profiles[0].failover.health_check.clone().unwrap();
+        assert_eq!(hc.path.as_deref(), Some("/x"));
+        assert_eq!(hc.cluster.as_deref(), Some("outbound|443||api.openai.com"));
+        assert_eq!(hc.success_threshold, 2);
     }
 }

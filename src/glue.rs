@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
@@ -14,7 +15,7 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, Decision, Engine, RetryOutcome};
+use crate::engine::{Assignment, CheckAnswer, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
 use crate::rules::{host_of_authority, RequestFacts};
@@ -28,7 +29,12 @@ const KEY_NAME_HEADER: &str = "x-ai-key-failover-key";
 
 proxy_wasm::main! {{
     host::install_logger();
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root {
+            shared: None,
+            checks: HashMap::new(),
+        })
+    });
 }}
 
 /// What a root context shares with the requests it creates.
@@ -41,9 +47,44 @@ struct Shared {
 struct Root {
     /// Replaced whole on reconfigure; requests in flight keep the one they started with.
     shared: Option<Rc<Shared>>,
+    /// Health checks in flight: call token → (pool, key).
+    checks: HashMap<u32, (usize, usize)>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some((pool, key)) = self.checks.remove(&token_id) else {
+            return;
+        };
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+            return;
+        };
+        let (headers, body) = host::call_response(body_size);
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        // Envoy's own reply to the call (timeout, no healthy host) is not the provider's word.
+        let from_upstream = headers
+            .iter()
+            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        let answer = CheckAnswer {
+            status: status.filter(|_| from_upstream),
+            headers: &headers,
+            body: &body,
+        };
+        engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -83,9 +124,32 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         host::sync_log_level();
-        if let Some(shared) = &self.shared {
-            if let Ok(mut engine) = shared.engine.try_borrow_mut() {
-                engine.tick(&HostShared, host::now_ms());
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+            return;
+        };
+        let now = host::now_ms();
+        engine.tick(&HostShared, now);
+        for check in engine.health_checks_due(&HostShared, now) {
+            let headers: Vec<(&str, &[u8])> = check
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .collect();
+            match host::dispatch_http_call(&check.cluster, &headers, &check.body, check.timeout_ms)
+            {
+                Some(token) => {
+                    self.checks.insert(token, (check.pool, check.key));
+                }
+                None => {
+                    log::warn!(
+                        "could not send a health check to cluster {:?}; is healthCheckCluster right?",
+                        check.cluster
+                    );
+                    engine.health_check_not_sent(check.pool, check.key);
+                }
             }
         }
     }
@@ -438,6 +502,15 @@ impl HttpContext for Request {
                 Action::Pause
             }
             Decision::UseKey(assignment) => {
+                if engine.wants_target(assignment.profile) {
+                    // Health checks go where live traffic goes: learned once per VM and pool.
+                    let authority = host::request_header(":authority")
+                        .map(|a| String::from_utf8_lossy(&a).into_owned())
+                        .unwrap_or_default();
+                    if let Some(cluster) = cluster_name() {
+                        engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+                    }
+                }
                 let Some((auth_name, auth_value)) =
                     engine.key_header(assignment.profile, assignment.key)
                 else {

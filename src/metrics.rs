@@ -78,6 +78,7 @@ pub struct PoolMetrics {
     retries: Option<u32>,
     retries_succeeded: Option<u32>,
     retries_failed: Option<u32>,
+    health_checks: [Option<u32>; 3],
     marked_down: [Option<u32>; 4],
     keys: Vec<KeyMetrics>,
     recorded_available: Option<u64>,
@@ -139,6 +140,11 @@ impl PoolMetrics {
             retries: pool_metric(Counter, "retries"),
             retries_succeeded: pool_metric(Counter, "retries_succeeded"),
             retries_failed: pool_metric(Counter, "retries_failed"),
+            health_checks: [
+                pool_metric(Counter, "health_checks_sent"),
+                pool_metric(Counter, "health_checks_passed"),
+                pool_metric(Counter, "health_checks_failed"),
+            ],
             marked_down,
             keys,
             recorded_available: None,
@@ -166,6 +172,11 @@ impl PoolMetrics {
         if let Some(n) = self.pending_retries.get_mut(slot) {
             *n += 1;
         }
+    }
+
+    /// 0 sent, 1 passed, 2 failed. Health checks are few: counted at once.
+    pub fn count_health_check(&self, host: &dyn MetricsHost, which: usize) {
+        increment(host, self.health_checks.get(which).copied().flatten(), 1);
     }
 
     pub fn count_gave_up(&self, host: &dyn MetricsHost) {

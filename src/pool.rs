@@ -367,6 +367,54 @@ impl PoolState {
         Some(Event::ProbeReleased { key })
     }
 
+    /// A health check of a key that is out failed: it stays out, for longer (backoff applies).
+    /// A key refused for good stays refused.
+    pub fn check_failed(
+        &mut self,
+        key: usize,
+        failure: &Failure,
+        now_ms: u64,
+        policy: &Policy,
+    ) -> Option<Event> {
+        let state = self.keys.get_mut(key)?;
+        if state.is_available()
+            || (state.health == Health::Disabled && state.down_until_ms == FOREVER)
+        {
+            return None;
+        }
+        if failure.class == FailureClass::KeyRefused {
+            let until_ms = policy.disabled_until(now_ms).max(state.down_until_ms);
+            state.health = Health::Disabled;
+            state.down_until_ms = until_ms;
+            state.probe_until_ms = 0;
+            return Some(Event::Disabled {
+                key,
+                status: failure.status,
+                until_ms,
+            });
+        }
+        state.strikes = state.strikes.saturating_add(1);
+        let until_ms = now_ms
+            .saturating_add(policy.cooldown_ms(state.strikes, failure))
+            .max(state.down_until_ms);
+        if state.health == Health::Probing {
+            state.health = Health::CoolingDown;
+            state.probe_until_ms = 0;
+        }
+        state.down_until_ms = until_ms;
+        Some(Event::CooldownExtended { key, until_ms })
+    }
+
+    /// Health checks passed `successThreshold` times in a row: the key is back.
+    pub fn restore_checked(&mut self, key: usize) -> Option<Event> {
+        let state = self.keys.get_mut(key)?;
+        if state.is_available() {
+            return None;
+        }
+        *state = KeyState::fresh(state.fingerprint);
+        Some(Event::Restored { key })
+    }
+
     /// Restores every key that is out, at once (a health check or an operator said so).
     #[cfg(test)]
     pub fn restore_all(&mut self) {
@@ -662,5 +710,46 @@ mod tests {
         s.record_failure(1, &SERVER, 0, &POLICY);
         s.restore_all();
         assert_eq!(s.available_count(), 2);
+    }
+
+    #[test]
+    fn failed_checks_extend_with_backoff_and_passing_checks_restore() {
+        let mut s = PoolState::fresh(&[1, 2, 3]);
+        assert_eq!(
+            s.check_failed(0, &SERVER, 0, &POLICY),
+            None,
+            "available keys are never checked"
+        );
+        s.record_failure(0, &SERVER, 0, &POLICY);
+        assert_eq!(
+            s.check_failed(0, &SERVER, 10_000, &POLICY),
+            Some(Event::CooldownExtended {
+                key: 0,
+                until_ms: 130_000
+            })
+        );
+        assert_eq!(s.keys[0].strikes, 2);
+        let forever = Policy {
+            disable_ms: 0,
+            ..POLICY
+        };
+        s.record_failure(1, &REFUSED, 0, &forever);
+        assert_eq!(
+            s.check_failed(1, &REFUSED, 5, &forever),
+            None,
+            "refused for good stays refused"
+        );
+        assert_eq!(s.restore_checked(1), Some(Event::Restored { key: 1 }));
+        assert_eq!(s.restore_checked(1), None);
+        assert!(s.keys[1].is_available());
+        s.record_failure(2, &SERVER, 0, &POLICY);
+        s.advance(60_000);
+        assert_eq!(s.keys[2].health, Health::Probing);
+        s.check_failed(2, &SERVER, 60_000, &POLICY);
+        assert_eq!(
+            s.keys[2].health,
+            Health::CoolingDown,
+            "a failed check ends the probe wait"
+        );
     }
 }

@@ -203,6 +203,43 @@ impl PoolStore {
         Err(UpdateError::GaveUp)
     }
 
+    /// Takes or renews the pool's health-check lease for `owner`; false while another holds it.
+    pub fn try_lead(&self, host: &dyn SharedData, owner: u64, now_ms: u64, lease_ms: u64) -> bool {
+        let key = format!("{}/health-lease", self.prefix());
+        let Ok((bytes, cas)) = host.get(&key) else {
+            return false;
+        };
+        let current = bytes.as_deref().and_then(|b| {
+            let owner = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
+            let until = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+            Some((owner, until))
+        });
+        if matches!(current, Some((holder, until)) if holder != owner && until > now_ms) {
+            return false;
+        }
+        let mut value = owner.to_le_bytes().to_vec();
+        value.extend_from_slice(&now_ms.saturating_add(lease_ms).to_le_bytes());
+        host.set(&key, &value, cas).is_ok()
+    }
+
+    /// Where health checks go, as some worker learned it from live traffic.
+    pub fn read_target(&self, host: &dyn SharedData) -> Option<(String, String)> {
+        let (bytes, _) = host.get(&format!("{}/target", self.prefix())).ok()?;
+        crate::health::decode_target(&bytes?)
+    }
+
+    pub fn write_target(&self, host: &dyn SharedData, cluster: &str, authority: &str) {
+        let value = crate::health::encode_target(cluster, authority);
+        let key = format!("{}/target", self.prefix());
+        if host.get(&key).ok().and_then(|(b, _)| b).as_deref() != Some(value.as_slice()) {
+            let _ = host.set(&key, &value, None);
+        }
+    }
+
+    fn prefix(&self) -> String {
+        entry_prefix(self.pool_id)
+    }
+
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
     pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
         let (_, epoch) = host.get(&self.epoch_key)?;
@@ -634,5 +671,29 @@ mod tests {
             Health::Disabled,
             "a timed disable runs its course"
         );
+    }
+
+    #[test]
+    fn one_owner_holds_the_lease_until_it_lapses() {
+        let host = FakeShared::default();
+        let s = store(&[1]);
+        assert!(s.try_lead(&host, 1, 0, 3_000));
+        assert!(!s.try_lead(&host, 2, 1_000, 3_000), "held by 1");
+        assert!(s.try_lead(&host, 1, 2_000, 3_000), "1 renews");
+        assert!(!s.try_lead(&host, 2, 4_999, 3_000));
+        assert!(s.try_lead(&host, 2, 5_000, 3_000), "1 stopped renewing");
+        assert!(!s.try_lead(&host, 1, 5_001, 3_000));
+    }
+
+    #[test]
+    fn the_target_is_written_once_and_read_back() {
+        let host = FakeShared::default();
+        let s = store(&[1]);
+        assert_eq!(s.read_target(&host), None);
+        s.write_target(&host, "c", "a.example");
+        let sets = host.sets.get();
+        s.write_target(&host, "c", "a.example");
+        assert_eq!(host.sets.get(), sets);
+        assert_eq!(s.read_target(&host), Some(("c".into(), "a.example".into())));
     }
 }

@@ -1,0 +1,113 @@
+"""Active health checks: down keys are probed with a minimal real request, by one VM at a time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+from harness import wait_for
+
+A, B, C = "sk-test-hotel-0001", "sk-test-india-0002", "sk-test-juliet-0003"
+UA = "ai-key-failover-health-check"
+
+
+def checks(mock):
+    return [r for r in mock.requests() if r["headers"].get("user-agent") == UA]
+
+
+def pool(**failover):
+    return {"name": "hc", "apiTokens": [{"token": A, "name": "hotel"}, {"token": B, "name": "india"},
+                                        {"token": C, "name": "juliet"}],
+            "failover": {"healthCheckModel": "hc-model", "healthCheckInterval": 1000, "disableDuration": 0,
+                         **failover}}
+
+
+def take_out(envoy, mock, *keys, status=401):
+    for k in keys:
+        mock.always(k, {"status": status})
+    with envoy.client() as c:
+        for _ in range(12):
+            c.chat()
+    for k in keys:
+        name = {A: "hotel", B: "india", C: "juliet"}[k]
+        envoy.wait_log(rf"key {name} refused by the provider", plugin_only=True)
+
+
+def test_a_revoked_key_that_becomes_valid_again_is_restored_by_checks(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start(pool(), concurrency=4)
+    take_out(envoy, mock, A)
+    # Still revoked: checks fail and hotel stays out; live traffic never uses it.
+    wait_for(lambda: len([c for c in checks(mock) if c["key"] == A]) >= 2, 5, what="two failed checks")
+    mock.clear()
+    for _ in range(6):
+        assert envoy.chat().status == 200
+    assert A not in mock.keys_received()
+    # The key is fixed at the provider: the next check brings it back.
+    mock.always(A, None)
+    envoy.wait_log(r"key hotel passed its health check \(status 200\); back in rotation", timeout=5, plugin_only=True)
+    mock.clear()
+    with envoy.client() as c:
+        for _ in range(9):
+            assert c.chat().status == 200
+    assert A in mock.keys_received()
+
+
+def test_the_check_is_a_minimal_completion_with_the_key_in_the_providers_header(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start({**pool(), "provider": "anthropic"})
+    envoy.chat(path="/v1/messages", headers={"host": "api.anthropic.test"})
+    take_out(envoy, mock, A)
+    check = wait_for(lambda: next(iter(checks(mock)), None), 5, what="a health check")
+    assert check["method"] == "POST" and check["path"] == "/v1/messages"
+    assert check["headers"]["x-api-key"] == A and "authorization" not in check["headers"]
+    assert check["headers"]["anthropic-version"] == "2023-06-01"
+    assert check["headers"]["host"] == "api.anthropic.test", "checks go where live traffic went"
+    body = json.loads(check["body"])
+    assert body == {"model": "hc-model", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+
+
+def test_one_check_per_down_key_per_interval_however_many_workers(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start(pool(), concurrency=4)
+    take_out(envoy, mock, A, B)
+    mock.clear()
+    time.sleep(4.2)
+    per_key = Counter(c["key"] for c in checks(mock))
+    # 4 workers and the main thread all tick every second; one lease holder checks.
+    assert set(per_key) == {A, B}, "available keys are never checked"
+    for key in (A, B):
+        assert 3 <= per_key[key] <= 5, per_key
+    times = sorted(c["time_ms"] for c in checks(mock) if c["key"] == A)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(g >= 700 for g in gaps), gaps
+
+
+def test_a_check_that_times_out_does_not_restore_the_key(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start(pool(healthCheckTimeout=300), concurrency=2)
+    take_out(envoy, mock, A)
+    # hotel is valid again but answers too slowly for the check's timeout.
+    mock.always(A, {"status": 200, "delayMs": 1500})
+    wait_for(lambda: len([c for c in checks(mock) if c["key"] == A]) >= 3, 8, what="three checks")
+
+    def failed():
+        s = envoy.stats("ai_key_failover")
+        return s if s.get("wasmcustom.ai_key_failover.pool.hc.health_checks_failed", 0) >= 2 else None
+
+    s = wait_for(failed, 4, what="failed checks counted")
+    assert s["wasmcustom.ai_key_failover.pool.hc.key.hotel.key_available"] == 0
+    assert "passed its health check" not in envoy.plugin_log()
+    assert s["wasmcustom.ai_key_failover.pool.hc.health_checks_passed"] == 0
+    assert s["wasmcustom.ai_key_failover.pool.hc.health_checks_sent"] >= 3
+
+
+def test_no_checks_without_health_check_model(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    cfg = pool()
+    del cfg["failover"]["healthCheckModel"]
+    envoy = envoy_factory.start(cfg)
+    take_out(envoy, mock, A)
+    time.sleep(2.5)
+    assert checks(mock) == []
