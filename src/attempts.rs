@@ -18,19 +18,20 @@ pub struct Attempts {
 }
 
 struct Tried {
-    keys: Vec<usize>,
+    /// (pool, key) pairs.
+    keys: Vec<(usize, usize)>,
     first_ms: u64,
 }
 
 impl Attempts {
     /// Keys that failed for this request so far (empty for a first attempt).
-    pub fn failed(&self, request_id: &str) -> &[usize] {
+    pub fn failed(&self, request_id: &str) -> &[(usize, usize)] {
         self.requests
             .get(request_id)
             .map_or(&[], |t| t.keys.as_slice())
     }
 
-    pub fn note_failure(&mut self, request_id: &str, key: usize, now_ms: u64) {
+    pub fn note_failure(&mut self, request_id: &str, key: (usize, usize), now_ms: u64) {
         if let Some(tried) = self.requests.get_mut(request_id) {
             if !tried.keys.contains(&key) && tried.keys.len() < MAX_KEYS_PER_REQUEST {
                 tried.keys.push(key);
@@ -74,12 +75,12 @@ mod tests {
     fn remembers_failed_keys_per_request_and_forgets_old_ones() {
         let mut a = Attempts::default();
         assert!(a.failed("r1").is_empty());
-        a.note_failure("r1", 2, 0);
-        a.note_failure("r1", 2, 1);
-        a.note_failure("r1", 5, 2);
-        a.note_failure("r2", 1, 3);
-        assert_eq!(a.failed("r1"), [2, 5]);
-        assert_eq!(a.failed("r2"), [1]);
+        a.note_failure("r1", (0, 2), 0);
+        a.note_failure("r1", (0, 2), 1);
+        a.note_failure("r1", (0, 5), 2);
+        a.note_failure("r2", (0, 1), 3);
+        assert_eq!(a.failed("r1"), [(0, 2), (0, 5)]);
+        assert_eq!(a.failed("r2"), [(0, 1)]);
         a.purge(TTL_MS + 3);
         assert!(a.is_empty());
     }
@@ -88,11 +89,11 @@ mod tests {
     fn stays_bounded() {
         let mut a = Attempts::default();
         for i in 0..(MAX_REQUESTS + 50) {
-            a.note_failure(&i.to_string(), 0, 0);
+            a.note_failure(&i.to_string(), (0, 0), 0);
         }
         assert_eq!(a.len(), MAX_REQUESTS);
         for k in 0..100 {
-            a.note_failure("0", k, 0);
+            a.note_failure("0", (0, k), 0);
         }
         assert_eq!(a.failed("0").len(), MAX_KEYS_PER_REQUEST);
     }

@@ -175,6 +175,12 @@ pub struct Profile {
     /// Adds `x-ai-key-failover-key: <key name or hash>` to responses.
     pub expose_key_name: bool,
     pub retry: RetryOnFailure,
+    /// Profiles of the fallback pools, in order (empty for a fallback itself).
+    pub fallbacks: Vec<usize>,
+    /// For a fallback: the `model` its requests are rewritten to.
+    pub model: Option<String>,
+    /// For a fallback: the cluster that reaches its provider, when set.
+    pub cluster: Option<String>,
 }
 
 /// Higress ai-proxy's `retryOnFailure`: the plugin itself re-sends a failed request with another
@@ -203,6 +209,8 @@ pub struct PluginConfig {
     pub rules: Vec<Rule>,
     /// Things worth a warning at load that are not errors.
     pub warnings: Vec<String>,
+    /// Some profile has fallbacks: the pool header then means something to routes.
+    pub has_fallbacks: bool,
 }
 
 const CONFIG_FIELDS: &[&str] = &[
@@ -215,6 +223,18 @@ const CONFIG_FIELDS: &[&str] = &[
     "onAllUnavailable",
     "exposeKeyName",
     "retryOnFailure",
+    "fallbacks",
+];
+/// A fallback pool sets its own keys and provider; other settings come from the pool it backs.
+const FALLBACK_FIELDS: &[&str] = &[
+    "name",
+    "apiTokens",
+    "provider",
+    "authHeader",
+    "model",
+    "cluster",
+    "selection",
+    "failover",
 ];
 const RETRY_FIELDS: &[&str] = &[
     "enabled",
@@ -292,7 +312,9 @@ pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
         rules.push(Rule { matcher, profile });
     }
 
+    let has_fallbacks = builder.profiles.iter().any(|p| !p.fallbacks.is_empty());
     Ok(PluginConfig {
+        has_fallbacks,
         pools: builder.pools,
         profiles: builder.profiles,
         global,
@@ -474,6 +496,16 @@ impl Builder {
         let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
         let retry = self.parse_retry(obj.get("retryOnFailure"), &field("retryOnFailure"))?;
         let pool = self.pool_for(keys, name, &field("name"))?;
+        let fallbacks = self.parse_fallbacks(obj, prefix)?;
+        if fallbacks
+            .iter()
+            .any(|&f| self.profiles.get(f).is_some_and(|p| p.pool == pool))
+        {
+            return err(
+                &field("fallbacks"),
+                "a fallback lists the same keys as the pool it backs; give it other keys",
+            );
+        }
         self.profiles.push(Profile {
             pool,
             provider,
@@ -483,8 +515,72 @@ impl Builder {
             on_all_unavailable,
             expose_key_name,
             retry,
+            fallbacks,
+            model: None,
+            cluster: None,
         });
         Ok(self.profiles.len() - 1)
+    }
+
+    /// `fallbacks`: each entry is a pool of its own; what it does not set it takes from `base`.
+    fn parse_fallbacks(
+        &mut self,
+        base: &Map<String, Value>,
+        prefix: &str,
+    ) -> Result<Vec<usize>, ConfigError> {
+        let list_field = format!("{prefix}fallbacks");
+        let items =
+            match base.get("fallbacks") {
+                None => return Ok(Vec::new()),
+                Some(Value::Array(items)) => items,
+                Some(_) => return err(
+                    &list_field,
+                    "must be a list of pools: {\"name\", \"apiTokens\", \"provider\", \"model\"}",
+                ),
+            };
+        let mut inherited = base.clone();
+        for own in ["name", "apiTokens", "fallbacks", "provider", "authHeader"] {
+            inherited.remove(own);
+        }
+        let mut profiles = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("{list_field}[{i}]");
+            let Value::Object(entry) = item else {
+                return err(&at, "must be an object with \"name\" and \"apiTokens\"");
+            };
+            check_unknown(entry, FALLBACK_FIELDS, &format!("{at}."))?;
+            let Some(name) = entry.get("name") else {
+                return err(
+                    &format!("{at}.name"),
+                    "required: it names the pool in x-ai-key-failover-pool, logs and stats",
+                );
+            };
+            parse_name(name, &format!("{at}.name"))?;
+            let text = |key: &str, what: &str| -> Result<Option<String>, ConfigError> {
+                match entry.get(key) {
+                    None => Ok(None),
+                    Some(Value::String(s))
+                        if !s.is_empty() && s.bytes().all(|b| (0x20..=0x7e).contains(&b)) =>
+                    {
+                        Ok(Some(s.clone()))
+                    }
+                    Some(_) => err(&format!("{at}.{key}"), what.to_string()),
+                }
+            };
+            let model = text("model", "must be a model name (printable text)")?;
+            let cluster = text("cluster", "must be the name of an Envoy cluster")?;
+            let mut own = entry.clone();
+            own.remove("model");
+            own.remove("cluster");
+            let merged = deep_merge(&inherited, &own);
+            let profile = self.profile(&merged, &format!("{at}."))?;
+            if let Some(p) = self.profiles.get_mut(profile) {
+                p.model = model;
+                p.cluster = cluster;
+            }
+            profiles.push(profile);
+        }
+        Ok(profiles)
     }
 
     /// Profiles with the same key list share one pool, whatever order they list the keys in.
@@ -1512,5 +1608,107 @@ mod tests {
         assert_eq!(hc.path.as_deref(), Some("/x"));
         assert_eq!(hc.cluster.as_deref(), Some("outbound|443||api.openai.com"));
         assert_eq!(hc.success_threshold, 2);
+    }
+
+    #[test]
+    fn fallbacks_are_pools_of_their_own_that_inherit_settings() {
+        let c = ok(
+            r#"{"name": "primary", "apiTokens": ["p1", "p2"], "failover": {"cooldownDuration": 5000},
+            "authHeader": {"name": "x-p", "prefix": ""}, "exposeKeyName": true,
+            "fallbacks": [
+                {"name": "backup", "apiTokens": ["b1"], "provider": "anthropic", "model": "claude-x", "cluster": "anthropic"},
+                {"name": "last", "apiTokens": ["l1"], "failover": {"failureThreshold": 3}}
+            ]}"#,
+        );
+        let primary = &c.profiles[c.global.unwrap()];
+        assert_eq!(primary.fallbacks.len(), 2);
+        let backup = &c.profiles[primary.fallbacks[0]];
+        assert_eq!(c.pools[backup.pool].label, "backup");
+        assert_eq!(
+            backup.auth.name, "x-api-key",
+            "a fallback's provider wins over the inherited authHeader"
+        );
+        assert_eq!(backup.model.as_deref(), Some("claude-x"));
+        assert_eq!(backup.cluster.as_deref(), Some("anthropic"));
+        assert_eq!(backup.failover.cooldown_ms, 5000, "inherited");
+        assert!(backup.fallbacks.is_empty());
+        let last = &c.profiles[primary.fallbacks[1]];
+        assert_eq!(
+            last.auth.name, "authorization",
+            "no provider set: the default, not the primary's header"
+        );
+        assert_eq!(last.failover.failure_threshold, 3);
+        assert_eq!(last.failover.cooldown_ms, 5000);
+        assert_eq!(last.model, None);
+        assert_eq!(c.pools.len(), 3);
+    }
+
+    #[test]
+    fn fallback_errors_name_the_field() {
+        let table: &[(&str, &str, &str)] = &[
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": {}}"#,
+                "fallbacks",
+                "list of pools",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [3]}"#,
+                "fallbacks[0]",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"apiTokens": ["b"]}]}"#,
+                "fallbacks[0].name",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f"}]}"#,
+                "fallbacks[0].apiTokens",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "model": ""}]}"#,
+                "fallbacks[0].model",
+                "model name",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "retryOnFailure": {}}]}"#,
+                "fallbacks[0].retryOnFailure",
+                "unknown field",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "fallbacks": []}]}"#,
+                "fallbacks[0].fallbacks",
+                "unknown field",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["a"]}]}"#,
+                "fallbacks[0].name",
+                "same key list",
+            ),
+            (
+                r#"{"name": "f", "apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["a"]}]}"#,
+                "fallbacks",
+                "same keys",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "failover": {"cooldownDuration": 1}}]}"#,
+                "fallbacks[0].failover.cooldownDuration",
+                "between",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"]}, {"name": "f", "apiTokens": ["c"]}]}"#,
+                "fallbacks[1].name",
+                "already names a pool",
+            ),
+        ];
+        for (json, field, needle) in table {
+            let e = fails(json);
+            assert_eq!(e.field, *field, "{json}: {e}");
+            assert!(
+                e.message.contains(needle),
+                "{json}: {e} (wanted {needle:?})"
+            );
+        }
     }
 }

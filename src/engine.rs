@@ -8,7 +8,7 @@ use crate::health::{self, CheckRequest, PoolChecks};
 use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::rules::{needed_facts, NeededFacts, RequestFacts};
-use crate::select::{Pick, Rng, Selection};
+use crate::select::{OnAllUnavailable, Rng, Selection};
 use crate::status::{classify, FailureClass, Verdict};
 use crate::store::{PoolStore, SharedData, UpdateError};
 
@@ -127,16 +127,25 @@ impl Engine {
             .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
     }
 
-    /// Whether a request of this profile should tell the engine where it goes (once per VM and
-    /// pool, when the pool is health-checked and no cluster is configured).
+    /// Whether a request of this profile should tell the engine where it goes: once per VM and
+    /// pool, so health checks and retries into fallback pools know the cluster.
     pub fn wants_target(&self, profile: usize) -> bool {
         let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) else {
             return false;
         };
         !self.target_learned.get(pool).copied().unwrap_or(true)
-            && self
-                .pool_health(pool)
-                .is_some_and(|(_, h)| h.cluster.is_none())
+    }
+
+    /// The cluster that reaches a profile's provider: configured, or learned from traffic.
+    pub fn cluster_for(&self, host: &dyn Host, profile: usize) -> Option<String> {
+        let p = self.config.profiles.get(profile)?;
+        if let Some(cluster) = &p.cluster {
+            return Some(cluster.clone());
+        }
+        self.stores
+            .get(p.pool)?
+            .read_target(host)
+            .map(|(cluster, _)| cluster)
     }
 
     pub fn learn_target(
@@ -414,55 +423,84 @@ impl Engine {
         self.config.profiles.get(profile)
     }
 
-    /// `avoid`: keys that already failed for this request (its earlier attempts).
+    /// `avoid`: (pool, key) pairs that already failed for this request (its earlier attempts).
+    ///
+    /// The profile's own pool serves when it has a key; otherwise its fallbacks, in order. A key
+    /// this request already failed with is taken only when nothing else anywhere can serve.
     pub fn decide(
         &mut self,
         host: &dyn Host,
         profile: Option<usize>,
         now_ms: u64,
-        avoid: &[usize],
+        avoid: &[(usize, usize)],
     ) -> Decision {
-        let Some((profile_idx, p)) =
-            profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
+        let Some((primary, p)) = profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
         else {
             return Decision::Untouched;
         };
-        let (pool, selection, on_all) = (p.pool, p.selection, p.on_all_unavailable);
-        self.refresh_and_advance(host, pool, now_ms);
-        // A key whose time out is over is tried by exactly one request: whoever claims it.
-        let candidate = self
-            .stores
-            .get(pool)
-            .and_then(|s| s.view().probe_candidate())
-            .filter(|k| !avoid.contains(k));
-        if let Some(key) = candidate {
-            if self.claim_probe(host, pool, key, now_ms) {
-                self.count(pool, true);
-                return Decision::UseKey(Assignment {
-                    profile: profile_idx,
-                    key,
-                    sent: SentAs::Probe,
-                });
+        let (on_all, primary_pool) = (p.on_all_unavailable, p.pool);
+        let chain: Vec<usize> = std::iter::once(primary)
+            .chain(p.fallbacks.iter().copied())
+            .collect();
+        let passes: &[bool] = if avoid.is_empty() {
+            &[true]
+        } else {
+            &[true, false]
+        };
+        for &honour_avoid in passes {
+            for &profile_idx in &chain {
+                if let Some((key, sent)) =
+                    self.serve_from(host, profile_idx, now_ms, avoid, honour_avoid)
+                {
+                    let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
+                    self.count(pool, true);
+                    if profile_idx != primary {
+                        if let Some(m) = self
+                            .config
+                            .profiles
+                            .get(primary)
+                            .and_then(|p| self.metrics.get_mut(p.pool))
+                        {
+                            m.count_fallen_back();
+                        }
+                    }
+                    return Decision::UseKey(Assignment {
+                        profile: profile_idx,
+                        key,
+                        sent,
+                    });
+                }
             }
         }
-        let (Some(store), Some(cursor)) = (self.stores.get(pool), self.cursors.get_mut(pool))
-        else {
-            return Decision::Untouched;
-        };
-        let pick = store
-            .view()
-            .pick(selection, on_all, cursor, &mut self.rng, now_ms, avoid);
-        match pick {
-            Pick::Key { key, sent } => {
+        // Nothing in the whole chain can serve: `onAllUnavailable` of the profile decides.
+        let views: Vec<(usize, &crate::select::PoolView)> = chain
+            .iter()
+            .filter_map(|&i| {
+                let pool = self.config.profiles.get(i)?.pool;
+                Some((i, self.stores.get(pool)?.view()))
+            })
+            .collect();
+        let earliest = views
+            .iter()
+            .filter_map(|(i, v)| v.earliest_down().map(|(key, until)| (until, *i, key)))
+            .min();
+        let retry_after_ms = views
+            .iter()
+            .map(|(_, v)| v.retry_after_ms(now_ms))
+            .min()
+            .unwrap_or(0);
+        match (on_all, earliest) {
+            (OnAllUnavailable::Earliest, Some((_, profile_idx, key))) => {
+                let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
                 self.count(pool, true);
                 Decision::UseKey(Assignment {
                     profile: profile_idx,
                     key,
-                    sent,
+                    sent: SentAs::WhileDown,
                 })
             }
-            Pick::Reject { retry_after_ms } => {
-                self.count(pool, false);
+            _ => {
+                self.count(primary_pool, false);
                 Decision::Reject {
                     retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
                 }
@@ -470,13 +508,62 @@ impl Engine {
         }
     }
 
-    /// Keys that failed for this request in its earlier attempts.
-    pub fn failed_for(&self, request_id: &str) -> Vec<usize> {
+    /// A key of this profile's pool that can serve now: a probe to claim, or an available key.
+    fn serve_from(
+        &mut self,
+        host: &dyn Host,
+        profile: usize,
+        now_ms: u64,
+        avoid: &[(usize, usize)],
+        honour_avoid: bool,
+    ) -> Option<(usize, SentAs)> {
+        let p = self.config.profiles.get(profile)?;
+        let (pool, selection) = (p.pool, p.selection);
+        let avoid_here: Vec<usize> = if honour_avoid {
+            avoid
+                .iter()
+                .filter(|(ap, _)| *ap == pool)
+                .map(|(_, k)| *k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.refresh_and_advance(host, pool, now_ms);
+        // A key whose time out is over is tried by exactly one request: whoever claims it.
+        let candidate = self
+            .stores
+            .get(pool)
+            .and_then(|s| s.view().probe_candidate())
+            .filter(|k| !avoid_here.contains(k));
+        if let Some(key) = candidate {
+            if self.claim_probe(host, pool, key, now_ms) {
+                return Some((key, SentAs::Probe));
+            }
+        }
+        let store = self.stores.get(pool)?;
+        let cursor = self.cursors.get_mut(pool)?;
+        let key = store
+            .view()
+            .pick_available(selection, cursor, &mut self.rng, &avoid_here)?;
+        Some((key, SentAs::Normal))
+    }
+
+    /// The pool a profile draws from, and its name.
+    pub fn pool_of(&self, profile: usize) -> Option<(usize, &str)> {
+        let pool = self.config.profiles.get(profile)?.pool;
+        Some((pool, self.config.pools.get(pool)?.label.as_str()))
+    }
+
+    /// (pool, key) pairs that failed for this request in its earlier attempts.
+    pub fn failed_for(&self, request_id: &str) -> Vec<(usize, usize)> {
         self.attempts.failed(request_id).to_vec()
     }
 
-    pub fn note_failed_attempt(&mut self, request_id: &str, key: usize, now_ms: u64) {
-        self.attempts.note_failure(request_id, key, now_ms);
+    pub fn note_failed_attempt(&mut self, request_id: &str, sent: Assignment, now_ms: u64) {
+        if let Some((pool, _)) = self.pool_of(sent.profile) {
+            self.attempts
+                .note_failure(request_id, (pool, sent.key), now_ms);
+        }
     }
 
     pub fn count_retry(&mut self, profile: usize, outcome: RetryOutcome) {
@@ -857,6 +944,12 @@ mod tests {
         }
         fn host(&mut self) -> Option<String> {
             None
+        }
+    }
+
+    impl Engine {
+        fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
+            self.decide(host, Some(profile), now, &[])
         }
     }
 
@@ -1306,5 +1399,108 @@ mod tests {
                 .all(|c| c.key == 0),
             "available keys are never checked"
         );
+    }
+
+    #[test]
+    fn a_pool_with_no_key_left_falls_back_in_order_and_returns_when_it_recovers() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "primary", "apiTokens": ["p1"], "onAllUnavailable": "reject",
+            "failover": {"cooldownDuration": 1000},
+            "fallbacks": [{"name": "second", "apiTokens": ["s1"], "model": "m2"},
+                          {"name": "third", "apiTokens": ["t1"]}]}"#;
+        let mut w = engine(cfg, 3);
+        w.start(&host, 0);
+        let primary = w.config().global.unwrap();
+        let chain = w.profile(primary).unwrap().fallbacks.clone();
+        let label = |w: &Engine, d: Decision| match d {
+            Decision::UseKey(a) => w.pool_of(a.profile).unwrap().1.to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(
+            {
+                let d = w.decide_for(&host, primary, 0);
+                label(&w, d)
+            },
+            "primary"
+        );
+        w.record(
+            &host,
+            sent(primary, 0, SentAs::Normal),
+            RATE,
+            429,
+            Some(5_000),
+            0,
+        );
+        assert_eq!(
+            {
+                let d = w.decide_for(&host, primary, 10);
+                label(&w, d)
+            },
+            "second"
+        );
+        w.record(
+            &host,
+            sent(chain[0], 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            10,
+        );
+        assert_eq!(
+            {
+                let d = w.decide_for(&host, primary, 20);
+                label(&w, d)
+            },
+            "third"
+        );
+        w.record(
+            &host,
+            sent(chain[1], 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            20,
+        );
+        match w.decide_for(&host, primary, 30) {
+            Decision::Reject { retry_after_secs } => {
+                assert!((1..=2).contains(&retry_after_secs), "{retry_after_secs}")
+            }
+            other => panic!("the whole chain is down: {other:?}"),
+        }
+        // The primary's key comes back (as a probe) before the others: traffic returns to it.
+        let d = w.decide_for(&host, primary, 5_600);
+        assert_eq!(label(&w, d), "primary");
+        assert!(matches!(
+            d,
+            Decision::UseKey(Assignment {
+                sent: SentAs::Probe,
+                ..
+            })
+        ));
+        w.tick(&host, 5_700);
+        let m = |name: &str| {
+            host.metrics
+                .get(&format!("ai_key_failover.pool.primary.{name}"))
+        };
+        assert_eq!(m("requests_fallen_back"), 2);
+        assert_eq!(m("requests_rejected"), 1);
+    }
+
+    #[test]
+    fn keys_a_request_already_failed_with_are_left_for_the_next_pool() {
+        let host = TestHost::default();
+        let cfg =
+            r#"{"apiTokens": ["p1", "p2"], "fallbacks": [{"name": "f", "apiTokens": ["f1"]}]}"#;
+        let mut w = engine(cfg, 3);
+        let primary = w.config().global.unwrap();
+        let pool = w.pool_of(primary).unwrap().0;
+        match w.decide(&host, Some(primary), 0, &[(pool, 0), (pool, 1)]) {
+            Decision::UseKey(a) => assert_eq!(w.pool_of(a.profile).unwrap().1, "f"),
+            other => panic!("{other:?}"),
+        }
+        match w.decide(&host, Some(primary), 0, &[(pool, 0)]) {
+            Decision::UseKey(a) => assert_eq!((a.profile, a.key), (primary, 1)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -18,6 +18,7 @@ use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Assignment, CheckAnswer, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
+use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
 
@@ -26,6 +27,9 @@ const TICK_PERIOD_MS: u32 = 1000;
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const KEY_NAME_HEADER: &str = "x-ai-key-failover-key";
+/// Names the pool that serves a request: on the request, so a route can send a fallback pool's
+/// requests to its provider; on the response with `exposeKeyName`.
+const POOL_HEADER: &str = "x-ai-key-failover-pool";
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -161,6 +165,7 @@ impl RootContext for Root {
             attempt: None,
             reading_error: None,
             retry: None,
+            rewrite_to: None,
         }))
     }
 
@@ -216,8 +221,10 @@ struct RetryState {
     body: Vec<u8>,
     body_complete: bool,
     body_too_large: bool,
-    /// Keys that failed for this request, in order.
-    tried: Vec<usize>,
+    /// (pool, key) pairs that failed for this request, in order.
+    tried: Vec<(usize, usize)>,
+    /// The pool of the first attempt, which went to the request's own cluster.
+    first_pool: usize,
     retries_done: u32,
     /// The attempt in flight as a `dispatch_http_call`.
     in_flight: Option<(u32, Assignment)>,
@@ -232,6 +239,8 @@ struct Request {
     /// streams past; nothing is held back from the client.
     reading_error: Option<ErrorResponse>,
     retry: Option<RetryState>,
+    /// A fallback pool's model: the request body is held until complete and rewritten.
+    rewrite_to: Option<String>,
 }
 
 struct ErrorResponse {
@@ -285,7 +294,7 @@ impl Context for Request {
             Some(status) if from_upstream => {
                 judge(&mut engine, sent, status, &headers, Some(&body));
                 if retriable(&engine, sent.profile, status) {
-                    retry.tried.push(sent.key);
+                    retry.tried.push(tried_pair(&engine, sent));
                     if send_retry(&mut engine, retry) {
                         engine.count_retry(sent.profile, RetryOutcome::Failed);
                         return;
@@ -295,7 +304,7 @@ impl Context for Request {
             }
             local => {
                 engine.record(&HostShared, sent, Verdict::Neutral, 0, None, now);
-                retry.tried.push(sent.key);
+                retry.tried.push(tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     engine.count_retry(sent.profile, RetryOutcome::Failed);
                     return;
@@ -367,7 +376,17 @@ fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
     })
 }
 
-/// Sends the request again with a key it has not tried, if the budget and the pool allow.
+fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
+    (
+        engine
+            .pool_of(sent.profile)
+            .map_or(usize::MAX, |(pool, _)| pool),
+        sent.key,
+    )
+}
+
+/// Sends the request again with a key it has not tried, if the budget and the pools allow:
+/// first the other keys of its pool, then its fallback pools in order.
 fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     let profile = retry.profile;
     let Some(p) = engine.profile(profile) else {
@@ -377,13 +396,10 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     if retry.retries_done >= max_retries || !retry.body_complete || retry.body_too_large {
         return false;
     }
-    let Some(cluster) = cluster_name() else {
-        return false;
-    };
     let now = host::now_ms();
     let tried = retry.tried.clone();
     let sent = match engine.decide(&HostShared, Some(profile), now, &tried) {
-        Decision::UseKey(a) if !tried.contains(&a.key) => a,
+        Decision::UseKey(a) if !tried.contains(&tried_pair(engine, a)) => a,
         // No key left that this request has not failed with: the client gets the failure.
         Decision::UseKey(a) => {
             engine.abandon(&HostShared, a, now);
@@ -391,16 +407,40 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
         }
         _ => return false,
     };
-    let Some((auth_name, auth_value)) = engine.key_header(profile, sent.key) else {
+    // The first attempt's pool is reached through the request's own cluster; a fallback pool
+    // through its configured cluster, or the one its traffic was seen to take.
+    let same_pool = engine.pool_of(sent.profile).map(|(pool, _)| pool) == Some(retry.first_pool);
+    let cluster = if same_pool {
+        cluster_name()
+    } else {
+        engine.cluster_for(&HostShared, sent.profile)
+    };
+    let Some(cluster) = cluster else {
+        log::debug!("no known cluster for a fallback pool; not retrying there");
+        engine.abandon(&HostShared, sent, now);
         return false;
     };
+    let Some((auth_name, auth_value)) = engine.key_header(sent.profile, sent.key) else {
+        return false;
+    };
+    let pool_label = engine
+        .pool_of(sent.profile)
+        .map(|(_, l)| l.to_string())
+        .unwrap_or_default();
     let mut headers: Vec<(&str, &[u8])> = retry
         .headers
         .iter()
+        .filter(|(n, _)| n != POOL_HEADER)
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
     headers.push((auth_name, auth_value.as_bytes()));
-    match host::dispatch_http_call(&cluster, &headers, &retry.body, timeout_ms) {
+    headers.push((POOL_HEADER, pool_label.as_bytes()));
+    let rewritten = engine
+        .profile(sent.profile)
+        .and_then(|p| p.model.as_deref())
+        .and_then(|model| rewrite_model(&retry.body, model));
+    let body = rewritten.as_deref().unwrap_or(&retry.body);
+    match host::dispatch_http_call(&cluster, &headers, body, timeout_ms) {
         Some(token) => {
             retry.retries_done += 1;
             retry.in_flight = Some((token, sent));
@@ -415,6 +455,19 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
 }
 
 impl Request {
+    fn retry_body_limit(&self, profile: usize) -> usize {
+        self.shared
+            .as_ref()
+            .and_then(|s| {
+                s.engine
+                    .try_borrow()
+                    .ok()?
+                    .profile(profile)
+                    .map(|p| p.retry.max_body_bytes)
+            })
+            .unwrap_or(0)
+    }
+
     fn reject(&self, retry_after_secs: u64) {
         let retry_after = retry_after_secs.to_string();
         let body = format!(
@@ -502,15 +555,6 @@ impl HttpContext for Request {
                 Action::Pause
             }
             Decision::UseKey(assignment) => {
-                if engine.wants_target(assignment.profile) {
-                    // Health checks go where live traffic goes: learned once per VM and pool.
-                    let authority = host::request_header(":authority")
-                        .map(|a| String::from_utf8_lossy(&a).into_owned())
-                        .unwrap_or_default();
-                    if let Some(cluster) = cluster_name() {
-                        engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
-                    }
-                }
                 let Some((auth_name, auth_value)) =
                     engine.key_header(assignment.profile, assignment.key)
                 else {
@@ -524,9 +568,39 @@ impl HttpContext for Request {
                 if !host::set_request_header(auth_name, auth_value.as_bytes()) {
                     log::warn!("could not set the {auth_name} header");
                 }
-                let profile = engine.profile(assignment.profile);
-                if profile.is_some_and(|p| p.provider == Provider::Gemini) {
+                let auth = auth_name.to_string();
+                let primary = profile.and_then(|p| engine.profile(p));
+                let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
+                if has_chain {
+                    // The operator's route on this header sends a fallback pool to its provider;
+                    // the primary's name is set too, so a client cannot pick a route itself.
+                    if let Some((_, label)) = engine.pool_of(assignment.profile) {
+                        host::set_request_header(POOL_HEADER, label.as_bytes());
+                    }
+                } else if engine.config().has_fallbacks {
+                    host::remove_request_header(POOL_HEADER);
+                }
+                let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
+                let used = engine.profile(assignment.profile);
+                if used.is_some_and(|p| p.provider == Provider::Gemini) {
                     strip_gemini_query_key();
+                }
+                if let Some(model) = used.and_then(|p| p.model.clone()) {
+                    if !end_of_stream {
+                        // The body grows or shrinks: let Envoy frame it anew.
+                        host::remove_request_header("content-length");
+                        self.rewrite_to = Some(model);
+                    }
+                }
+                if engine.wants_target(assignment.profile) {
+                    // Learned once per VM and pool (after the pool header re-selected the
+                    // route), so health checks and retries into this pool know its cluster.
+                    let authority = host::request_header(":authority")
+                        .map(|a| String::from_utf8_lossy(&a).into_owned())
+                        .unwrap_or_default();
+                    if let Some(cluster) = cluster_name() {
+                        engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+                    }
                 }
                 if let Some(id) = request_id {
                     if !avoid.is_empty() {
@@ -536,19 +610,21 @@ impl HttpContext for Request {
                         is_retry: !avoid.is_empty(),
                         request_id: id,
                     });
-                } else if profile.is_some_and(|p| p.retry.enabled) {
-                    let auth = auth_name.to_string();
+                } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
                     let headers = host::request_headers()
                         .into_iter()
                         .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
                         .collect();
                     self.retry = Some(RetryState {
-                        profile: assignment.profile,
+                        profile: primary_profile,
                         headers,
                         body: Vec::new(),
                         body_complete: end_of_stream,
                         body_too_large: false,
                         tried: Vec::new(),
+                        first_pool: engine
+                            .pool_of(assignment.profile)
+                            .map_or(usize::MAX, |(p, _)| p),
                         retries_done: 0,
                         in_flight: None,
                     });
@@ -560,21 +636,41 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.rewrite_to.is_some() {
+            // Held (Envoy buffers it) until complete, then rewritten whole.
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            let body = host::request_body(body_size).unwrap_or_default();
+            let limit = self
+                .retry
+                .as_ref()
+                .map_or(0, |r| self.retry_body_limit(r.profile));
+            if let Some(retry) = self.retry.as_mut() {
+                retry.body_complete = true;
+                if body.len() <= limit {
+                    retry.body = body.clone();
+                } else {
+                    retry.body_too_large = true;
+                }
+            }
+            if let Some(new_body) = self
+                .rewrite_to
+                .take()
+                .and_then(|m| rewrite_model(&body, &m))
+            {
+                host::set_request_body(body_size, &new_body);
+            }
+            return Action::Continue;
+        }
+        let Some(retry_profile) = self.retry.as_ref().map(|r| r.profile) else {
+            return Action::Continue;
+        };
+        let limit = self.retry_body_limit(retry_profile);
         let Some(retry) = self.retry.as_mut() else {
             return Action::Continue;
         };
         if !retry.body_too_large {
-            let limit = self
-                .shared
-                .as_ref()
-                .and_then(|s| {
-                    s.engine
-                        .try_borrow()
-                        .ok()?
-                        .profile(retry.profile)
-                        .map(|p| p.retry.max_body_bytes)
-                })
-                .unwrap_or(0);
             if retry.body.len().saturating_add(body_size) > limit {
                 retry.body_too_large = true;
                 retry.body = Vec::new();
@@ -600,6 +696,9 @@ impl HttpContext for Request {
             if let Some(label) = engine.key_label(sent.profile, sent.key) {
                 host::set_response_header(KEY_NAME_HEADER, label.as_bytes());
             }
+            if let Some((_, pool)) = engine.pool_of(sent.profile) {
+                host::set_response_header(POOL_HEADER, pool.as_bytes());
+            }
         }
         let Some(status) = host::response_header(":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
@@ -611,7 +710,7 @@ impl HttpContext for Request {
         if let Some(attempt) = &self.attempt {
             // Before Envoy starts the next attempt, so that attempt avoids this key.
             if status >= 400 {
-                engine.note_failed_attempt(&attempt.request_id, sent.key, now);
+                engine.note_failed_attempt(&attempt.request_id, sent, now);
             }
             if attempt.is_retry {
                 let outcome = if (200..300).contains(&status) {
@@ -633,7 +732,7 @@ impl HttpContext for Request {
             if via_upstream && retriable(&engine, sent.profile, status) {
                 let headers = host::response_headers();
                 judge(&mut engine, sent, status, &headers, None);
-                retry.tried.push(sent.key);
+                retry.tried.push(tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     // Hold this answer back; the retry's answer replaces it.
                     return Action::Pause;

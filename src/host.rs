@@ -24,6 +24,13 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> Status;
+    fn proxy_set_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> Status;
     fn proxy_get_header_map_pairs(
         map_type: MapType,
         return_map_data: *mut *mut u8,
@@ -302,6 +309,20 @@ fn buffer(buffer_type: BufferType, max: usize) -> Option<Vec<u8>> {
 /// Every request header, names lowercased, in one host call.
 pub fn request_headers() -> Vec<(String, Vec<u8>)> {
     header_map(MapType::HttpRequestHeaders)
+}
+
+/// Replaces the first `size` bytes of the (buffered) request body with `body`.
+pub fn set_request_body(size: usize, body: &[u8]) -> bool {
+    // SAFETY: pointer and length describe a live slice.
+    unsafe {
+        proxy_set_buffer_bytes(
+            BufferType::HttpRequestBody,
+            0,
+            size,
+            body.as_ptr(),
+            body.len(),
+        ) == Status::Ok
+    }
 }
 
 /// The request body chunk this callback was given (up to `max` bytes).

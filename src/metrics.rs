@@ -73,6 +73,7 @@ pub struct PoolMetrics {
     keys_available: Option<u32>,
     requests_keyed: Option<u32>,
     requests_rejected: Option<u32>,
+    requests_fallen_back: Option<u32>,
     keys_restored: Option<u32>,
     cas_gave_up: Option<u32>,
     retries: Option<u32>,
@@ -84,6 +85,7 @@ pub struct PoolMetrics {
     recorded_available: Option<u64>,
     pending_keyed: u64,
     pending_rejected: u64,
+    pending_fallen_back: u64,
     /// Retry attempts started, succeeded, failed since the last flush.
     pending_retries: [u64; 3],
 }
@@ -135,6 +137,7 @@ impl PoolMetrics {
             keys_available: pool_metric(Gauge, "keys_available"),
             requests_keyed: pool_metric(Counter, "requests_keyed"),
             requests_rejected: pool_metric(Counter, "requests_rejected"),
+            requests_fallen_back: pool_metric(Counter, "requests_fallen_back"),
             keys_restored: pool_metric(Counter, "keys_restored"),
             cas_gave_up: pool_metric(Counter, "cas_gave_up"),
             retries: pool_metric(Counter, "retries"),
@@ -150,6 +153,7 @@ impl PoolMetrics {
             recorded_available: None,
             pending_keyed: 0,
             pending_rejected: 0,
+            pending_fallen_back: 0,
             pending_retries: [0; 3],
         }
     }
@@ -160,6 +164,11 @@ impl PoolMetrics {
 
     pub fn count_rejected(&mut self) {
         self.pending_rejected += 1;
+    }
+
+    /// A request of this pool went to one of its fallbacks.
+    pub fn count_fallen_back(&mut self) {
+        self.pending_fallen_back += 1;
     }
 
     pub fn count_retry(&mut self, outcome: crate::engine::RetryOutcome) {
@@ -225,6 +234,11 @@ impl PoolMetrics {
             host,
             self.requests_rejected,
             std::mem::take(&mut self.pending_rejected),
+        );
+        increment(
+            host,
+            self.requests_fallen_back,
+            std::mem::take(&mut self.pending_fallen_back),
         );
         let [started, succeeded, failed] = std::mem::take(&mut self.pending_retries);
         increment(host, self.retries, started);

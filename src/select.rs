@@ -195,8 +195,46 @@ impl PoolView {
         self.probe_candidates.first().map(|&k| k as usize)
     }
 
-    /// `cursor` is this worker's round-robin position for the pool. `avoid`: keys that already
-    /// failed for this request; another available key is taken instead when there is one.
+    /// An available key that is not in `avoid` (keys this request already failed with), or None.
+    /// `cursor` is this worker's round-robin position for the pool.
+    pub fn pick_available(
+        &self,
+        selection: Selection,
+        cursor: &mut u64,
+        rng: &mut Rng,
+        avoid: &[usize],
+    ) -> Option<usize> {
+        let n = self.available.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let slot = match selection {
+            Selection::RoundRobin => {
+                let slot = *cursor % n;
+                *cursor = cursor.wrapping_add(1);
+                Some(slot as usize)
+            }
+            Selection::Random => Some(rng.below(n) as usize),
+            Selection::Weighted => self.weighted.sample(rng),
+        }?;
+        if avoid.is_empty() {
+            return self.available.get(slot).map(|&k| k as usize);
+        }
+        // A short walk: `avoid` holds the few keys this request already tried.
+        let len = self.available.len();
+        (0..len)
+            .filter_map(|step| self.available.get((slot + step) % len))
+            .map(|&k| k as usize)
+            .find(|k| !avoid.contains(k))
+    }
+
+    /// The key `earliest` falls back to when nothing is available, and when it returns.
+    pub fn earliest_down(&self) -> Option<(usize, u64)> {
+        self.earliest_down
+    }
+
+    /// A single pool's choice: an available key not in `avoid`, else any available key, else
+    /// what `on_all_unavailable` says.
     pub fn pick(
         &self,
         selection: Selection,
@@ -206,31 +244,14 @@ impl PoolView {
         now_ms: u64,
         avoid: &[usize],
     ) -> Pick {
-        let n = self.available.len() as u64;
-        if n > 0 {
-            let slot = match selection {
-                Selection::RoundRobin => {
-                    let slot = *cursor % n;
-                    *cursor = cursor.wrapping_add(1);
-                    Some(slot as usize)
-                }
-                Selection::Random => Some(rng.below(n) as usize),
-                Selection::Weighted => self.weighted.sample(rng),
+        let key = self
+            .pick_available(selection, cursor, rng, avoid)
+            .or_else(|| self.pick_available(selection, cursor, rng, &[]));
+        if let Some(key) = key {
+            return Pick::Key {
+                key,
+                sent: SentAs::Normal,
             };
-            if let Some(slot) = slot {
-                // A short walk: `avoid` holds the few keys this request already tried.
-                let len = self.available.len();
-                let chosen = (0..len)
-                    .filter_map(|step| self.available.get((slot + step) % len))
-                    .find(|&&k| !avoid.contains(&(k as usize)))
-                    .or_else(|| self.available.get(slot));
-                if let Some(&key) = chosen {
-                    return Pick::Key {
-                        key: key as usize,
-                        sent: SentAs::Normal,
-                    };
-                }
-            }
         }
         match (on_all_unavailable, self.earliest_down) {
             (OnAllUnavailable::Earliest, Some((key, _))) => Pick::Key {
@@ -238,13 +259,17 @@ impl PoolView {
                 sent: SentAs::WhileDown,
             },
             (_, _) => Pick::Reject {
-                retry_after_ms: self
-                    .next_change_ms
-                    .map_or(RETRY_AFTER_WHEN_ALL_DISABLED_MS, |t| {
-                        t.saturating_sub(now_ms)
-                    }),
+                retry_after_ms: self.retry_after_ms(now_ms),
             },
         }
+    }
+
+    /// How long a rejected client is told to wait.
+    pub fn retry_after_ms(&self, now_ms: u64) -> u64 {
+        self.next_change_ms
+            .map_or(RETRY_AFTER_WHEN_ALL_DISABLED_MS, |t| {
+                t.saturating_sub(now_ms)
+            })
     }
 }
 
