@@ -801,10 +801,7 @@ impl Engine {
             if until == FOREVER {
                 "until a health check passes or the configuration changes".to_string()
             } else {
-                format!(
-                    "back in {:.1}s",
-                    until.saturating_sub(now_ms) as f64 / 1000.0
-                )
+                format!("back in {}", seconds(until.saturating_sub(now_ms)))
             }
         };
         let mut went_out = false;
@@ -881,12 +878,7 @@ impl Engine {
                 if store.view().available_count() == 0 {
                     let first = store.view().next_change_ms().map_or_else(
                         || "none returns by itself".to_string(),
-                        |t| {
-                            format!(
-                                "the first returns in {:.1}s",
-                                t.saturating_sub(now_ms) as f64 / 1000.0
-                            )
-                        },
+                        |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
                     );
                     log::warn!(
                         "pool {p}: all {} keys are down; {first}",
@@ -896,6 +888,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// `1234` ms as `1.2s`: integer arithmetic, so no float formatting code ends up in the module.
+fn seconds(ms: u64) -> String {
+    format!("{}.{}s", ms / 1000, (ms % 1000) / 100)
 }
 
 #[cfg(test)]
@@ -1502,5 +1499,13 @@ mod tests {
             Decision::UseKey(a) => assert_eq!((a.profile, a.key), (primary, 1)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn durations_are_written_to_a_tenth_of_a_second() {
+        assert_eq!(seconds(0), "0.0s");
+        assert_eq!(seconds(1_234), "1.2s");
+        assert_eq!(seconds(60_000), "60.0s");
+        assert_eq!(seconds(3_600_099), "3600.0s");
     }
 }
