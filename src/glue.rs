@@ -72,15 +72,12 @@ impl Context for Root {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        let (headers, body) = host::call_response(body_size);
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's own reply to the call (timeout, no healthy host) is not the provider's word.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        let CallResponse {
+            status,
+            from_upstream,
+            headers,
+            body,
+        } = CallResponse::read(body_size);
         let answer = CheckAnswer {
             status: status.filter(|_| from_upstream),
             headers: &headers,
@@ -207,6 +204,35 @@ impl RequestFacts for HostFacts {
     }
 }
 
+/// The answer to one of our own `dispatch_http_call`s.
+struct CallResponse {
+    status: Option<u16>,
+    /// Envoy's router marks answers that came from the upstream; its own replies to the call
+    /// (timeout, no healthy host, reset) carry no such header and say nothing about a key.
+    from_upstream: bool,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl CallResponse {
+    fn read(body_size: usize) -> Self {
+        let (headers, body) = host::call_response(body_size);
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        let from_upstream = headers
+            .iter()
+            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        CallResponse {
+            status,
+            from_upstream,
+            headers,
+            body,
+        }
+    }
+}
+
 /// Upstream mode: which downstream request this attempt belongs to.
 struct Attempt {
     request_id: String,
@@ -279,16 +305,12 @@ impl Context for Request {
             retry.in_flight = Some((token, sent));
             return;
         }
-        let (headers, body) = host::call_response(body_size);
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's router marks answers that came from the upstream; its own replies to the call
-        // (timeout, no healthy host, reset) carry no such header and say nothing about the key.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        let CallResponse {
+            status,
+            from_upstream,
+            headers,
+            body,
+        } = CallResponse::read(body_size);
         let now = host::now_ms();
         let status = match status {
             Some(status) if from_upstream => {
