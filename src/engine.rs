@@ -16,6 +16,39 @@ use crate::store::{PoolStore, SharedData, UpdateError};
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
 pub const PROBE_LEASE_MS: u64 = 60_000;
 
+/// The host's clock, read at most once and only if needed: with every key healthy, a request
+/// never needs the time, and each host call costs.
+pub struct Clock<'a> {
+    read: Option<&'a dyn Fn() -> u64>,
+    cached: std::cell::Cell<Option<u64>>,
+}
+
+impl<'a> Clock<'a> {
+    pub fn new(read: &'a dyn Fn() -> u64) -> Self {
+        Clock {
+            read: Some(read),
+            cached: std::cell::Cell::new(None),
+        }
+    }
+
+    /// A clock stopped at `ms` (tests, and callers that already know the time).
+    pub fn at(ms: u64) -> Clock<'static> {
+        Clock {
+            read: None,
+            cached: std::cell::Cell::new(Some(ms)),
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        if let Some(ms) = self.cached.get() {
+            return ms;
+        }
+        let ms = self.read.map_or(0, |read| read());
+        self.cached.set(Some(ms));
+        ms
+    }
+}
+
 /// The key a request was sent with, remembered until its response arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Assignment {
@@ -431,7 +464,7 @@ impl Engine {
         &mut self,
         host: &dyn Host,
         profile: Option<usize>,
-        now_ms: u64,
+        clock: &Clock,
         avoid: &[(usize, usize)],
     ) -> Decision {
         let Some((primary, p)) = profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
@@ -450,7 +483,7 @@ impl Engine {
         for &honour_avoid in passes {
             for &profile_idx in &chain {
                 if let Some((key, sent)) =
-                    self.serve_from(host, profile_idx, now_ms, avoid, honour_avoid)
+                    self.serve_from(host, profile_idx, clock, avoid, honour_avoid)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
                     self.count(pool, true);
@@ -486,7 +519,7 @@ impl Engine {
             .min();
         let retry_after_ms = views
             .iter()
-            .map(|(_, v)| v.retry_after_ms(now_ms))
+            .map(|(_, v)| v.retry_after_ms(clock.now()))
             .min()
             .unwrap_or(0);
         match (on_all, earliest) {
@@ -513,7 +546,7 @@ impl Engine {
         &mut self,
         host: &dyn Host,
         profile: usize,
-        now_ms: u64,
+        clock: &Clock,
         avoid: &[(usize, usize)],
         honour_avoid: bool,
     ) -> Option<(usize, SentAs)> {
@@ -528,7 +561,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        self.refresh_and_advance(host, pool, now_ms);
+        self.refresh_and_advance(host, pool, clock);
         // A key whose time out is over is tried by exactly one request: whoever claims it.
         let candidate = self
             .stores
@@ -536,7 +569,7 @@ impl Engine {
             .and_then(|s| s.view().probe_candidate())
             .filter(|k| !avoid_here.contains(k));
         if let Some(key) = candidate {
-            if self.claim_probe(host, pool, key, now_ms) {
+            if self.claim_probe(host, pool, key, clock.now()) {
                 return Some((key, SentAs::Probe));
             }
         }
@@ -654,7 +687,7 @@ impl Engine {
         verdict: Verdict,
         status: u16,
         hint_ms: Option<u64>,
-        now_ms: u64,
+        clock: &Clock,
     ) {
         let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
@@ -678,6 +711,7 @@ impl Engine {
         if !needs_write {
             return;
         }
+        let now_ms = clock.now();
         let failure = match verdict {
             Verdict::KeyFailure(class) => Some(Failure {
                 status,
@@ -717,7 +751,7 @@ impl Engine {
     pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
         self.attempts.purge(now_ms);
         for pool in 0..self.stores.len() {
-            self.refresh_and_advance(host, pool, now_ms);
+            self.refresh_and_advance(host, pool, &Clock::at(now_ms));
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get(pool)) {
                 m.sync(host, store.state());
             }
@@ -728,14 +762,19 @@ impl Engine {
         &self.stores
     }
 
-    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, now_ms: u64) {
+    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, clock: &Clock) {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
         if let Err(e) = store.refresh(host) {
             log::debug!("reading shared state failed ({e:?}); using the cached copy");
         }
-        if store.view().next_change_ms().is_some_and(|t| t <= now_ms) {
+        // Only a pool with something due later needs the time at all.
+        let due = store.view().next_change_ms();
+        if let Some(now_ms) = due
+            .map(|_| clock.now())
+            .filter(|&now| due.is_some_and(|t| t <= now))
+        {
             self.change(host, pool, now_ms, |s| s.advance(now_ms));
         }
     }
@@ -946,7 +985,7 @@ mod tests {
 
     impl Engine {
         fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
-            self.decide(host, Some(profile), now, &[])
+            self.decide(host, Some(profile), &Clock::at(now), &[])
         }
     }
 
@@ -979,20 +1018,27 @@ mod tests {
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, 0, &[]));
+        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
         let v = w1.verdict(p, 429, false);
-        w1.record(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
+        w1.record(
+            &host,
+            sent(p, k, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(10),
+        );
         for now in [20, 500, 1009] {
             for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, now, &[]));
+                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
                 assert_ne!(k2, k, "at {now}");
             }
         }
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
-        let (_, probe_key, how) = use_key(w2.decide(&host, g, 1120, &[]));
+        let (_, probe_key, how) = use_key(w2.decide(&host, g, &Clock::at(1120), &[]));
         assert_eq!((probe_key, how), (k, SentAs::Probe));
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w1.decide(&host, g, 1121, &[]));
+            let (_, k2, how) = use_key(w1.decide(&host, g, &Clock::at(1121), &[]));
             assert_ne!(k2, k, "one probe at a time, on any worker");
             assert_eq!(how, SentAs::Normal);
         }
@@ -1002,10 +1048,10 @@ mod tests {
             Verdict::Success,
             200,
             None,
-            1130,
+            &Clock::at(1130),
         );
         let seen: std::collections::HashSet<usize> = (0..4)
-            .map(|_| use_key(w1.decide(&host, g, 1131, &[])).1)
+            .map(|_| use_key(w1.decide(&host, g, &Clock::at(1131), &[])).1)
             .collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
     }
@@ -1015,16 +1061,30 @@ mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000, "cooldownBackoff": 3}}"#;
         let mut w = engine(cfg, 9);
-        w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200, &[]));
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
-        w.record(&host, sent(0, 0, SentAs::Probe), SERVER, 503, None, 1200);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Probe),
+            SERVER,
+            503,
+            None,
+            &Clock::at(1200),
+        );
         let key = &w.stores()[0].state().keys[0];
         assert_eq!(key.strikes, 2);
         let cooldown = key.down_until_ms - 1200;
         assert!((3_000..=3_300).contains(&cooldown), "{cooldown}");
         // The next probe comes back with nothing to say (a local reply): another may probe.
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 5000, &[]));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5000), &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
         w.record(
             &host,
@@ -1032,9 +1092,9 @@ mod tests {
             Verdict::Neutral,
             504,
             None,
-            5001,
+            &Clock::at(5001),
         );
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 5002, &[]));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5002), &[]));
         assert_eq!((k, how), (0, SentAs::Probe));
         w.abandon(&host, sent(0, 0, SentAs::Probe), 5003);
         assert!(w.stores()[0].state().keys[0].probe_claimable());
@@ -1045,16 +1105,30 @@ mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut w = engine(cfg, 4);
-        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, Some(1_000), 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            RATE,
+            429,
+            Some(1_000),
+            &Clock::at(0),
+        );
         let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w.record(&host, sent(0, 1, SentAs::Normal), refused, 401, None, 0);
+        w.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            refused,
+            401,
+            None,
+            &Clock::at(0),
+        );
         w.record(
             &host,
             sent(0, 2, SentAs::Normal),
             SERVER,
             503,
             Some(1_000),
-            0,
+            &Clock::at(0),
         );
         let keys = &w.stores()[0].state().keys;
         assert!(
@@ -1094,7 +1168,14 @@ mod tests {
         let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 1000}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
-        w1.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
+        w1.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
         w1.tick(&host, 500);
         w2.tick(&host, 500);
         assert_eq!(w2.stores()[0].view().available_count(), 0);
@@ -1117,26 +1198,33 @@ mod tests {
             1,
         );
         for _ in 0..5 {
-            w.decide(&host, Some(0), 0, &[]);
+            w.decide(&host, Some(0), &Clock::at(0), &[]);
             w.record(
                 &host,
                 sent(0, 0, SentAs::Normal),
                 Verdict::Success,
                 200,
                 None,
-                0,
+                &Clock::at(0),
             );
         }
         assert_eq!(host.shared.sets.get(), 0);
-        w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
-        w.decide(&host, Some(0), 0, &[]);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            500,
+            None,
+            &Clock::at(0),
+        );
+        w.decide(&host, Some(0), &Clock::at(0), &[]);
         w.record(
             &host,
             sent(0, 0, SentAs::Normal),
             Verdict::Success,
             200,
             None,
-            0,
+            &Clock::at(0),
         );
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
@@ -1149,22 +1237,36 @@ mod tests {
             r#"{"apiTokens": ["a", "b"], "onAllUnavailable": "reject", "failover": {"cooldownDuration": 2500}}"#,
             1,
         );
-        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0);
-        w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 1000);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            RATE,
+            429,
+            None,
+            &Clock::at(0),
+        );
+        w.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            RATE,
+            429,
+            None,
+            &Clock::at(1000),
+        );
         assert_eq!(
-            w.decide(&host, Some(0), 1000, &[]),
+            w.decide(&host, Some(0), &Clock::at(1000), &[]),
             Decision::Reject {
                 retry_after_secs: 2
             }
         );
         assert_eq!(
-            w.decide(&host, Some(0), 2499, &[]),
+            w.decide(&host, Some(0), &Clock::at(2499), &[]),
             Decision::Reject {
                 retry_after_secs: 1
             }
         );
         assert!(matches!(
-            w.decide(&host, Some(0), 2800, &[]),
+            w.decide(&host, Some(0), &Clock::at(2800), &[]),
             Decision::UseKey(Assignment {
                 key: 0,
                 sent: SentAs::Probe,
@@ -1181,18 +1283,32 @@ mod tests {
             1,
         );
         // Hints fix the order whatever the jitter: b returns at about 5 s, a at about 20 s.
-        w.record(&host, sent(0, 1, SentAs::Normal), RATE, 429, Some(5_000), 0);
+        w.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            RATE,
+            429,
+            Some(5_000),
+            &Clock::at(0),
+        );
         w.record(
             &host,
             sent(0, 0, SentAs::Normal),
             RATE,
             429,
             Some(20_000),
-            100,
+            &Clock::at(100),
         );
-        let (p, k, down) = use_key(w.decide(&host, Some(0), 200, &[]));
+        let (p, k, down) = use_key(w.decide(&host, Some(0), &Clock::at(200), &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
-        w.record(&host, sent(p, k, down), Verdict::Success, 200, None, 200);
+        w.record(
+            &host,
+            sent(p, k, down),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(200),
+        );
         assert_eq!(w.stores()[0].view().available_count(), 1);
     }
 
@@ -1220,7 +1336,9 @@ mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c", "d", "e", "f", "g", "h"]}"#;
         let firsts: std::collections::HashSet<usize> = (0..8)
-            .map(|seed| use_key(engine(cfg, seed * 7919).decide(&host, Some(0), 0, &[])).1)
+            .map(|seed| {
+                use_key(engine(cfg, seed * 7919).decide(&host, Some(0), &Clock::at(0), &[])).1
+            })
             .collect();
         assert!(firsts.len() > 1);
     }
@@ -1239,11 +1357,25 @@ mod tests {
         assert_eq!(m("keys_configured"), 2);
         assert_eq!(m("keys_available"), 2);
         for _ in 0..5 {
-            w.decide(&host, Some(0), 0, &[]);
+            w.decide(&host, Some(0), &Clock::at(0), &[]);
         }
-        w.record(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
-        w.record(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 10);
-        w.decide(&host, Some(0), 20, &[]);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            RATE,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        w.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(10),
+        );
+        w.decide(&host, Some(0), &Clock::at(20), &[]);
         w.tick(&host, 20);
         assert_eq!(m("requests_keyed"), 5);
         assert_eq!(m("requests_rejected"), 1);
@@ -1258,9 +1390,16 @@ mod tests {
             0,
             "a key whose time out ended waits for its probe"
         );
-        let (_, k, how) = use_key(w.decide(&host, Some(0), 1200, &[]));
+        let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert_eq!(how, SentAs::Probe);
-        w.record(&host, sent(0, k, how), Verdict::Success, 200, None, 1201);
+        w.record(
+            &host,
+            sent(0, k, how),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1201),
+        );
         w.tick(&host, 1202);
         assert_eq!(m("keys_restored"), 1);
         assert_eq!(m("keys_available"), 1);
@@ -1279,7 +1418,14 @@ mod tests {
         w1.learn_target(&host, 0, "mock_provider", "api.example");
         assert!(!w1.wants_target(0));
         let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w1.record(&host, sent(0, 0, SentAs::Normal), refused, 401, None, 100);
+        w1.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            refused,
+            401,
+            None,
+            &Clock::at(100),
+        );
         assert!(
             w1.health_checks_due(&host, 500).is_empty(),
             "not before the minimum cooldown"
@@ -1350,7 +1496,14 @@ mod tests {
                       "healthCheckCluster": "c"}}"#;
         let mut w = engine(cfg, 1);
         w.start(&host, 0);
-        w.record(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
         let until = w.stores()[0].state().keys[0].down_until_ms;
         assert_eq!(
             w.health_checks_due(&host, 1_000).len(),
@@ -1426,7 +1579,7 @@ mod tests {
             RATE,
             429,
             Some(5_000),
-            0,
+            &Clock::at(0),
         );
         assert_eq!(
             {
@@ -1441,7 +1594,7 @@ mod tests {
             SERVER,
             503,
             None,
-            10,
+            &Clock::at(10),
         );
         assert_eq!(
             {
@@ -1456,7 +1609,7 @@ mod tests {
             SERVER,
             503,
             None,
-            20,
+            &Clock::at(20),
         );
         match w.decide_for(&host, primary, 30) {
             Decision::Reject { retry_after_secs } => {
@@ -1491,11 +1644,11 @@ mod tests {
         let mut w = engine(cfg, 3);
         let primary = w.config().global.unwrap();
         let pool = w.pool_of(primary).unwrap().0;
-        match w.decide(&host, Some(primary), 0, &[(pool, 0), (pool, 1)]) {
+        match w.decide(&host, Some(primary), &Clock::at(0), &[(pool, 0), (pool, 1)]) {
             Decision::UseKey(a) => assert_eq!(w.pool_of(a.profile).unwrap().1, "f"),
             other => panic!("{other:?}"),
         }
-        match w.decide(&host, Some(primary), 0, &[(pool, 0)]) {
+        match w.decide(&host, Some(primary), &Clock::at(0), &[(pool, 0)]) {
             Decision::UseKey(a) => assert_eq!((a.profile, a.key), (primary, 1)),
             other => panic!("{other:?}"),
         }

@@ -15,7 +15,7 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, CheckAnswer, Decision, Engine, RetryOutcome};
+use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
 use crate::rewrite::rewrite_model;
@@ -325,7 +325,14 @@ impl Context for Request {
                 status
             }
             local => {
-                engine.record(&HostShared, sent, Verdict::Neutral, 0, None, now);
+                engine.record(
+                    &HostShared,
+                    sent,
+                    Verdict::Neutral,
+                    0,
+                    None,
+                    &Clock::at(now),
+                );
                 retry.tried.push(tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     engine.count_retry(sent.profile, RetryOutcome::Failed);
@@ -420,7 +427,7 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     }
     let now = host::now_ms();
     let tried = retry.tried.clone();
-    let sent = match engine.decide(&HostShared, Some(profile), now, &tried) {
+    let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
         Decision::UseKey(a) if !tried.contains(&tried_pair(engine, a)) => a,
         // No key left that this request has not failed with: the client gets the failure.
         Decision::UseKey(a) => {
@@ -570,7 +577,8 @@ impl HttpContext for Request {
             .as_deref()
             .map(|id| engine.failed_for(id))
             .unwrap_or_default();
-        match engine.decide(&HostShared, profile, host::now_ms(), &avoid) {
+        let clock = Clock::new(&host::now_ms);
+        match engine.decide(&HostShared, profile, &clock, &avoid) {
             Decision::Untouched => Action::Continue,
             Decision::Reject { retry_after_secs } => {
                 self.reject(retry_after_secs);
@@ -728,11 +736,12 @@ impl HttpContext for Request {
             engine.abandon(&HostShared, sent, host::now_ms());
             return Action::Continue;
         };
-        let now = host::now_ms();
+        // Most responses (a success on a healthy key) never need the time.
+        let clock = Clock::new(&host::now_ms);
         if let Some(attempt) = &self.attempt {
             // Before Envoy starts the next attempt, so that attempt avoids this key.
             if status >= 400 {
-                engine.note_failed_attempt(&attempt.request_id, sent, now);
+                engine.note_failed_attempt(&attempt.request_id, sent, clock.now());
             }
             if attempt.is_retry {
                 let outcome = if (200..300).contains(&status) {
@@ -744,10 +753,12 @@ impl HttpContext for Request {
             }
         }
         let first_look = engine.verdict(sent.profile, status, false);
-        let via_upstream = from_upstream();
+        // Asked only of answers that could count or be retried: a success needs no host call.
+        let via_upstream =
+            (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && from_upstream();
         // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
         if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(&HostShared, sent, Verdict::Neutral, status, None, now);
+            engine.record(&HostShared, sent, Verdict::Neutral, status, None, &clock);
             return Action::Continue;
         }
         if let Some(retry) = self.retry.as_mut() {
@@ -815,17 +826,17 @@ fn judge(
 ) {
     let quota_exhausted = body.is_some_and(hints::is_insufficient_quota);
     let verdict = engine.verdict(sent.profile, status, quota_exhausted);
-    let now = host::now_ms();
+    let clock = Clock::new(&host::now_ms);
     let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
         let pairs: Vec<(&str, &[u8])> = headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_slice()))
             .collect();
-        hints::retry_hint_ms(&pairs, body, now)
+        hints::retry_hint_ms(&pairs, body, clock.now())
     } else {
         None
     };
-    engine.record(&HostShared, sent, verdict, status, hint_ms, now);
+    engine.record(&HostShared, sent, verdict, status, hint_ms, &clock);
 }
 
 fn from_upstream() -> bool {
