@@ -20,7 +20,7 @@ E2E_WORKERS ?= 2
 PYTEST_ARGS ?=
 ADMIN_URL ?= http://127.0.0.1:$(or $(ADMIN_PORT),9901)
 
-.PHONY: help deps rust-deps py-deps build mock lint unit e2e test validate run status clean
+.PHONY: help deps rust-deps py-deps build mock lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
 
 help:
 	@echo "make deps      install wasm target, clippy, and the Python venv with Envoy $(ENVOY_VERSION) ($(VENV))"
@@ -29,10 +29,14 @@ help:
 	@echo "make lint      clippy (wasm + host) with -D warnings, rustfmt --check"
 	@echo "make unit      cargo tests of the plugin and the mock provider"
 	@echo "make e2e       end-to-end tests: real Envoy + plugin + mock (pytest, $(E2E_WORKERS) workers)"
+	@echo "make corrupt-writer  the test-only filter that damages shared state (for make e2e)"
+	@echo "make fuzz      cargo fuzz: every target for FUZZ_RUNS=$(FUZZ_RUNS) inputs (minutes; not in make test)"
+	@echo "make soak      the load test of make e2e, run for SOAK_SECONDS=$(SOAK_SECONDS) s (not in make test)"
 	@echo "make test      deps, lint, unit, build, mock, e2e (what CI runs)"
 	@echo "make validate  envoy --mode validate on envoy.yaml and examples/*.yaml"
 	@echo "make run       demo: mock provider on :8081, Envoy gateway on :10000 (admin :9901)"
 	@echo "make status    pools and keys of a running gateway, from its admin (ADMIN_URL=$(ADMIN_URL))"
+	@echo "make bench     req/s, latency and RSS with and without the plugin (wrk; minutes): bench/RESULTS.md"
 	@echo "make clean     remove build output, the venv and test caches"
 
 deps: rust-deps py-deps
@@ -65,6 +69,14 @@ build:
 mock:
 	cargo build -p mock-provider
 
+CORRUPT_WRITER_DIR = target/corrupt-writer
+
+# Test-only proxy-wasm filter that damages the plugin's shared-data entries (test_faults.py).
+# Its own workspace and target dir, so the root Cargo.toml does not know it.
+corrupt-writer:
+	CARGO_TARGET_DIR=$(CORRUPT_WRITER_DIR) cargo build --release --target $(WASM_TARGET) \
+		--manifest-path test/corrupt-writer/Cargo.toml
+
 lint:
 	cargo clippy --target $(WASM_TARGET) -p ai-key-failover -- -D warnings
 	cargo clippy --all-targets -p ai-key-failover -- -D warnings
@@ -74,7 +86,7 @@ unit:
 	cargo test -p ai-key-failover
 	cargo test -p mock-provider
 
-e2e: deps build mock
+e2e: deps build mock corrupt-writer
 	$(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS)
 
 test: deps lint unit build mock e2e
@@ -89,6 +101,46 @@ run: deps build mock
 # Reads only the admin endpoint; needs nothing built.
 status:
 	@$(PYTHON) scripts/status.py --admin '$(ADMIN_URL)'
+
+BENCH_STAMP = $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): bench/requirements.txt $(DEPS_STAMP)
+	$(VPY) -m pip install --disable-pip-version-check -q -r bench/requirements.txt
+	@touch $@
+
+# Not part of `make test`: it takes a few minutes and wants an otherwise idle machine.
+bench: deps build $(BENCH_STAMP)
+	@command -v wrk >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "wrk is missing: install it (https://github.com/wg/wrk)" >&2; exit 1; }; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing wrk (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk; }
+	$(VPY) bench/bench.py --envoy $(ENVOY) --wasm $(WASM) $(BENCH_ARGS)
+
+FUZZ_TARGETS = fuzz_config fuzz_status_pattern fuzz_hints fuzz_codec fuzz_header_map
+FUZZ_RUNS ?= 1000000
+FUZZ_TIME ?= 0
+SOAK_SECONDS ?= 600
+
+# Not part of `make test`. Runs each cargo-fuzz target for FUZZ_RUNS inputs (FUZZ_TIME > 0 also
+# caps the seconds per target), from fuzz/seeds plus the corpus it grows in fuzz/corpus; a crash
+# stops it and leaves the input in fuzz/artifacts/<target>/. cargo fuzz passes nightly-only
+# flags: RUSTC_BOOTSTRAP=1 lets the stable toolchain take them.
+fuzz: rust-deps
+	@command -v cargo-fuzz >/dev/null || { echo "cargo install cargo-fuzz --locked"; cargo install cargo-fuzz --locked; }
+	@set -e; mkdir -p fuzz/logs; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "fuzz $$t: $(FUZZ_RUNS) runs (log: fuzz/logs/$$t.log)"; \
+		if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
+			$$(test -f fuzz/dict/$$t.dict && echo -dict=fuzz/dict/$$t.dict) > fuzz/logs/$$t.log 2>&1; then \
+			tail -n 40 fuzz/logs/$$t.log; echo "fuzz $$t FAILED: see fuzz/artifacts/$$t/ and fuzz/logs/$$t.log" >&2; exit 1; fi; \
+		grep -E '^Done [0-9]+ runs' fuzz/logs/$$t.log; \
+	done
+
+# Not part of `make test`: test_load.py's load test, for SOAK_SECONDS (10 minutes by default).
+soak: deps build mock
+	AKF_SOAK_SECONDS=$(SOAK_SECONDS) $(VPY) -m pytest test/e2e/test_load.py -k flapping_keys_under_load -s $(PYTEST_ARGS)
 
 clean:
 	cargo clean

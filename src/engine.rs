@@ -852,6 +852,7 @@ impl Engine {
                     class,
                     until_ms,
                     strikes,
+                    ..
                 } => {
                     went_out = true;
                     let streak = if strikes > 1 {
@@ -870,6 +871,7 @@ impl Engine {
                     key,
                     status,
                     until_ms,
+                    ..
                 } => {
                     went_out = true;
                     log::warn!(

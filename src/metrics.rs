@@ -75,6 +75,7 @@ pub struct PoolMetrics {
     requests_rejected: Option<u32>,
     requests_fallen_back: Option<u32>,
     keys_restored: Option<u32>,
+    probes_failed: Option<u32>,
     cas_gave_up: Option<u32>,
     retries: Option<u32>,
     retries_succeeded: Option<u32>,
@@ -139,6 +140,7 @@ impl PoolMetrics {
             requests_rejected: pool_metric(Counter, "requests_rejected"),
             requests_fallen_back: pool_metric(Counter, "requests_fallen_back"),
             keys_restored: pool_metric(Counter, "keys_restored"),
+            probes_failed: pool_metric(Counter, "probes_failed"),
             cas_gave_up: pool_metric(Counter, "cas_gave_up"),
             retries: pool_metric(Counter, "retries"),
             retries_succeeded: pool_metric(Counter, "retries_succeeded"),
@@ -196,9 +198,24 @@ impl PoolMetrics {
     pub fn count_events(&self, host: &dyn MetricsHost, events: &[Event]) {
         for event in events {
             match *event {
-                Event::MarkedDown { key, class, .. } => self.count_marked_down(host, key, class),
-                Event::Disabled { key, .. } => {
-                    self.count_marked_down(host, key, FailureClass::KeyRefused)
+                Event::MarkedDown {
+                    key,
+                    class,
+                    outage_began,
+                    ..
+                } => {
+                    if outage_began {
+                        self.count_marked_down(host, key, class);
+                    } else {
+                        increment(host, self.probes_failed, 1);
+                    }
+                }
+                Event::Disabled {
+                    key, outage_began, ..
+                } => {
+                    if outage_began {
+                        self.count_marked_down(host, key, FailureClass::KeyRefused);
+                    }
                 }
                 Event::Restored { key } => {
                     increment(host, self.keys_restored, 1);

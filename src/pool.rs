@@ -153,18 +153,23 @@ pub enum Event {
         key: usize,
         consecutive: u32,
     },
+    /// Taken out of rotation. `outage_began`: the key was available until now; false when its
+    /// probe failed, which only continues the same outage (so counters add up: outages begun =
+    /// keys restored + keys still out).
     MarkedDown {
         key: usize,
         status: u16,
         class: FailureClass,
         until_ms: u64,
         strikes: u32,
+        outage_began: bool,
     },
     /// Refused by the provider: out for `disableDuration`, or indefinitely.
     Disabled {
         key: usize,
         status: u16,
         until_ms: u64,
+        outage_began: bool,
     },
     /// An in-flight request failed on a key that was already out: its return moves later.
     CooldownExtended {
@@ -254,6 +259,7 @@ impl PoolState {
             if state.health != Health::Disabled {
                 state.down_since_ms = now_ms;
             }
+            let outage_began = state.is_available();
             state.health = Health::Disabled;
             state.down_until_ms = until_ms;
             state.probe_until_ms = 0;
@@ -262,6 +268,7 @@ impl PoolState {
                 key,
                 status,
                 until_ms,
+                outage_began,
             });
         }
         match state.health {
@@ -297,6 +304,7 @@ impl PoolState {
                     class: failure.class,
                     until_ms,
                     strikes: state.strikes,
+                    outage_began: !probing,
                 })
             }
         }
@@ -391,6 +399,7 @@ impl PoolState {
                 key,
                 status: failure.status,
                 until_ms,
+                outage_began: false,
             });
         }
         state.strikes = state.strikes.saturating_add(1);
@@ -476,7 +485,8 @@ mod tests {
                 status: 429,
                 class: FailureClass::RateLimit,
                 until_ms: 61_000,
-                strikes: 1
+                strikes: 1,
+                outage_began: true
             })
         );
         assert_eq!(s.available_count(), 1);
@@ -530,7 +540,8 @@ mod tests {
                 status: 503,
                 class: FailureClass::ServerError,
                 until_ms: now + 1_000,
-                strikes: 1
+                strikes: 1,
+                outage_began: true
             }),
             "a success resets the backoff"
         );
@@ -596,7 +607,8 @@ mod tests {
             Some(Event::Disabled {
                 key: 0,
                 status: 401,
-                until_ms: 3_600_000
+                until_ms: 3_600_000,
+                outage_began: true
             })
         );
         let forever = Policy {
@@ -751,5 +763,34 @@ mod tests {
             Health::CoolingDown,
             "a failed check ends the probe wait"
         );
+    }
+
+    #[test]
+    fn a_failed_probe_continues_the_outage_it_does_not_begin_one() {
+        let mut s = PoolState::fresh(&[1]);
+        assert!(matches!(
+            s.record_failure(0, &SERVER, 0, &POLICY),
+            Some(Event::MarkedDown {
+                outage_began: true,
+                ..
+            })
+        ));
+        s.advance(60_000);
+        s.claim_probe(0, 60_000, 1_000);
+        assert!(matches!(
+            s.record_failure(0, &SERVER, 60_001, &POLICY),
+            Some(Event::MarkedDown {
+                outage_began: false,
+                strikes: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.record_failure(0, &REFUSED, 60_002, &POLICY),
+            Some(Event::Disabled {
+                outage_began: false,
+                ..
+            })
+        ));
     }
 }
