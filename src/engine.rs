@@ -90,6 +90,8 @@ pub struct Engine {
     checks: Vec<PoolChecks>,
     /// Per pool: whether this VM already stored where the pool's traffic goes.
     target_learned: Vec<bool>,
+    /// Per profile and key: the credential header's value (`Bearer sk-...`), built once.
+    header_values: Vec<Vec<String>>,
 }
 
 /// What a health check's request got back.
@@ -136,6 +138,18 @@ impl Engine {
             .map(|p| PoolChecks::new(p.keys.len()))
             .collect();
         let target_learned = vec![false; config.pools.len()];
+        let header_values = config
+            .profiles
+            .iter()
+            .map(|p| {
+                config.pools.get(p.pool).map_or_else(Vec::new, |pool| {
+                    pool.keys
+                        .iter()
+                        .map(|k| format!("{}{}", p.auth.prefix, k.token))
+                        .collect()
+                })
+            })
+            .collect();
         let needed = needed_facts(config.rules.iter().map(|r| &r.matcher));
         Engine {
             config,
@@ -148,6 +162,7 @@ impl Engine {
             owner_id,
             checks,
             target_learned,
+            header_values,
         }
     }
 
@@ -471,17 +486,19 @@ impl Engine {
         else {
             return Decision::Untouched;
         };
-        let (on_all, primary_pool) = (p.on_all_unavailable, p.pool);
-        let chain: Vec<usize> = std::iter::once(primary)
-            .chain(p.fallbacks.iter().copied())
-            .collect();
+        let (on_all, primary_pool, chain_len) =
+            (p.on_all_unavailable, p.pool, 1 + p.fallbacks.len());
         let passes: &[bool] = if avoid.is_empty() {
             &[true]
         } else {
             &[true, false]
         };
         for &honour_avoid in passes {
-            for &profile_idx in &chain {
+            for position in 0..chain_len {
+                // Indexes, not a collected list: no allocation per request.
+                let Some(profile_idx) = self.chain_member(primary, position) else {
+                    continue;
+                };
                 if let Some((key, sent)) =
                     self.serve_from(host, profile_idx, clock, avoid, honour_avoid)
                 {
@@ -506,9 +523,9 @@ impl Engine {
             }
         }
         // Nothing in the whole chain can serve: `onAllUnavailable` of the profile decides.
-        let views: Vec<(usize, &crate::select::PoolView)> = chain
-            .iter()
-            .filter_map(|&i| {
+        let views: Vec<(usize, &crate::select::PoolView)> = (0..chain_len)
+            .filter_map(|position| {
+                let i = self.chain_member(primary, position)?;
                 let pool = self.config.profiles.get(i)?.pool;
                 Some((i, self.stores.get(pool)?.view()))
             })
@@ -538,6 +555,20 @@ impl Engine {
                     retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
                 }
             }
+        }
+    }
+
+    /// The profile at `position` in `primary`'s chain: itself first, then its fallbacks.
+    fn chain_member(&self, primary: usize, position: usize) -> Option<usize> {
+        match position {
+            0 => Some(primary),
+            n => self
+                .config
+                .profiles
+                .get(primary)?
+                .fallbacks
+                .get(n - 1)
+                .copied(),
         }
     }
 
@@ -628,13 +659,10 @@ impl Engine {
     }
 
     /// The header to put on the upstream request for this key: `(name, value)`.
-    pub fn key_header(&self, profile: usize, key: usize) -> Option<(&str, String)> {
+    pub fn key_header(&self, profile: usize, key: usize) -> Option<(&str, &str)> {
         let p = self.config.profiles.get(profile)?;
-        let k = self.config.pools.get(p.pool)?.keys.get(key)?;
-        Some((
-            p.auth.name.as_str(),
-            format!("{}{}", p.auth.prefix, k.token),
-        ))
+        let value = self.header_values.get(profile)?.get(key)?;
+        Some((p.auth.name.as_str(), value.as_str()))
     }
 
     pub fn key_label(&self, profile: usize, key: usize) -> Option<String> {
@@ -1326,10 +1354,7 @@ mod tests {
             r#"{"apiTokens": ["sk-1"], "authHeader": {"name": "x-token", "prefix": "Key "}}"#,
             1,
         );
-        assert_eq!(
-            w.key_header(0, 0),
-            Some(("x-token", "Key sk-1".to_string()))
-        );
+        assert_eq!(w.key_header(0, 0), Some(("x-token", "Key sk-1")));
         assert_eq!(w.key_header(0, 5), None);
     }
 

@@ -44,8 +44,11 @@ pub struct PoolStore {
     fingerprints: Vec<u64>,
     weights: Vec<u32>,
     selection: Selection,
-    /// The epoch's CAS number when `state` was last read; None forces a read.
+    /// The epoch's CAS number when `state` was last read (None: no epoch entry yet).
     seen_epoch: Option<u32>,
+    /// Whether `state` is what the shared entry held at `seen_epoch`. Cleared by our own writes,
+    /// since another write may land between ours and the next refresh.
+    synced: bool,
     state: PoolState,
     view: PoolView,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
@@ -97,6 +100,7 @@ impl PoolStore {
             weights,
             selection,
             seen_epoch: None,
+            synced: false,
             state,
             view,
             corrupt_entry_seen: false,
@@ -171,7 +175,7 @@ impl PoolStore {
                 Ok(()) => {
                     host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
                     self.adopt(state);
-                    self.seen_epoch = None;
+                    self.synced = false;
                     break;
                 }
                 Err(StoreError::CasMismatch) => continue,
@@ -243,13 +247,15 @@ impl PoolStore {
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
     pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
         let (_, epoch) = host.get(&self.epoch_key)?;
-        if epoch.is_some() && epoch == self.seen_epoch {
+        // A pool nobody has written yet has no epoch entry: that, too, is a version to cache.
+        if self.synced && epoch == self.seen_epoch {
             return Ok(());
         }
         let (bytes, _) = host.get(&self.state_key)?;
         let (state, _) = self.decode_or_fresh(bytes.as_deref());
         self.adopt(state);
         self.seen_epoch = epoch;
+        self.synced = true;
         Ok(())
     }
 
@@ -277,7 +283,7 @@ impl PoolStore {
                     host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
                     self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
-                    self.seen_epoch = None;
+                    self.synced = false;
                     return Ok(events);
                 }
                 Err(StoreError::CasMismatch) => continue,
@@ -695,5 +701,28 @@ mod tests {
         s.write_target(&host, "c", "a.example");
         assert_eq!(host.sets.get(), sets);
         assert_eq!(s.read_target(&host), Some(("c".into(), "a.example".into())));
+    }
+
+    #[test]
+    fn a_pool_nobody_wrote_yet_is_read_once_not_on_every_refresh() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        a.refresh(&host).unwrap();
+        let gets = host.gets.get();
+        for _ in 0..10 {
+            a.refresh(&host).unwrap();
+        }
+        assert_eq!(
+            host.gets.get() - gets,
+            10,
+            "one epoch read per refresh, no state read"
+        );
+        let mut b = store(&[1, 2]);
+        b.update(&host, 0, |s| {
+            s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
+        })
+        .unwrap();
+        a.refresh(&host).unwrap();
+        assert_eq!(a.view().available_count(), 1, "a write is still seen");
     }
 }
