@@ -69,10 +69,12 @@ $(DEPS_STAMP): test/e2e/requirements.txt Makefile
 WASM_OPT_FLAGS = -Oz -ocimfs 100 --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	--enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
 
+# cargo hard-links its artifact to $(WASM) on every build, so the optimized module is written
+# anew each time, from cargo's own copy in deps/, to a new file (never through the hard link).
 build: wasm-opt-tool
 	cargo build --release --target $(WASM_TARGET) -p ai-key-failover
-	@if [ $(WASM) -nt $(WASM).opt-stamp ] || [ ! -e $(WASM).opt-stamp ]; then \
-		wasm-opt $(WASM_OPT_FLAGS) $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && touch $(WASM).opt-stamp; fi
+	wasm-opt $(WASM_OPT_FLAGS) target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm -o $(WASM).tmp
+	@mv $(WASM).tmp $(WASM)
 	@ls -l $(WASM)
 
 wasm-opt-tool:
