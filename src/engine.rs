@@ -7,7 +7,7 @@ use crate::config::{HealthCheck, PluginConfig, Profile};
 use crate::health::{self, CheckRequest, PoolChecks};
 use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
-use crate::rules::{needed_facts, NeededFacts, RequestFacts};
+use crate::rules::RequestFacts;
 use crate::select::{OnAllUnavailable, Rng, Selection};
 use crate::status::{classify, FailureClass, Verdict};
 use crate::store::{PoolStore, SharedData, UpdateError};
@@ -79,7 +79,6 @@ pub struct Engine {
     /// do not all begin with the same key.
     cursors: Vec<u64>,
     rng: Rng,
-    needed: NeededFacts,
     /// Per pool; empty until `start` defines them.
     metrics: Vec<PoolMetrics>,
     /// Keys that failed per request across Envoy's retry attempts (upstream mode).
@@ -150,13 +149,11 @@ impl Engine {
                 })
             })
             .collect();
-        let needed = needed_facts(config.rules.iter().map(|r| &r.matcher));
         Engine {
             config,
             stores,
             cursors,
             rng,
-            needed,
             metrics: Vec::new(),
             attempts: Attempts::default(),
             owner_id,
@@ -451,10 +448,6 @@ impl Engine {
 
     pub fn config(&self) -> &PluginConfig {
         &self.config
-    }
-
-    pub fn needed_facts(&self) -> NeededFacts {
-        self.needed
     }
 
     /// First matching rule wins; otherwise the global part, if it has keys.

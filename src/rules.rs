@@ -99,26 +99,6 @@ pub fn host_of_authority(authority: &str) -> String {
     host.to_ascii_lowercase()
 }
 
-/// Which facts any rule needs, so the glue asks the host only for those.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NeededFacts {
-    pub route: bool,
-    pub cluster: bool,
-    pub host: bool,
-}
-
-pub fn needed_facts<'a>(matchers: impl IntoIterator<Item = &'a Matcher>) -> NeededFacts {
-    let mut needed = NeededFacts::default();
-    for m in matchers {
-        match m {
-            Matcher::Route(_) | Matcher::RoutePrefix(_) => needed.route = true,
-            Matcher::Domain(_) => needed.host = true,
-            Matcher::Service(_) => needed.cluster = true,
-        }
-    }
-    needed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,15 +290,6 @@ mod tests {
         };
         domain(&["a.b"]).matches(&mut facts);
         assert_eq!(facts.asked, ["host"]);
-        let needed = needed_facts(&[Matcher::Route(vec![]), domain(&["x"])]);
-        assert_eq!(
-            needed,
-            NeededFacts {
-                route: true,
-                cluster: false,
-                host: true
-            }
-        );
     }
 
     #[test]
