@@ -53,6 +53,10 @@ impl Attempts {
         );
     }
 
+    pub fn forget(&mut self, request_id: &str) {
+        self.requests.remove(request_id);
+    }
+
     pub fn purge(&mut self, now_ms: u64) {
         self.requests
             .retain(|_, t| now_ms.saturating_sub(t.first_ms) < TTL_MS);
@@ -81,6 +85,9 @@ mod tests {
         a.note_failure("r2", (0, 1), 3);
         assert_eq!(a.failed("r1"), [(0, 2), (0, 5)]);
         assert_eq!(a.failed("r2"), [(0, 1)]);
+        a.forget("r2");
+        assert!(a.failed("r2").is_empty());
+        assert_eq!(a.len(), 1);
         a.purge(TTL_MS + 3);
         assert!(a.is_empty());
     }

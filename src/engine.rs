@@ -616,6 +616,10 @@ impl Engine {
         self.attempts.failed(request_id).to_vec()
     }
 
+    pub fn forget_attempts(&mut self, request_id: &str) {
+        self.attempts.forget(request_id);
+    }
+
     pub fn note_failed_attempt(&mut self, request_id: &str, sent: Assignment, now_ms: u64) {
         if let Some((pool, _)) = self.pool_of(sent.profile) {
             self.attempts

@@ -235,8 +235,14 @@ impl CallResponse {
 
 /// Upstream mode: which downstream request this attempt belongs to.
 struct Attempt {
-    request_id: String,
+    /// Read with the request: an upstream filter cannot read request headers once the response
+    /// has begun, and any attempt may fail.
+    request_id: Option<String>,
     is_retry: bool,
+}
+
+fn request_id() -> Option<String> {
+    host::request_header("x-request-id").map(|id| String::from_utf8_lossy(&id).into_owned())
 }
 
 /// Downstream `retryOnFailure`: what is needed to send the request again.
@@ -569,7 +575,7 @@ impl HttpContext for Request {
         let profile = engine.profile_for(&mut HostFacts);
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream {
-            host::request_header("x-request-id").map(|id| String::from_utf8_lossy(&id).into_owned())
+            request_id()
         } else {
             None
         };
@@ -632,13 +638,13 @@ impl HttpContext for Request {
                         engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
                     }
                 }
-                if let Some(id) = request_id {
+                if upstream {
                     if !avoid.is_empty() {
                         engine.count_retry(assignment.profile, RetryOutcome::Started);
                     }
                     self.attempt = Some(Attempt {
                         is_retry: !avoid.is_empty(),
-                        request_id: id,
+                        request_id,
                     });
                 } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
                     let headers = host::request_headers()
@@ -741,7 +747,12 @@ impl HttpContext for Request {
         if let Some(attempt) = &self.attempt {
             // Before Envoy starts the next attempt, so that attempt avoids this key.
             if status >= 400 {
-                engine.note_failed_attempt(&attempt.request_id, sent, clock.now());
+                if let Some(id) = &attempt.request_id {
+                    engine.note_failed_attempt(id, sent, clock.now());
+                }
+            } else if let Some(id) = &attempt.request_id {
+                // No attempt follows an answer that reached the client.
+                engine.forget_attempts(id);
             }
             if attempt.is_retry {
                 let outcome = if (200..300).contains(&status) {

@@ -1,10 +1,12 @@
 //! A pool's state in proxy shared data: a cached, decoded copy per VM, and the CAS loop that
 //! changes it.
 //!
-//! Each pool has two entries: `state` (every key's record) and `epoch` (a few bytes rewritten
+//! Each pool has two entries: `state` (every key's record) and `epoch` (an empty value rewritten
 //! after each change). A request reads only `epoch`; the host's CAS number on it moves with every
 //! write, so `state` is read and decoded again only when something changed. This keeps the
-//! per-request cost flat however many keys the pool has.
+//! per-request cost flat however many keys the pool has. The epoch is empty because a non-empty
+//! value makes the host call back into the VM to allocate a copy on every read: that re-entry
+//! is most of a read's cost.
 
 use crate::codec;
 use crate::pool::{Event, Health, KeyState, PoolState, FOREVER};
@@ -173,7 +175,7 @@ impl PoolStore {
             state.written_at_ms = now_ms;
             match host.set(&self.state_key, &codec::encode(&state), cas) {
                 Ok(()) => {
-                    host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
+                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     self.synced = false;
                     break;
@@ -279,8 +281,8 @@ impl PoolStore {
             state.written_at_ms = now_ms;
             match host.set(&self.state_key, &codec::encode(&state), cas) {
                 Ok(()) => {
-                    // The epoch's content is irrelevant: its CAS number is the signal.
-                    host.set(&self.epoch_key, &[1], None).map_err(host_error)?;
+                    // Only the epoch's CAS number is the signal; see the module comment.
+                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
                     self.synced = false;
