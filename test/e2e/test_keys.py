@@ -117,6 +117,29 @@ def test_non_utf8_and_odd_headers_do_not_break_the_plugin(envoy_factory, mock):
     assert envoy.chat().status == 200, "the VM is still alive"
 
 
+@pytest.mark.parametrize("mode", ["downstream", "upstream"])
+def test_repeated_and_mixed_case_client_credentials_are_all_dropped(envoy_factory, mock, mode):
+    import socket
+
+    envoy = envoy_factory.start({"apiTokens": [A], "provider": "anthropic"}, filter_mode=mode)
+    body = b'{"model":"m","messages":[]}'
+    raw = (
+        b"POST /v1/messages HTTP/1.1\r\nhost: api.example\r\nAuthorization: Bearer client-one\r\n"
+        b"authorization: Bearer client-two\r\nAPI-KEY: client-three\r\nX-Goog-Api-Key: client-four\r\n"
+        b"x-goog-api-key: client-five\r\nX-API-KEY: client-six\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with socket.create_connection(("127.0.0.1", envoy.port), timeout=5) as s:
+        s.sendall(raw)
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    [req] = mock.requests()
+    assert req["headers"]["x-api-key"] == A
+    assert "client" not in str(req["headers"]), req["headers"]
+    for name in ("authorization", "api-key", "x-goog-api-key"):
+        assert name not in req["headers"]
+
+
 def test_no_configured_key_in_the_debug_log(envoy_factory, mock):
     """Failures, transitions and rejections all logged at debug level; no key anywhere in them."""
     from harness import scannable_log_text
