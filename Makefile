@@ -132,6 +132,10 @@ bench: deps build $(BENCH_STAMP)
 		command -v apt-get >/dev/null || { echo "wrk is missing: install it (https://github.com/wg/wrk)" >&2; exit 1; }; \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing wrk (apt-get)"; \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk; }
+	@command -v valgrind >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "valgrind is missing: install it, or pass BENCH_ARGS=--no-instructions" >&2; exit 1; }; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing valgrind (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq valgrind; }
 	$(VPY) bench/bench.py --envoy $(ENVOY) --wasm $(WASM) $(BENCH_ARGS)
 
 FUZZ_TARGETS = fuzz_config fuzz_status_pattern fuzz_hints fuzz_codec fuzz_header_map
