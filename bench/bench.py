@@ -174,6 +174,8 @@ def front_config(port: int, admin_port: int, upstream_port: int, mode: str,
     if mode == "downstream":
         http_filters = [wasm_filter(plugin_config, wasm)]
     elif mode == "upstream":
+        # As in examples/envoy-upstream-retry.yaml: Envoy's default allows 3 retries in flight.
+        cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "max_retries": 1024}]}
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
