@@ -574,11 +574,7 @@ impl HttpContext for Request {
         };
         let profile = engine.profile_for(&mut HostFacts);
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
-        let request_id = if upstream {
-            request_id()
-        } else {
-            None
-        };
+        let request_id = if upstream { request_id() } else { None };
         let avoid = request_id
             .as_deref()
             .map(|id| engine.failed_for(id))
