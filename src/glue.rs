@@ -184,7 +184,7 @@ fn property_string(paths: &[&[&str]]) -> Option<String> {
     paths
         .iter()
         .find_map(|path| host::property(path))
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map(into_text)
 }
 
 fn cluster_name() -> Option<String> {
@@ -242,7 +242,12 @@ struct Attempt {
 }
 
 fn request_id() -> Option<String> {
-    host::request_header("x-request-id").map(|id| String::from_utf8_lossy(&id).into_owned())
+    host::request_header("x-request-id").map(into_text)
+}
+
+/// Keeps the host's buffer when it is UTF-8, as it almost always is: no second allocation.
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Downstream `retryOnFailure`: what is needed to send the request again.
@@ -600,7 +605,6 @@ impl HttpContext for Request {
                 if !host::set_request_header(auth_name, auth_value.as_bytes()) {
                     log::warn!("could not set the {auth_name} header");
                 }
-                let auth = auth_name.to_string();
                 let primary = profile.and_then(|p| engine.profile(p));
                 let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
                 if has_chain {
@@ -643,6 +647,9 @@ impl HttpContext for Request {
                         request_id,
                     });
                 } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
+                    let auth = engine
+                        .profile(assignment.profile)
+                        .map_or("", |p| p.auth.name.as_str());
                     let headers = host::request_headers()
                         .into_iter()
                         .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
