@@ -355,7 +355,8 @@ def run_wrk(port: int, seconds: float, connections: int, cpus: str) -> dict:
 #
 # req/s on a shared or virtual machine moves with whatever else the host runs: the same front
 # can measure 20% apart from one run to the next. The number of instructions a front executes
-# per request does not: callgrind counts them, and repeated runs agree within about 0.5%.
+# per request hardly does: callgrind counts them, and repeated runs agree within about 2% (the
+# idle work of each second is spread over the 100 or so requests valgrind lets through).
 
 # (label, mode, keys, retry policy, module: None | "plugin" | "floor")
 INSTRUCTION_FRONTS = [
@@ -988,8 +989,10 @@ def render_instructions(rows: list[dict]) -> list[str]:
         "",
         "The same kinds of front, each run alone under valgrind's callgrind with 4 connections, "
         "counting every user-space instruction the front Envoy executes (all threads, V8's "
-        "compiled wasm included) while wrk drives it; divided by the requests served. Unlike req/s, this does "
-        "not move with other load on the machine: repeated runs agree within about 0.5%. The "
+        "compiled wasm included) while wrk drives it; divided by the requests served. Unlike "
+        "req/s, this hardly moves with other load on the machine: repeated runs agree within "
+        "about 2% (the idle work of each second is spread over the 100 or so requests valgrind "
+        "lets through). The "
         "ratio is no filter's count ÷ the config's (the upstream-mode rows against no filter "
         "with the same retry policy), so it reads like the req/s ratio would on a machine "
         "where only CPU work counts; real req/s ratios come out higher, because part of a "
