@@ -65,8 +65,10 @@ trap 'cleanup' EXIT
 
 "$MOCK" --port "$MOCK_PORT" --demo >"$LOGDIR/mock.stdout" 2>"$LOGDIR/mock.log" &
 MOCK_PID=$!
+# The log is written out every 100 ms, not Envoy's default 10 s, so that a grep right after a
+# request finds its line.
 "$ENVOY" -c "$CONFIG" -l "$LOG_LEVEL" --log-path "$LOGDIR/envoy.log" --use-dynamic-base-id \
-  >"$LOGDIR/envoy.stdout" 2>&1 &
+  --file-flush-interval-msec 100 >"$LOGDIR/envoy.stdout" 2>&1 &
 ENVOY_PID=$!
 
 wait_up() { # name pid url [body]
@@ -100,8 +102,9 @@ cat <<EOF
        -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'
      curl -s localhost:$MOCK_PORT/_mock/requests    # "key" = the key the provider received
 
-  2) Ten requests: keys rotate, and a key that hits its limit (429) is failed over.
-     for i in \$(seq 10); do curl -s -o /dev/null -w '%{http_code}\n' localhost:$GATEWAY_PORT/v1/chat/completions \\
+  2) Twenty requests: keys rotate until demo-1 and demo-2 run into their limits. Each 429 takes
+     its key out for 10 s, and the requests after it go to the keys still in.
+     for i in \$(seq 20); do curl -s -o /dev/null -w '%{http_code}\n' localhost:$GATEWAY_PORT/v1/chat/completions \\
        -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'; done
      curl -s localhost:$MOCK_PORT/_mock/stats       # requests and statuses per key
      grep -E 'marked down|restored' $LOGDIR/envoy.log  # the plugin's transitions, keys by name
