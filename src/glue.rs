@@ -325,7 +325,7 @@ impl Context for Request {
         let now = host::now_ms();
         let status = match status {
             Some(status) if from_upstream => {
-                judge(&mut engine, sent, status, &headers, Some(&body));
+                judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
                 if retriable(&engine, sent.profile, status) {
                     retry.tried.push(tried_pair(&engine, sent));
                     if send_retry(&mut engine, retry) {
@@ -543,12 +543,13 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        judge(
+        judge_with_body(
             &mut engine,
             reading.sent,
             reading.status,
             &reading.headers,
-            Some(&reading.body),
+            &reading.body,
+            &Clock::new(&host::now_ms),
         );
     }
 }
@@ -632,7 +633,7 @@ impl HttpContext for Request {
                     // Learned once per VM and pool (after the pool header re-selected the
                     // route), so health checks and retries into this pool know its cluster.
                     let authority = host::request_header(":authority")
-                        .map(|a| String::from_utf8_lossy(&a).into_owned())
+                        .map(into_text)
                         .unwrap_or_default();
                     if let Some(cluster) = cluster_name() {
                         engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
@@ -766,6 +767,7 @@ impl HttpContext for Request {
                 engine.count_retry(sent.profile, outcome);
             }
         }
+        // The verdict without an error body; only a 429 whose body is read can change it.
         let first_look = engine.verdict(sent.profile, status, false);
         // Asked only of answers that could count or be retried: a success needs no host call.
         let via_upstream =
@@ -778,7 +780,15 @@ impl HttpContext for Request {
         if let Some(retry) = self.retry.as_mut() {
             if via_upstream && retriable(&engine, sent.profile, status) {
                 let headers = host::response_headers();
-                judge(&mut engine, sent, status, &headers, None);
+                record_answer(
+                    &mut engine,
+                    sent,
+                    status,
+                    first_look,
+                    &headers,
+                    None,
+                    &clock,
+                );
                 retry.tried.push(tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     // Hold this answer back; the retry's answer replaces it.
@@ -805,7 +815,15 @@ impl HttpContext for Request {
         } else {
             Vec::new()
         };
-        judge(&mut engine, sent, status, &headers, None);
+        record_answer(
+            &mut engine,
+            sent,
+            status,
+            first_look,
+            &headers,
+            None,
+            &clock,
+        );
         Action::Continue
     }
 
@@ -830,17 +848,30 @@ impl HttpContext for Request {
     }
 }
 
-/// Classifies an upstream response (with its error body when one was read) and records it.
-fn judge(
+/// Classifies an upstream response with the error body that was read, and records it.
+fn judge_with_body(
     engine: &mut Engine,
     sent: Assignment,
     status: u16,
     headers: &[(String, Vec<u8>)],
-    body: Option<&[u8]>,
+    body: &[u8],
+    clock: &Clock,
 ) {
-    let quota_exhausted = body.is_some_and(hints::is_insufficient_quota);
-    let verdict = engine.verdict(sent.profile, status, quota_exhausted);
-    let clock = Clock::new(&host::now_ms);
+    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
+    record_answer(engine, sent, status, verdict, headers, Some(body), clock);
+}
+
+/// Records what an upstream response says about its key; `headers` are needed only when the
+/// verdict takes retry hints.
+fn record_answer(
+    engine: &mut Engine,
+    sent: Assignment,
+    status: u16,
+    verdict: Verdict,
+    headers: &[(String, Vec<u8>)],
+    body: Option<&[u8]>,
+    clock: &Clock,
+) {
     let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
         let pairs: Vec<(&str, &[u8])> = headers
             .iter()
@@ -850,7 +881,7 @@ fn judge(
     } else {
         None
     };
-    engine.record(&HostShared, sent, verdict, status, hint_ms, &clock);
+    engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
 }
 
 fn from_upstream() -> bool {

@@ -4,7 +4,7 @@
 //! then indexes into it. The view lists the available keys and, for `weighted`, an alias table
 //! over them (Vose), so a weighted pick is two random numbers and a comparison.
 
-use crate::pool::{Health, PoolState, SentAs};
+use crate::pool::{Health, KeyState, PoolState, SentAs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {
@@ -131,15 +131,19 @@ pub struct PoolView {
     next_change_ms: Option<u64>,
 }
 
+fn indices_where(state: &PoolState, keep: impl Fn(&KeyState) -> bool) -> Vec<u32> {
+    state
+        .keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| keep(k))
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
 impl PoolView {
     pub fn build(state: &PoolState, weights: &[u32], selection: Selection) -> Self {
-        let available: Vec<u32> = state
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.is_available())
-            .map(|(i, _)| i as u32)
-            .collect();
+        let available = indices_where(state, KeyState::is_available);
         let weighted = if selection == Selection::Weighted {
             let w: Vec<u64> = available
                 .iter()
@@ -149,16 +153,10 @@ impl PoolView {
         } else {
             AliasTable::default()
         };
-        let probe_candidates = state
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.probe_claimable())
-            .map(|(i, _)| i as u32)
-            .collect();
+        let probe_candidates = indices_where(state, KeyState::probe_claimable);
         // Prefer the key whose time out ends first; then a key being probed; a key refused
         // for good only as a last resort.
-        let rank = |k: &crate::pool::KeyState| match k.health {
+        let rank = |k: &KeyState| match k.health {
             Health::CoolingDown => (0, k.down_until_ms),
             Health::Disabled if k.down_until_ms != crate::pool::FOREVER => (0, k.down_until_ms),
             Health::Probing => (1, k.probe_until_ms),
