@@ -1,14 +1,17 @@
-"""Checks shared by the load, fault and hostile-input tests (test_load.py, test_faults.py,
-test_hostile.py): Wasm VM health, Envoy's memory, plugin stats, and secret fragments."""
+"""Checks shared by the load, fault, reload and hostile-input tests: Wasm VM health, Envoy's
+memory, plugin stats, secret fragments, and chats sent in the background."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness import Envoy, HarnessError, wait_for
+from harness import Envoy, HarnessError, envoy_config, wait_for
 
 PLUGIN_STATS = "wasmcustom.ai_key_failover."
 
@@ -60,6 +63,67 @@ def wait_pool_stats(envoy: Envoy, pool: str, pred, timeout: float = 5, what: str
         s = pool_stats(envoy, pool)
         return s if pred(s) else None
     return wait_for(check, timeout, interval=0.2, what=what)
+
+
+def lds_bootstrap(tmp_path: Path, mock_port: int, listener_port: int, plugin_config: dict):
+    """A bootstrap whose listener comes from a file, and a function that swaps that file
+    atomically for one with another plugin config (an LDS update)."""
+    full = envoy_config(upstream_port=mock_port, plugin_config=plugin_config, listener_port=listener_port)
+    full["static_resources"].pop("listeners")
+    lds_path = tmp_path / "lds.json"
+
+    def write(cfg: dict) -> None:
+        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port)[
+            "static_resources"]["listeners"][0]
+        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+        tmp = tmp_path / "lds.json.tmp"
+        tmp.write_text(json.dumps({"resources": [listener]}))
+        os.rename(tmp, lds_path)  # Envoy watches for the move
+
+    write(plugin_config)
+    full["node"] = {"id": "e2e", "cluster": "e2e"}
+    full["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": str(lds_path)},
+                                                "resource_api_version": "V3"}}
+    return full, write
+
+
+class BackgroundChats:
+    """Threads that send chats until the `with` block ends. Each answer is recorded as
+    (status, whether it came from the upstream); a request that raised is recorded in `errors`.
+    `keep_alive=False` opens a new connection per request, so requests reach a listener that
+    replaced the old one as soon as it serves."""
+
+    def __init__(self, envoy: Envoy, threads: int, keep_alive: bool) -> None:
+        self.envoy, self.keep_alive = envoy, keep_alive
+        self.results: list[tuple[int, bool]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _send(self, chat) -> None:
+        while not self._stop.is_set():
+            try:
+                r = chat()
+                self.results.append((r.status, "x-mock-request-id" in r.headers))
+            except Exception as e:  # noqa: BLE001 - any error is a lost request
+                self.errors.append(repr(e))
+
+    def _run(self) -> None:
+        if self.keep_alive:
+            with self.envoy.client() as c:
+                self._send(c.chat)
+        else:
+            self._send(self.envoy.chat)
+
+    def __enter__(self) -> "BackgroundChats":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
 
 
 def fragments(keys: Iterable[str], n: int = 8) -> set[str]:

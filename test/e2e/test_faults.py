@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from checks import (
+    BackgroundChats,
+    lds_bootstrap,
     RawUpstream,
     assert_vm_healthy,
     http_response,
@@ -168,27 +170,6 @@ def test_refused_connections_get_envoys_503_and_never_mark_keys(envoy_factory, m
 # --------------------------------------------------------------------------- reload under load
 
 
-def lds_bootstrap(tmp_path: Path, mock_port: int, listener_port: int, plugin_config: dict):
-    """A bootstrap whose listener comes from a file; and a function that swaps that file."""
-    full = envoy_config(upstream_port=mock_port, plugin_config=plugin_config, listener_port=listener_port)
-    full["static_resources"].pop("listeners")
-    lds_path = tmp_path / "lds.json"
-
-    def write(cfg: dict) -> None:
-        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port)[
-            "static_resources"]["listeners"][0]
-        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
-        tmp = tmp_path / "lds.json.tmp"
-        tmp.write_text(json.dumps({"resources": [listener]}))
-        os.rename(tmp, lds_path)
-
-    write(plugin_config)
-    full["node"] = {"id": "e2e", "cluster": "e2e"}
-    full["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": str(lds_path)},
-                                                "resource_api_version": "V3"}}
-    return full, write
-
-
 def test_config_reloads_under_load_lose_no_request(envoy_factory, mock, tmp_path):
     D, E = "sk-fault-delta-Kq71x0004", "sk-fault-echo-Kq71x0005"
     every = KEYS + [{"token": D, "name": "delta"}, {"token": E, "name": "echo"}]
@@ -208,32 +189,14 @@ def test_config_reloads_under_load_lose_no_request(envoy_factory, mock, tmp_path
     envoy.port = port
     baseline_updates = envoy.stats("lds").get("listener_manager.lds.update_success", 0)
 
-    results: list[tuple[int, bool]] = []
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            try:  # a new connection each time, so requests reach the new listener as soon as it serves
-                r = envoy.chat()
-                results.append((r.status, "x-mock-request-id" in r.headers))
-            except Exception as e:  # noqa: BLE001 - any error is a lost request
-                errors.append(repr(e))
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    try:
+    with BackgroundChats(envoy, threads=8, keep_alive=False) as load:
         time.sleep(0.5)
         for n, cfg in enumerate(versions[1:], start=1):
             swap(cfg)
             wait_for(lambda: envoy.stats("lds").get("listener_manager.lds.update_success", 0) >= baseline_updates + n,
                      10, what=f"LDS update {n}")
             time.sleep(0.6)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    results, errors = load.results, load.errors
 
     statuses = Counter(s for s, _ in results)
     assert not errors, f"{len(errors)} requests failed: {errors[:5]}"
@@ -352,31 +315,12 @@ def test_corruption_in_the_middle_of_load_loses_no_request(envoy_factory, mock):
     boot = with_corrupt_writer(mock.port, cfg, {"corruptAfterMs": 2500, "mode": "garbage"})
     envoy = envoy_factory.start(cfg, raw_config=boot, concurrency=4)
     baseline = wasm_stats(envoy)
-    results: list[tuple[int, bool]] = []
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with envoy.client() as c:
-            while not stop.is_set():
-                try:
-                    r = c.chat()
-                    results.append((r.status, "x-mock-request-id" in r.headers))
-                except Exception as e:  # noqa: BLE001 - any error is a lost request
-                    errors.append(repr(e))
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    try:
+    with BackgroundChats(envoy, threads=8, keep_alive=True) as load:
         envoy.wait_log(r"corrupt-writer: timed 'garbage' corruption: [0-9a-f]{16} 414b4602", timeout=10)
-        n = len(results)
+        n = len(load.results)
         time.sleep(1)
-        assert len(results) > n + 100, "load went on after the corruption"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        assert len(load.results) > n + 100, "load went on after the corruption"
+    results, errors = load.results, load.errors
     assert not errors, errors[:5]
     assert all(up for _, up in results)
     assert {s for s, _ in results} <= {200, 429}, Counter(results)

@@ -6,6 +6,8 @@ from collections import Counter
 
 import pytest
 
+from checks import raw_exchange
+
 A, B, C = "sk-test-kilo-0001", "sk-test-lima-0002", "sk-test-mike-0003"
 CLIENT_CREDS = {
     "authorization": "Bearer sk-client-own-key",
@@ -101,17 +103,13 @@ def test_random_selection_uses_every_key(envoy_factory, mock):
 
 
 def test_non_utf8_and_odd_headers_do_not_break_the_plugin(envoy_factory, mock):
-    import socket
-
     envoy = envoy_factory.start({"apiTokens": [A], "_rules_": [{"_match_domain_": ["*.x.example"], "apiTokens": [B]}]})
     body = b'{"model":"m","messages":[]}'
     raw = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.x.example\r\nauthorization: Bearer \xff\xfe\r\n"
         b"x-api-key: \x80\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with socket.create_connection(("127.0.0.1", envoy.port), timeout=5) as s:
-        s.sendall(raw)
-        reply = s.recv(4096)
+    reply = raw_exchange(envoy.port, raw)
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     assert mock.keys_received() == [B]
     assert envoy.chat().status == 200, "the VM is still alive"
@@ -119,8 +117,6 @@ def test_non_utf8_and_odd_headers_do_not_break_the_plugin(envoy_factory, mock):
 
 @pytest.mark.parametrize("mode", ["downstream", "upstream"])
 def test_repeated_and_mixed_case_client_credentials_are_all_dropped(envoy_factory, mock, mode):
-    import socket
-
     envoy = envoy_factory.start({"apiTokens": [A], "provider": "anthropic"}, filter_mode=mode)
     body = b'{"model":"m","messages":[]}'
     raw = (
@@ -129,9 +125,7 @@ def test_repeated_and_mixed_case_client_credentials_are_all_dropped(envoy_factor
         b"x-goog-api-key: client-five\r\nX-API-KEY: client-six\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with socket.create_connection(("127.0.0.1", envoy.port), timeout=5) as s:
-        s.sendall(raw)
-        reply = s.recv(4096)
+    reply = raw_exchange(envoy.port, raw)
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     [req] = mock.requests()
     assert req["headers"]["x-api-key"] == A

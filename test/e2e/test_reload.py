@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import threading
 import time
 from collections import Counter
 
-from harness import envoy_config, free_port, wait_for
+from checks import BackgroundChats, lds_bootstrap
+from harness import free_port, wait_for
 
 A, B, C = "sk-test-uniform-0001", "sk-test-victor-0002", "sk-test-whiskey-0003"
-
-
-def lds_setup(tmp_path, mock_port, listener_port, plugin_config):
-    """A bootstrap whose listener comes from a file, and a writer that swaps that file atomically."""
-    full = envoy_config(upstream_port=mock_port, plugin_config=plugin_config, listener_port=listener_port)
-    listeners = full["static_resources"].pop("listeners")
-    lds_path = tmp_path / "lds.json"
-
-    def write_listeners(cfg):
-        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port)[
-            "static_resources"]["listeners"][0]
-        listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
-        tmp = tmp_path / "lds.json.tmp"
-        tmp.write_text(json.dumps({"resources": [listener]}))
-        os.rename(tmp, lds_path)  # Envoy watches for the move
-
-    assert listeners
-    write_listeners(plugin_config)
-    full["node"] = {"id": "e2e", "cluster": "e2e"}
-    full["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": str(lds_path)},
-                                                "resource_api_version": "V3"}}
-    return full, write_listeners
 
 
 def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(envoy_factory, mock, tmp_path):
@@ -43,7 +19,7 @@ def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(en
                                         {"token": C, "name": "whiskey"}],
           "exposeKeyName": True, "failover": {"cooldownDuration": 600000, "failureThreshold": 2}}
     port = free_port()
-    bootstrap, swap = lds_setup(tmp_path, mock.port, port, v1)
+    bootstrap, swap = lds_bootstrap(tmp_path, mock.port, port, v1)
     envoy = envoy_factory.start(v2, raw_config=bootstrap, concurrency=2)  # v2 lists every key for the secret scan
     envoy.port = port
 
@@ -53,25 +29,14 @@ def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(en
     envoy.wait_log(r"key uniform marked down", plugin_only=True)
 
     # Traffic keeps flowing through the swap.
-    statuses: list[int] = []
-    stop = threading.Event()
-
-    def load():
-        # A new connection each time, so requests reach the new listener as soon as it serves.
-        while not stop.is_set():
-            statuses.append(envoy.chat().status)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    mock.clear()
-    swap(v2)
-    wait_for(lambda: "x-ai-key-failover-key" in envoy.chat().headers, 10, what="the new config to serve")
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    with BackgroundChats(envoy, threads=4, keep_alive=False) as load:
+        time.sleep(0.5)
+        mock.clear()
+        swap(v2)
+        wait_for(lambda: "x-ai-key-failover-key" in envoy.chat().headers, 10, what="the new config to serve")
+        time.sleep(0.5)
+    statuses = [status for status, _ in load.results]
+    assert not load.errors, load.errors[:5]
 
     assert statuses and set(statuses) == {200}, Counter(statuses)
     with envoy.client() as c:
