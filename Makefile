@@ -66,19 +66,27 @@ $(DEPS_STAMP): test/e2e/requirements.txt Makefile
 # in memory per VM. The feature flags must match what rustc emits; --all-features would produce
 # a module Envoy's V8 refuses. -ocimfs 100 stops it inlining single-caller functions into huge
 # ones, which costs memory when V8 compiles them.
-WASM_OPT_FLAGS = -Oz -ocimfs 100 --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+WASM_FEATURES = --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	--enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
+WASM_OPT_FLAGS = -Oz -ocimfs 100 $(WASM_FEATURES)
 
+# wasm-metadce (also binaryen) first drops every export that scripts/wasm-exports.json does not
+# list, and the code only they reached. The SDK exports all proxy-wasm callbacks; Envoy skips a
+# callback the module does not export, so per request it makes no proxy_on_done or proxy_on_log
+# call into the VM, and the network-filter and gRPC callbacks are not compiled at all.
 # cargo hard-links its artifact to $(WASM) on every build, so the optimized module is written
 # anew each time, from cargo's own copy in deps/, to a new file (never through the hard link).
 build: wasm-opt-tool
 	cargo build --release --target $(WASM_TARGET) -p ai-key-failover
-	wasm-opt $(WASM_OPT_FLAGS) target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm -o $(WASM).tmp
+	wasm-metadce $(WASM_FEATURES) -f scripts/wasm-exports.json \
+		target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm -o $(WASM).dce >/dev/null
+	wasm-opt $(WASM_OPT_FLAGS) $(WASM).dce -o $(WASM).tmp
+	@rm -f $(WASM).dce
 	@mv $(WASM).tmp $(WASM)
 	@ls -l $(WASM)
 
 wasm-opt-tool:
-	@command -v wasm-opt >/dev/null || { \
+	@command -v wasm-opt >/dev/null && command -v wasm-metadce >/dev/null || { \
 		command -v apt-get >/dev/null || { echo "wasm-opt is missing: install binaryen" >&2; exit 1; }; \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing binaryen (apt-get)"; \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq binaryen; }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, envoy_binary
+from harness import REPO, WASM_PATH, envoy_binary
 
 SHIPPED = [REPO / "envoy.yaml", *sorted((REPO / "examples").glob("*.yaml"))]
 
@@ -69,3 +70,41 @@ def test_upstream_retry_example_hides_rate_limits_from_clients(envoy_factory, mo
     got = Counter(r["status"] for r in mock.requests())
     assert got[429] >= 1, "the demo limits did bite; the retries hid them"
     envoy.wait_log(r"running as an upstream \(per retry attempt\) filter", plugin_only=True)
+
+
+def wasm_exports(module: bytes) -> list[str]:
+    def leb(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = module[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, at
+
+    at = 8  # magic and version
+    while at < len(module):
+        section, size_at = module[at], at + 1
+        size, at = leb(size_at)
+        if section == 7:
+            count, at = leb(at)
+            names = []
+            for _ in range(count):
+                length, at = leb(at)
+                names.append(module[at:at + length].decode())
+                _, at = leb(at + length + 1)  # kind byte, then index
+            return names
+        at += size
+    return []
+
+
+def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
+    """Envoy calls into the VM for every exported callback; the plugin does its end-of-request
+    work when the SDK drops the context, so per request it needs no proxy_on_done or proxy_on_log."""
+    wanted = json.loads((REPO / "scripts/wasm-exports.json").read_text())
+    listed = {e["export"] for e in wanted if "export" in e}
+    exported = set(wasm_exports(WASM_PATH.read_bytes()))
+    assert exported == listed
+    assert {"proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_delete"} <= exported
+    assert not exported & {"proxy_on_done", "proxy_on_log", "proxy_on_downstream_data"}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from harness import wait_for
+
 A, B, C = "sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-0003"
 
 
@@ -189,3 +191,29 @@ def test_client_disconnect_does_not_mark_the_key(envoy_factory, mock):
     time.sleep(1.2)
     assert "marked down" not in envoy.plugin_log()
     assert send(envoy, 4) == [200] * 4
+
+
+def test_a_probe_whose_client_disconnects_is_given_back_at_once(envoy_factory, mock):
+    import socket
+
+    # alpha: 429, then a probe it holds for 3 s, then healthy answers.
+    mock.set_keys({"keys": {A: {"script": [{"status": 429}, {"status": 200, "delayMs": 3000}]}, B: {}}})
+    envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 1000}))
+    with envoy.client() as c:
+        while c.chat().status != 429:
+            pass
+    envoy.wait_log(r"key alpha time out over; the next request probes it", timeout=4, plugin_only=True)
+    mock.clear()
+    s = socket.create_connection(("127.0.0.1", envoy.port))
+    body = b'{"model":"m","messages":[]}'
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    wait_for(lambda: mock.keys_received() == [A], timeout=3, what="the probe to reach alpha")
+    s.close()
+    time.sleep(0.3)
+    mock.clear()
+    # Had the probe not been given back, alpha would stay claimed for a minute and this would go
+    # to bravo.
+    assert send(envoy, 1) == [200]
+    assert mock.keys_received() == [A], "the next request probes alpha again"
+    envoy.wait_log(r"key alpha restored", plugin_only=True)
