@@ -774,16 +774,7 @@ impl HttpContext for Request {
         }
         if let Some(retry) = self.retry.as_mut() {
             if via_upstream && retriable(&engine, sent.profile, status) {
-                let headers = host::response_headers();
-                record_answer(
-                    &mut engine,
-                    sent,
-                    status,
-                    first_look,
-                    &headers,
-                    None,
-                    &clock,
-                );
+                record_live_answer(&mut engine, sent, status, first_look, &clock);
                 retry.tried.push(tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     // Hold this answer back; the retry's answer replaces it.
@@ -805,20 +796,7 @@ impl HttpContext for Request {
             });
             return Action::Continue;
         }
-        let headers = if engine.wants_retry_hint(sent.profile, first_look) {
-            host::response_headers()
-        } else {
-            Vec::new()
-        };
-        record_answer(
-            &mut engine,
-            sent,
-            status,
-            first_look,
-            &headers,
-            None,
-            &clock,
-        );
+        record_live_answer(&mut engine, sent, status, first_look, &clock);
         Action::Continue
     }
 
@@ -859,6 +837,23 @@ fn judge_with_body(
 ) {
     let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
     record_answer(engine, sent, status, verdict, headers, Some(body), clock);
+}
+
+/// Records a response whose headers are still the host's to read: they are read only when the
+/// verdict takes retry hints, as reading them all costs more than any other host call.
+fn record_live_answer(
+    engine: &mut Engine,
+    sent: Assignment,
+    status: u16,
+    verdict: Verdict,
+    clock: &Clock,
+) {
+    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
+        host::response_headers()
+    } else {
+        Vec::new()
+    };
+    record_answer(engine, sent, status, verdict, &headers, None, clock);
 }
 
 /// Records what an upstream response says about its key; `headers` are needed only when the

@@ -4,6 +4,7 @@ Each test asserts what the provider received (which key, how often) and what the
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 
@@ -21,6 +22,25 @@ def keys_config(**overrides):
 def send(envoy, n, **kw):
     with envoy.client() as c:
         return [c.chat(**kw).status for _ in range(n)]
+
+
+def open_chat(envoy):
+    """Sends a chat completion on a raw connection and returns the socket without reading the
+    answer, so that the test can hang up while the request is in flight."""
+    s = socket.create_connection(("127.0.0.1", envoy.port))
+    body = b'{"model":"m","messages":[]}'
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    return s
+
+
+def take_alpha_out_until_its_probe_is_due(envoy):
+    """alpha's script starts with a 429; sends until it comes, then waits for the tick that ends
+    the 1 s cooldown."""
+    with envoy.client() as c:
+        while c.chat().status != 429:
+            pass
+    envoy.wait_log(r"key alpha time out over; the next request probes it", timeout=4, plugin_only=True)
 
 
 def test_429_takes_the_key_out_and_traffic_moves_to_the_other(envoy_factory, mock):
@@ -84,10 +104,7 @@ def test_key_returns_after_its_cooldown_and_not_before(envoy_factory, mock):
 def test_tick_ends_a_cooldown_with_no_traffic(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"script": [{"status": 429}]}, B: {}}})
     envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 1000}))
-    with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
-    envoy.wait_log(r"key alpha time out over; the next request probes it", timeout=4, plugin_only=True)
+    take_alpha_out_until_its_probe_is_due(envoy)
     mock.clear()
     assert envoy.chat().status == 200
     assert mock.keys_received() == [A]
@@ -177,15 +194,10 @@ def test_clients_cannot_empty_the_pool_with_bad_requests(envoy_factory, mock):
 
 
 def test_client_disconnect_does_not_mark_the_key(envoy_factory, mock):
-    import socket
-
     mock.set_keys({"keys": {A: {"delayMs": 800}, B: {"delayMs": 800}}})
     envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["4.*", "5.*"]}))
     for _ in range(4):
-        s = socket.create_connection(("127.0.0.1", envoy.port))
-        body = b'{"model":"m","messages":[]}'
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        s = open_chat(envoy)
         time.sleep(0.1)
         s.close()
     time.sleep(1.2)
@@ -194,20 +206,12 @@ def test_client_disconnect_does_not_mark_the_key(envoy_factory, mock):
 
 
 def test_a_probe_whose_client_disconnects_is_given_back_at_once(envoy_factory, mock):
-    import socket
-
     # alpha: 429, then a probe it holds for 3 s, then healthy answers.
     mock.set_keys({"keys": {A: {"script": [{"status": 429}, {"status": 200, "delayMs": 3000}]}, B: {}}})
     envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 1000}))
-    with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
-    envoy.wait_log(r"key alpha time out over; the next request probes it", timeout=4, plugin_only=True)
+    take_alpha_out_until_its_probe_is_due(envoy)
     mock.clear()
-    s = socket.create_connection(("127.0.0.1", envoy.port))
-    body = b'{"model":"m","messages":[]}'
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    s = open_chat(envoy)
     wait_for(lambda: mock.keys_received() == [A], timeout=3, what="the probe to reach alpha")
     s.close()
     time.sleep(0.3)
