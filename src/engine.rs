@@ -620,10 +620,29 @@ impl Engine {
         self.attempts.forget(request_id);
     }
 
-    pub fn note_failed_attempt(&mut self, request_id: &str, sent: Assignment, now_ms: u64) {
-        if let Some((pool, _)) = self.pool_of(sent.profile) {
+    /// Upstream mode: an attempt got `status`. Remembered only when another key could do better
+    /// (a status the pool's `failoverOnStatus` or `disableOnStatus` covers, never one that is the
+    /// request's own fault), so bad requests fill no memory. Whether `failover` takes keys out
+    /// does not matter here: Envoy retries anyway, and the retry should use another key.
+    pub fn note_failed_attempt(
+        &mut self,
+        request_id: &str,
+        sent: Assignment,
+        status: u16,
+        now_ms: u64,
+    ) {
+        let Some(p) = self.config.profiles.get(sent.profile) else {
+            return;
+        };
+        let verdict = classify(
+            status,
+            &p.failover.failover_on_status,
+            &p.failover.disable_on_status,
+            false,
+        );
+        if matches!(verdict, Verdict::KeyFailure(_)) {
             self.attempts
-                .note_failure(request_id, (pool, sent.key), now_ms);
+                .note_failure(request_id, (p.pool, sent.key), now_ms);
         }
     }
 
@@ -1676,6 +1695,36 @@ mod tests {
             Decision::UseKey(a) => assert_eq!((a.profile, a.key), (primary, 1)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn attempts_remember_only_failures_another_key_could_cure() {
+        let cfg = r#"{"apiTokens": ["a", "b", "c"],
+            "failover": {"enabled": false, "failoverOnStatus": ["4.*", "5.*"]}}"#;
+        let mut w = engine(cfg, 1);
+        let g = w.config().global.unwrap();
+        let pool = w.pool_of(g).unwrap().0;
+        // The request's own faults, even under a pattern that covers them, and successes.
+        for status in [200, 302, 400, 404, 405, 413, 415, 422, 529] {
+            w.note_failed_attempt("r", sent(g, 0, SentAs::Normal), status, 0);
+        }
+        assert!(w.failed_for("r").is_empty());
+        assert!(
+            w.attempts.is_empty(),
+            "a flood of bad requests fills no memory"
+        );
+        w.note_failed_attempt("r", sent(g, 0, SentAs::Normal), 429, 0);
+        w.note_failed_attempt("r", sent(g, 1, SentAs::Normal), 503, 0);
+        w.note_failed_attempt("r", sent(g, 2, SentAs::Normal), 401, 0);
+        assert_eq!(w.failed_for("r"), [(pool, 0), (pool, 1), (pool, 2)]);
+        // Without the patterns that cover it, a status is not the key's failure.
+        let mut narrow = engine(
+            r#"{"apiTokens": ["a"], "failover": {"failoverOnStatus": ["429"]}}"#,
+            1,
+        );
+        let g = narrow.config().global.unwrap();
+        narrow.note_failed_attempt("r", sent(g, 0, SentAs::Normal), 500, 0);
+        assert!(narrow.failed_for("r").is_empty());
     }
 
     #[test]

@@ -744,10 +744,12 @@ impl HttpContext for Request {
         // Most responses (a success on a healthy key) never need the time.
         let clock = Clock::new(&host::now_ms);
         if let Some(attempt) = &self.attempt {
-            // Before Envoy starts the next attempt, so that attempt avoids this key.
+            // Before Envoy starts the next attempt, so that attempt avoids this key. A status
+            // that is not the key's fault is not remembered; such a request keeps what earlier
+            // attempts learned, in case Envoy's policy retries it anyway.
             if status >= 400 {
                 if let Some(id) = &attempt.request_id {
-                    engine.note_failed_attempt(id, sent, clock.now());
+                    engine.note_failed_attempt(id, sent, status, clock.now());
                 }
             } else if let Some(id) = &attempt.request_id {
                 // No attempt follows an answer that reached the client.

@@ -82,6 +82,32 @@ def test_a_retry_never_reuses_a_key_that_failed_for_the_request(envoy_factory, m
         assert len(keys) == 3 and len(set(keys)) == 3, keys
 
 
+def test_a_flood_of_bad_requests_does_not_stop_upstream_retries_avoiding_failed_keys(envoy_factory, mock):
+    # One worker, so one per-worker memory sees the whole flood. 12,000 requests answered 400 are
+    # more than that memory holds: were 400s remembered (or new requests refused when full), the
+    # retries after the flood would pick keys at random again, and a request's attempts would
+    # repeat alfa or bravo.
+    mock.set_keys({"keys": {k: {"always": {"status": 400}} for k in (A, B, C)}})
+    cfg = {"name": "p", "apiTokens": KEYS, "selection": "random", "failover": {"failureThreshold": 1000}}
+    envoy = envoy_factory.start(cfg, filter_mode="upstream", routes=retry_route((429, 500, 503), 2))
+    t0 = time.monotonic()
+    flood = envoy.parallel(lambda c, i: c.chat().status, 12_000, 4)
+    took = time.monotonic() - t0
+    print(f"12,000 requests answered 400 in {took:.1f} s")
+    assert Counter(flood) == {400: 12_000}
+    mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"always": {"status": 429}}, C: {}}})
+    mock.clear()
+    # Each request meets alfa or bravo first two times in three; with random picks and no
+    # memory, about one in three would repeat a key, so 30 clean requests cannot be luck.
+    with envoy.client() as c:
+        statuses = [c.chat().status for _ in range(30)]
+    assert statuses == [200] * 30
+    by_request = keys_by_request(mock)
+    assert len(by_request) == 30
+    for keys in by_request.values():
+        assert len(keys) == len(set(keys)) and keys[-1] == C, f"a retry reused a failed key: {keys}"
+
+
 def test_failures_seen_on_retries_mark_keys_down(envoy_factory, mock, mode):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"always": {"status": 429}}, C: {}}})
     envoy = start(envoy_factory, mode, threshold=1)
