@@ -519,16 +519,31 @@ impl Request {
         );
     }
 
-    /// The stream ended: judge an error body read so far, or give back an unanswered probe.
+    /// The stream ended: judge an error body read so far, or give back an unanswered probe,
+    /// whichever attempt holds it: the request's own, or a `retryOnFailure` re-send still in
+    /// flight (the client hung up while it ran; Envoy cancels the call, so no answer will come).
     fn finish(&mut self) {
         self.finish_error_response();
-        let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
+        let in_flight = self
+            .retry
+            .as_mut()
+            .and_then(|r| r.in_flight.take())
+            .map(|(_, sent)| sent);
+        let unanswered = [self.chosen.take(), in_flight];
+        // A request that was answered holds nothing: no borrow, no clock read.
+        if unanswered.iter().all(Option::is_none) {
+            return;
+        }
+        let Some(shared) = self.shared.clone() else {
             return;
         };
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        engine.abandon(&HostShared, sent, host::now_ms());
+        let now = host::now_ms();
+        for sent in unanswered.into_iter().flatten() {
+            engine.abandon(&HostShared, sent, now);
+        }
     }
 
     fn finish_error_response(&mut self) {

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from harness import wait_for
+from test_failover import open_chat
 
 A, B, C = "sk-test-alfa-0001", "sk-test-bravo-0002", "sk-test-coca-0003"
 KEYS = [{"token": A, "name": "alfa"}, {"token": B, "name": "bravo"}, {"token": C, "name": "coca"}]
@@ -184,6 +185,35 @@ def test_bodies_over_max_body_bytes_are_not_retried(envoy_factory, mock):
     mock.clear()
     assert envoy.chat().status == 429
     assert len(mock.requests()) == 3, "a small body is retried with the other keys"
+
+
+def test_a_probe_claimed_by_a_re_send_is_given_back_when_the_client_hangs_up(envoy_factory, mock):
+    # alfa and bravo each fail once (503, not retried) and wait out a 1 s cooldown. The next
+    # request probes alfa, which answers 429; the re-send probes bravo, which takes 3 s, and the
+    # client hangs up meanwhile. Bravo's probe must be free at once, not held for a minute.
+    mock.set_keys({"keys": {A: {"script": [{"status": 503}, {"status": 429, "headers": {"retry-after": "30"}}]},
+                            B: {"script": [{"status": 503}, {"status": 200, "delayMs": 3000}]},
+                            C: {}}})
+    cfg = {"name": "p", "apiTokens": KEYS, "failover": {"failureThreshold": 1, "cooldownDuration": 1000},
+           "retryOnFailure": {"enabled": True, "maxRetries": 2, "retryOnStatus": ["429"]}}
+    envoy = envoy_factory.start(cfg)
+    with envoy.client() as c:
+        statuses = []
+        while statuses.count(503) < 2:
+            assert len(statuses) < 20, f"alfa and bravo should each have failed once: {statuses}"
+            statuses.append(c.chat().status)
+    for name in ("alfa", "bravo"):
+        envoy.wait_log(rf"key {name} time out over; the next request probes it", timeout=5, plugin_only=True)
+    mock.clear()
+    s = open_chat(envoy)
+    wait_for(lambda: mock.keys_received() == [A, B], timeout=5, what="the probe of alfa, then the re-send's of bravo")
+    s.close()
+    envoy.wait_log(r"probe of key bravo gave no answer; released", timeout=5, plugin_only=True)
+    mock.clear()
+    # Had the probe stayed claimed, this would go to coca.
+    assert envoy.chat().status == 200
+    assert mock.keys_received() == [B], "the next request probes bravo"
+    envoy.wait_log(r"key bravo restored", plugin_only=True)
 
 
 def test_downstream_retry_forwards_the_request_faithfully_without_client_credentials(envoy_factory, mock):
