@@ -589,6 +589,9 @@ impl HttpContext for Request {
             }
         };
         let profile = engine.profile_for(&mut HostFacts);
+        // Some pool has fallbacks, so a route may match the pool header: a value a client sent
+        // must not reach the upstream or pick a route, whether or not this request is keyed.
+        let drop_pool_header = engine.config().has_fallbacks;
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream { request_id() } else { None };
         let avoid = request_id
@@ -597,7 +600,12 @@ impl HttpContext for Request {
             .unwrap_or_default();
         let clock = Clock::new(&host::now_ms);
         match engine.decide(&HostShared, profile, &clock, &avoid) {
-            Decision::Untouched => Action::Continue,
+            Decision::Untouched => {
+                if drop_pool_header {
+                    drop_client_pool_header();
+                }
+                Action::Continue
+            }
             Decision::Reject { retry_after_secs } => {
                 self.reject(retry_after_secs);
                 Action::Pause
@@ -606,6 +614,9 @@ impl HttpContext for Request {
                 let Some((auth_name, auth_value)) =
                     engine.key_header(assignment.profile, assignment.key)
                 else {
+                    if drop_pool_header {
+                        drop_client_pool_header();
+                    }
                     return Action::Continue;
                 };
                 for name in CLIENT_CREDENTIAL_HEADERS {
@@ -624,7 +635,9 @@ impl HttpContext for Request {
                     if let Some((_, label)) = engine.pool_of(assignment.profile) {
                         host::set_request_header(POOL_HEADER, label.as_bytes());
                     }
-                } else if engine.config().has_fallbacks {
+                } else if drop_pool_header {
+                    // Unread: the key header's write already made Envoy select the route again,
+                    // so a removal costs no more than a read would.
                     host::remove_request_header(POOL_HEADER);
                 }
                 let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
@@ -898,6 +911,16 @@ fn record_answer(
 
 fn from_upstream() -> bool {
     host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+}
+
+/// Removes a client's `x-ai-key-failover-pool` from a request the plugin does not key. Read
+/// first: the header is almost never there, and a read that finds nothing costs one host call
+/// and leaves Envoy's route cache alone, where a removal always clears it and makes Envoy select
+/// the route again.
+fn drop_client_pool_header() {
+    if host::request_header(POOL_HEADER).is_some() {
+        host::remove_request_header(POOL_HEADER);
+    }
 }
 
 fn strip_gemini_query_key() {

@@ -102,3 +102,27 @@ def test_when_the_whole_chain_is_down_on_all_unavailable_applies(envoy_factory, 
     assert r.status == 429 and r.json()["error"]["code"] == "all_keys_unavailable"
     assert 1 <= int(r.headers["retry-after"]) <= 67
     envoy.wait_log(r"pool backup: key b1 marked down after status 503", plugin_only=True)
+
+
+def test_a_client_cannot_steer_requests_no_rule_keys_with_the_header(envoy_factory, mock, mock_factory):
+    # No global pool: only the chat route's rule keys requests. The client's header matches the
+    # fallback's route first: on /v1/embeddings, which no rule covers, and on /v1/chat, whose rule
+    # then sees that route's name instead of its own and does not key the request either.
+    backup = mock_factory.start()
+    for m in (mock, backup):
+        m.set_keys({"requireKnownKey": False})
+    rule = {k: v for k, v in config().items() if k != "exposeKeyName"}
+    routes = [ROUTES[0], {"name": "chat", "prefix": "/v1/chat"}, {"name": "other", "prefix": "/"}]
+    envoy = envoy_factory.start({"_rules_": [{"_match_route_": ["chat"], **rule}]}, routes=routes,
+                                extra_clusters={"backup_provider": backup.port})
+    steer = {"x-ai-key-failover-pool": "backup"}
+    assert envoy.request("POST", "/v1/embeddings", headers=steer, body={"input": "x"}).status == 200
+    assert envoy.chat(headers=steer).status == 200
+    assert backup.requests() == [], "no client reached the fallback's route"
+    reqs = sorted(mock.requests(), key=lambda q: q["seq"])
+    assert [q["path"] for q in reqs] == ["/v1/embeddings", "/v1/chat/completions"]
+    for q in reqs:
+        assert "x-ai-key-failover-pool" not in q["headers"], q["path"]
+    # Without the header, the chat rule keys its requests as usual.
+    assert envoy.chat().status == 200
+    assert mock.keys_received()[-1] in (P1, P2)

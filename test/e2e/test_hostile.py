@@ -323,3 +323,24 @@ def test_an_auth_header_prefix_that_could_inject_a_header_is_refused(envoy_facto
         log = envoy_factory.start_expect_failure({"apiTokens": ["sk-inject-Cc3-good"],
                                                   "authHeader": {"name": "x-key", "prefix": prefix}})
         assert "invalid configuration: authHeader.prefix: " in log, log[-2000:]
+
+
+def test_no_client_pool_header_survives_on_requests_no_rule_keys(envoy_factory, mock, mock_factory):
+    # With fallbacks configured, a route on the pool header exists; a client sends the header
+    # twice, in odd case, once not UTF-8, on a host no rule covers (the request is not keyed).
+    backup = mock_factory.start()
+    for m in (mock, backup):
+        m.set_keys({"requireKnownKey": False})
+    cfg = {"_rules_": [{"_match_domain_": ["*.x.example"], "name": "dom", "apiTokens": [D1],
+                        "fallbacks": [{"name": "fb", "apiTokens": [D2]}]}]}
+    routes = [{"name": "pool-header", "match": {"prefix": "/", "headers": [
+                  {"name": "x-ai-key-failover-pool", "present_match": True}]},
+               "route": {"cluster": "backup_provider"}},
+              {"name": "route-default", "prefix": "/"}]
+    envoy = envoy_factory.start(cfg, routes=routes, extra_clusters={"backup_provider": backup.port})
+    reply = raw_exchange(envoy.port, chat_request(
+        b"host: api.example\r\nX-AI-Key-Failover-Pool: fb\r\nx-ai-key-failover-pool: \xff\xfe\r\n"))
+    assert status_of(reply) == 200, reply[:200]
+    assert backup.requests() == [], "the client's header picked no route"
+    [q] = mock.requests()
+    assert q["key"] is None and "x-ai-key-failover-pool" not in q["headers"]
