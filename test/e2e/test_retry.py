@@ -188,13 +188,13 @@ def test_bodies_over_max_body_bytes_are_not_retried(envoy_factory, mock):
 
 
 def test_a_probe_claimed_by_a_re_send_is_given_back_when_the_client_hangs_up(envoy_factory, mock):
-    # alfa and bravo each fail once (503, not retried) and wait out a 1 s cooldown. The next
+    # alfa and bravo each fail once (503, not retried) and wait out a 2 s cooldown. The next
     # request probes alfa, which answers 429; the re-send probes bravo, which takes 3 s, and the
     # client hangs up meanwhile. Bravo's probe must be free at once, not held for a minute.
     mock.set_keys({"keys": {A: {"script": [{"status": 503}, {"status": 429, "headers": {"retry-after": "30"}}]},
                             B: {"script": [{"status": 503}, {"status": 200, "delayMs": 3000}]},
                             C: {}}})
-    cfg = {"name": "p", "apiTokens": KEYS, "failover": {"failureThreshold": 1, "cooldownDuration": 1000},
+    cfg = {"name": "p", "apiTokens": KEYS, "failover": {"failureThreshold": 1, "cooldownDuration": 2000},
            "retryOnFailure": {"enabled": True, "maxRetries": 2, "retryOnStatus": ["429"]}}
     envoy = envoy_factory.start(cfg)
     with envoy.client() as c:
