@@ -124,8 +124,8 @@ fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
         .collect()
 }
 
-/// The entries a pool has besides `state`, all created empty on config load.
-const SIDE_ENTRIES: [&str; 3] = ["epoch", "health-lease", "target"];
+/// A pool's entries, under `entry_prefix`: `state`, then those created empty on config load.
+const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
 
 /// Records a configuration's pools in the registry (newest last) after they have carried over
 /// the earlier pools' state, and clears every entry of the pools this pushes out of it.
@@ -162,7 +162,7 @@ pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, Upd
 /// values (a state entry holds a record per key) go.
 fn clear_pool(host: &dyn SharedData, pool_id: u64) {
     let prefix = entry_prefix(pool_id);
-    for name in std::iter::once("state").chain(SIDE_ENTRIES) {
+    for name in ENTRY_NAMES {
         if let Err(e) = host.set(&format!("{prefix}/{name}"), &[], None) {
             log::debug!("clearing {prefix}/{name} failed: {e:?}");
         }
@@ -170,14 +170,14 @@ fn clear_pool(host: &dyn SharedData, pool_id: u64) {
 }
 
 /// Creates an entry empty unless someone has; losing that race to another creator is fine.
-fn create_empty(host: &dyn SharedData, key: &str) -> Result<(), UpdateError> {
-    let (_, cas) = host.get(key).map_err(host_error)?;
+fn create_empty(host: &dyn SharedData, key: &str) -> Result<(), StoreError> {
+    let (_, cas) = host.get(key)?;
     if cas.is_some() {
         return Ok(());
     }
     match host.set(key, &[], Some(CREATE_CAS)) {
         Ok(()) | Err(StoreError::CasMismatch) => Ok(()),
-        Err(StoreError::Host(e)) => Err(UpdateError::Host(e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -208,14 +208,16 @@ impl PoolStore {
         selection: Selection,
     ) -> Self {
         let prefix = entry_prefix(pool_id);
+        let [state_key, epoch_key, lease_key, target_key] =
+            ENTRY_NAMES.map(|name| format!("{prefix}/{name}"));
         let state = PoolState::fresh(&fingerprints);
         let view = PoolView::build(&state, &weights, selection);
         PoolStore {
             pool_id,
-            state_key: format!("{prefix}/state"),
-            epoch_key: format!("{prefix}/epoch"),
-            lease_key: format!("{prefix}/health-lease"),
-            target_key: format!("{prefix}/target"),
+            state_key,
+            epoch_key,
+            lease_key,
+            target_key,
             fingerprints,
             weights,
             selection,
@@ -293,7 +295,7 @@ impl PoolStore {
                 keys_reenabled: reenabled,
             };
             if as_is && carried == 0 && reenabled == 0 {
-                self.create_side_entries(host)?;
+                self.create_side_entries(host);
                 return Ok(result);
             }
             state.written_at_ms = now_ms;
@@ -307,7 +309,7 @@ impl PoolStore {
                     host.set(&self.epoch_key, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     self.synced = false;
-                    self.create_side_entries(host)?;
+                    self.create_side_entries(host);
                     return Ok(result);
                 }
                 Err(StoreError::CasMismatch) => continue,
@@ -318,7 +320,7 @@ impl PoolStore {
     }
 
     /// The other pools' states in the registry and the previous build's states, newest first.
-    fn earlier_states(&mut self, host: &dyn SharedData) -> Result<Vec<PoolState>, UpdateError> {
+    fn earlier_states(&self, host: &dyn SharedData) -> Result<Vec<PoolState>, UpdateError> {
         let (registry, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
         let (previous_registry, _) = host.get(previous::REGISTRY_KEY).map_err(host_error)?;
         let mut previous_ids = decode_registry(previous_registry.as_deref());
@@ -354,11 +356,13 @@ impl PoolStore {
         Ok(states)
     }
 
-    fn create_side_entries(&self, host: &dyn SharedData) -> Result<(), UpdateError> {
+    /// Best effort: an entry left absent is still written with `CREATE_CAS` later.
+    fn create_side_entries(&self, host: &dyn SharedData) {
         for key in [&self.epoch_key, &self.lease_key, &self.target_key] {
-            create_empty(host, key)?;
+            if let Err(e) = create_empty(host, key) {
+                log::debug!("creating {key} failed: {e:?}");
+            }
         }
-        Ok(())
     }
 
     /// Takes or renews the pool's health-check lease for `owner`; false while another holds it.
