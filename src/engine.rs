@@ -457,7 +457,7 @@ impl Engine {
         let pool_ids: Vec<u64> = self.stores.iter().map(PoolStore::pool_id).collect();
         match store::register(host, &pool_ids) {
             Ok(cleared) if !cleared.is_empty() => log::info!(
-                "cleared the shared state of {} pools not configured in the last {} pool registrations",
+                "cleared the shared state of {} pools the registry no longer lists (it keeps the last {})",
                 cleared.len(),
                 store::REGISTRY_CAPACITY
             ),
