@@ -6,11 +6,21 @@
 //! fingerprint(u64) health(u8) consecutive_failures(u32) strikes(u32) down_since_ms(u64)
 //! down_until_ms(u64) probe_until_ms(u64),
 //! then an FNV-1a checksum (u32) of everything before it.
+//!
+//! The version is that of the whole shared-data schema, and the entries' names carry it too
+//! (`store::KEY_SPACE`), so two builds with different versions loaded under one `vm_id` during an
+//! upgrade each keep their own entries instead of overwriting each other's. Version 3 keeps the
+//! record layout of version 2; what changed is the key space and that every entry exists from the
+//! start (see `store`). Version 2 is still read (`decode_previous`) so a new build starts from
+//! what the previous one knew; a version newer than ours is reported as such
+//! (`DecodeError::NewerVersion`) so it is left alone rather than replaced.
 
 use crate::pool::{Health, KeyState, PoolState};
 
 const MAGIC: &[u8; 3] = b"AKF";
-const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
+/// The version the previous build wrote, read on load (same record layout).
+pub const PREVIOUS_VERSION: u8 = 2;
 const HEADER_LEN: usize = 3 + 1 + 8 + 4;
 const RECORD_LEN: usize = 8 + 1 + 4 + 4 + 8 + 8 + 8;
 const CHECKSUM_LEN: usize = 4;
@@ -21,7 +31,10 @@ pub const MAX_KEYS: usize = 100_000;
 pub enum DecodeError {
     TooShort,
     BadMagic,
+    /// An older version this build no longer reads.
     UnknownVersion(u8),
+    /// Written by a newer build: not ours to replace.
+    NewerVersion(u8),
     LengthMismatch,
     BadChecksum,
     BadHealth(u8),
@@ -33,6 +46,10 @@ impl std::fmt::Display for DecodeError {
             DecodeError::TooShort => f.write_str("entry too short"),
             DecodeError::BadMagic => f.write_str("not an ai-key-failover state entry"),
             DecodeError::UnknownVersion(v) => write!(f, "unknown state version {v}"),
+            DecodeError::NewerVersion(v) => write!(
+                f,
+                "state version {v} is newer than this build's {VERSION}; left as is"
+            ),
             DecodeError::LengthMismatch => f.write_str("length does not match key count"),
             DecodeError::BadChecksum => f.write_str("checksum mismatch"),
             DecodeError::BadHealth(h) => write!(f, "unknown key health {h}"),
@@ -98,7 +115,17 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// An entry in this build's format.
 pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
+    decode_version(bytes, VERSION)
+}
+
+/// An entry in the previous build's format (what it left under its own key names).
+pub fn decode_previous(bytes: &[u8]) -> Result<PoolState, DecodeError> {
+    decode_version(bytes, PREVIOUS_VERSION)
+}
+
+fn decode_version(bytes: &[u8], expected: u8) -> Result<PoolState, DecodeError> {
     if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
         return Err(DecodeError::TooShort);
     }
@@ -108,18 +135,24 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, DecodeError> {
         return Err(DecodeError::BadMagic);
     }
     let version = r.u8()?;
-    if version != VERSION {
+    // The checksum comes before the version check so that a damaged version byte reads as
+    // damage (replaced) and not as a newer build's entry (left alone). Every version keeps
+    // magic and version first and this checksum last, so an intact newer entry is recognised.
+    let stored_checksum =
+        u32::from_le_bytes(checksum.try_into().map_err(|_| DecodeError::TooShort)?);
+    if fnv1a32(body) != stored_checksum {
+        return Err(DecodeError::BadChecksum);
+    }
+    if version > VERSION {
+        return Err(DecodeError::NewerVersion(version));
+    }
+    if version != expected {
         return Err(DecodeError::UnknownVersion(version));
     }
     let written_at_ms = r.u64()?;
     let count = r.u32()? as usize;
     if count > MAX_KEYS || r.rest.len() != count * RECORD_LEN {
         return Err(DecodeError::LengthMismatch);
-    }
-    let stored_checksum =
-        u32::from_le_bytes(checksum.try_into().map_err(|_| DecodeError::TooShort)?);
-    if fnv1a32(body) != stored_checksum {
-        return Err(DecodeError::BadChecksum);
     }
     let mut keys = Vec::with_capacity(count);
     for _ in 0..count {
@@ -173,6 +206,20 @@ mod tests {
         assert_eq!(decode(&encode(&empty)).unwrap(), empty);
     }
 
+    /// `bytes` with its checksum made right again, as a writer of that content would have left it.
+    fn signed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let body = bytes.len() - CHECKSUM_LEN;
+        let checksum = fnv1a32(&bytes[..body]);
+        bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+
+    fn with_version(bytes: &[u8], version: u8) -> Vec<u8> {
+        let mut v = bytes.to_vec();
+        v[3] = version;
+        signed(v)
+    }
+
     #[test]
     fn rejects_every_kind_of_damage() {
         let good = encode(&sample());
@@ -181,25 +228,40 @@ mod tests {
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(decode(&bad), Err(DecodeError::BadMagic));
-        let mut bad = good.clone();
-        bad[3] = 9;
-        assert_eq!(decode(&bad), Err(DecodeError::UnknownVersion(9)));
-        let mut old = good.clone();
-        old[3] = 1;
+        let newer = with_version(&good, 9);
+        assert_eq!(decode(&newer), Err(DecodeError::NewerVersion(9)));
+        assert_eq!(decode_previous(&newer), Err(DecodeError::NewerVersion(9)));
+        let mut flipped = good.clone();
+        flipped[3] = 9;
         assert_eq!(
-            decode(&old),
+            decode(&flipped),
+            Err(DecodeError::BadChecksum),
+            "a damaged version byte is damage, not a newer build"
+        );
+        assert_eq!(
+            decode(&with_version(&good, 1)),
             Err(DecodeError::UnknownVersion(1)),
             "an older layout is refused, not misread"
         );
+        assert_eq!(decode_previous(&good), Err(DecodeError::UnknownVersion(3)));
         let mut bad = good.clone();
         bad[12] = 200;
-        assert_eq!(decode(&bad), Err(DecodeError::LengthMismatch));
+        assert_eq!(decode(&signed(bad)), Err(DecodeError::LengthMismatch));
         let mut bad = good.clone();
         bad[20] ^= 1;
         assert_eq!(decode(&bad), Err(DecodeError::BadChecksum));
+        let short = good[..good.len() - 1].to_vec();
+        assert_eq!(decode(&signed(short)), Err(DecodeError::LengthMismatch));
+    }
+
+    #[test]
+    fn the_previous_format_is_read_only_through_decode_previous() {
+        let s = sample();
+        let old = with_version(&encode(&s), PREVIOUS_VERSION);
+        assert_eq!(decode_previous(&old).unwrap(), s);
         assert_eq!(
-            decode(&good[..good.len() - 1]),
-            Err(DecodeError::LengthMismatch)
+            decode(&old),
+            Err(DecodeError::UnknownVersion(PREVIOUS_VERSION))
         );
     }
 

@@ -10,7 +10,7 @@ use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::rules::RequestFacts;
 use crate::select::{OnAllUnavailable, Rng, Selection};
 use crate::status::{classify, FailureClass, Verdict};
-use crate::store::{PoolStore, SharedData, UpdateError};
+use crate::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
 
 /// How long a probe may stay unanswered before another request may probe the key. Long enough
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
@@ -440,8 +440,29 @@ impl Engine {
                         );
                     }
                 }
-                Err(e) => log::warn!("pool {label}: could not take over earlier state: {e:?}"),
+                Err(UpdateError::GaveUp) => {
+                    if let Some(m) = self.metrics.get(pool) {
+                        m.count_gave_up(host);
+                    }
+                    log::warn!(
+                        "pool {label}: gave up taking over the previous configuration's state after {MAX_CAS_ATTEMPTS} concurrent changes; its keys keep the shared state as it is"
+                    );
+                }
+                Err(UpdateError::Host(e)) => {
+                    log::warn!("pool {label}: could not take over earlier state: {e}")
+                }
             }
+        }
+        // After the carry-over, so this load's pools do not read one another as earlier pools.
+        let pool_ids: Vec<u64> = self.stores.iter().map(PoolStore::pool_id).collect();
+        match store::register(host, &pool_ids) {
+            Ok(cleared) if !cleared.is_empty() => log::info!(
+                "cleared the shared state of {} pools the registry no longer lists (it keeps the last {})",
+                cleared.len(),
+                store::REGISTRY_CAPACITY
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("could not record this configuration's pools in the shared registry ({e:?}); the next configuration will not take over their state"),
         }
         self.tick(host, now_ms);
     }
@@ -796,7 +817,9 @@ impl Engine {
         self.attempts.purge(now_ms);
         for pool in 0..self.stores.len() {
             self.refresh_and_advance(host, pool, &Clock::at(now_ms));
-            if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get(pool)) {
+            if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get_mut(pool))
+            {
+                m.count_decode_failed(host, store.take_decode_failures());
                 m.sync(host, store.state());
             }
         }
@@ -1056,6 +1079,99 @@ mod tests {
 
     const RATE: Verdict = Verdict::KeyFailure(FailureClass::RateLimit);
     const SERVER: Verdict = Verdict::KeyFailure(FailureClass::ServerError);
+
+    /// Captures this thread's log lines, so a test can assert on what the engine says.
+    struct CaptureLog;
+    thread_local! {
+        static LOGGED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    impl log::Log for CaptureLog {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            LOGGED.with(|l| {
+                l.borrow_mut()
+                    .push(format!("{} {}", record.level(), record.args()))
+            });
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: CaptureLog = CaptureLog;
+
+    /// The lines logged on this thread while `f` ran.
+    fn logged_by(f: impl FnOnce()) -> Vec<String> {
+        let _ = log::set_logger(&CAPTURE);
+        log::set_max_level(log::LevelFilter::Trace);
+        LOGGED.with(|l| l.borrow_mut().clear());
+        f();
+        LOGGED.with(|l| l.take())
+    }
+
+    #[test]
+    fn a_carry_over_that_gives_up_is_logged_and_counted_as_such() {
+        let host = TestHost::default();
+        let old_cfg =
+            r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut old = engine(old_cfg, 1);
+        old.start(&host, 0);
+        let g = old.profile_for(&mut NoFacts);
+        let (p, k, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
+        let v = old.verdict(p, 429, false);
+        old.record(
+            &host,
+            sent(p, k, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        // A new key list: it would carry the down key over, but every write of it conflicts.
+        let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut new = engine(new_cfg, 2);
+        let state_key = format!("{}/state", store::entry_prefix(new.stores()[0].pool_id()));
+        *host.shared.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
+            if key == state_key {
+                let v = h.value(key);
+                h.put_raw(key, &v);
+            }
+        }));
+        let lines = logged_by(|| new.start(&host, 20));
+        *host.shared.before_set.borrow_mut() = None;
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("WARN pool main: gave up taking over")),
+            "{lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("kept the state")),
+            "{lines:?}"
+        );
+        assert_eq!(host.metrics.get("ai_key_failover.pool.main.cas_gave_up"), 1);
+    }
+
+    #[test]
+    fn reads_of_a_corrupt_state_entry_show_in_the_decode_failed_stat() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "main", "apiTokens": ["a", "b"]}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let stat = "ai_key_failover.pool.main.state_decode_failed";
+        assert_eq!(host.metrics.get(stat), 0);
+        let prefix = store::entry_prefix(w.stores()[0].pool_id());
+        host.shared
+            .put_raw(&format!("{prefix}/state"), b"not a state entry");
+        host.shared.put_raw(&format!("{prefix}/epoch"), &[]);
+        w.tick(&host, 1_000);
+        assert_eq!(host.metrics.get(stat), 1);
+        w.tick(&host, 2_000);
+        assert_eq!(
+            host.metrics.get(stat),
+            1,
+            "counted once per read, not per tick"
+        );
+    }
 
     #[test]
     fn a_429_on_one_worker_moves_every_worker_off_the_key_until_the_cooldown_ends() {

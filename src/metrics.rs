@@ -77,6 +77,7 @@ pub struct PoolMetrics {
     keys_restored: Option<u32>,
     probes_failed: Option<u32>,
     cas_gave_up: Option<u32>,
+    state_decode_failed: Option<u32>,
     retries: Option<u32>,
     retries_succeeded: Option<u32>,
     retries_failed: Option<u32>,
@@ -142,6 +143,7 @@ impl PoolMetrics {
             keys_restored: pool_metric(Counter, "keys_restored"),
             probes_failed: pool_metric(Counter, "probes_failed"),
             cas_gave_up: pool_metric(Counter, "cas_gave_up"),
+            state_decode_failed: pool_metric(Counter, "state_decode_failed"),
             retries: pool_metric(Counter, "retries"),
             retries_succeeded: pool_metric(Counter, "retries_succeeded"),
             retries_failed: pool_metric(Counter, "retries_failed"),
@@ -192,6 +194,12 @@ impl PoolMetrics {
 
     pub fn count_gave_up(&self, host: &dyn MetricsHost) {
         increment(host, self.cas_gave_up, 1);
+    }
+
+    /// Reads of the pool's shared state that did not decode (corrupt, foreign, or a newer
+    /// build's); summed by the store and flushed on tick.
+    pub fn count_decode_failed(&self, host: &dyn MetricsHost, reads: u64) {
+        increment(host, self.state_decode_failed, reads);
     }
 
     /// Transition counters, bumped by the worker whose write made the transitions.

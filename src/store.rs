@@ -1,20 +1,47 @@
 //! A pool's state in proxy shared data: a cached, decoded copy per VM, and the CAS loop that
 //! changes it.
 //!
-//! Each pool has two entries: `state` (every key's record) and `epoch` (an empty value rewritten
-//! after each change). A request reads only `epoch`; the host's CAS number on it moves with every
-//! write, so `state` is read and decoded again only when something changed. This keeps the
-//! per-request cost flat however many keys the pool has. The epoch is empty because a non-empty
-//! value makes the host call back into the VM to allocate a copy on every read: that re-entry
-//! is most of a read's cost.
+//! Each pool has four entries under `KEY_SPACE/<pool id>/`: `state` (every key's record),
+//! `epoch` (an empty value rewritten after each change), `health-lease` and `target`. A request
+//! reads only `epoch`; the host's CAS number on it moves with every write, so `state` is read
+//! and decoded again only when something changed. This keeps the per-request cost flat however
+//! many keys the pool has. The epoch is empty because a non-empty value makes the host call back
+//! into the VM to allocate a copy on every read: that re-entry is most of a read's cost.
+//!
+//! Envoy writes an absent entry whatever CAS number comes with the write, so the first write of
+//! an entry is where two workers can lose one another's change. Every entry is created on config
+//! load (`carry_over`), and a write to an entry found absent carries `CREATE_CAS`, which Envoy
+//! refuses once someone else has created it: the loser re-reads and retries on what the winner
+//! wrote, like any other conflict.
+//!
+//! The key space carries the format version (`codec::VERSION`). During an upgrade the previous
+//! build, still serving draining connections under the same `vm_id`, keeps its own entries
+//! (`previous`), which this build reads once on load and never writes.
 
-use crate::codec;
+use crate::codec::{self, DecodeError};
 use crate::pool::{Event, Health, KeyState, PoolState, FOREVER};
 use crate::select::{PoolView, Selection};
 
 /// Attempts before a change gives up; each failed attempt means another worker changed the
 /// state in between, which is rare outside storms of failures.
 pub const MAX_CAS_ATTEMPTS: usize = 16;
+
+/// The CAS number of a write to an entry that was absent when read. Envoy lets a CAS write to an
+/// absent key through whatever its number, and refuses it once the key exists with another
+/// number, so of two workers creating the same entry one wins and the other re-reads. Envoy
+/// numbers writes from one process-wide counter starting at 1, so an existing entry carries this
+/// number only if it was the 4,294,967,295th write to shared data since Envoy started: that is
+/// the window that remains.
+pub const CREATE_CAS: u32 = u32::MAX;
+
+fn cas_for(cas: Option<u32>) -> Option<u32> {
+    Some(cas.unwrap_or(CREATE_CAS))
+}
+
+/// Envoy's removal leaves the entry in place, empty: an empty value is no value.
+fn present(bytes: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    bytes.filter(|b| !b.is_empty())
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -26,9 +53,10 @@ pub enum StoreError {
 
 /// The two shared-data calls we need; implemented by the host glue, and by a map in tests.
 pub trait SharedData {
-    /// The value (None when absent) and its CAS number.
+    /// The value (None when absent or removed) and its CAS number (None when absent).
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
-    /// Writes only if the entry's CAS number is still `cas` (None: unconditionally).
+    /// Writes only if the entry's CAS number is still `cas` (None or 0: unconditionally; an
+    /// absent entry: whatever `cas` is).
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
 }
 
@@ -43,6 +71,8 @@ pub struct PoolStore {
     pool_id: u64,
     state_key: String,
     epoch_key: String,
+    lease_key: String,
+    target_key: String,
     fingerprints: Vec<u64>,
     weights: Vec<u32>,
     selection: Selection,
@@ -55,17 +85,36 @@ pub struct PoolStore {
     view: PoolView,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
+    /// Set when the stored entry is a newer build's, so that warning too is logged once per VM.
+    pub newer_entry_seen: bool,
+    /// Reads of an entry of this pool that did not decode, since `take_decode_failures`.
+    decode_failures: u64,
 }
 
+/// This build's shared-data key space; the name carries `codec::VERSION`.
+pub const KEY_SPACE: &str = "ai-key-failover/v3";
+
 pub fn entry_prefix(pool_id: u64) -> String {
-    format!("ai-key-failover/v1/{pool_id:016x}")
+    format!("{KEY_SPACE}/{pool_id:016x}")
 }
 
 /// Lists the pools configured so far (newest last), so a new config can take over the state of
 /// keys it keeps from the pools it replaces.
-pub const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
-/// Older pools than this are forgotten by the registry; their keys start fresh if they return.
-const REGISTRY_CAPACITY: usize = 64;
+pub const REGISTRY_KEY: &str = "ai-key-failover/v3/pools";
+/// Older pools than this are forgotten by the registry and their entries cleared; their keys
+/// start fresh if they return. A configuration with more pools keeps all of its own.
+pub const REGISTRY_CAPACITY: usize = 64;
+
+/// Where the previous build (format `codec::PREVIOUS_VERSION`) keeps its entries. Read on config
+/// load so a key it had taken out stays out; never written, since that build may still be
+/// serving draining connections from them.
+pub mod previous {
+    pub const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
+
+    pub fn state_key(pool_id: u64) -> String {
+        format!("ai-key-failover/v1/{pool_id:016x}/state")
+    }
+}
 
 fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
     bytes
@@ -75,13 +124,80 @@ fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
         .collect()
 }
 
+/// A pool's entries, under `entry_prefix`: `state`, then those created empty on config load.
+const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
+
+/// Records a configuration's pools in the registry (newest last) after they have carried over
+/// the earlier pools' state, and clears every entry of the pools this pushes out of it.
+/// Returns the pools cleared. Only the worker whose registry write lands clears anything.
+pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, UpdateError> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (bytes, cas) = host.get(REGISTRY_KEY).map_err(host_error)?;
+        let mut ids = decode_registry(bytes.as_deref());
+        if ids.ends_with(pool_ids) {
+            return Ok(Vec::new());
+        }
+        ids.retain(|id| !pool_ids.contains(id));
+        ids.extend_from_slice(pool_ids);
+        let excess = ids
+            .len()
+            .saturating_sub(REGISTRY_CAPACITY.max(pool_ids.len()));
+        let evicted: Vec<u64> = ids.drain(..excess).collect();
+        let encoded: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        match host.set(REGISTRY_KEY, &encoded, cas_for(cas)) {
+            Ok(()) => {
+                for &id in &evicted {
+                    clear_pool(host, id);
+                }
+                return Ok(evicted);
+            }
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
+        }
+    }
+    Err(UpdateError::GaveUp)
+}
+
+/// Empties a forgotten pool's entries, as Envoy's own removal would: the names stay, the
+/// values (a state entry holds a record per key) go.
+fn clear_pool(host: &dyn SharedData, pool_id: u64) {
+    let prefix = entry_prefix(pool_id);
+    for name in ENTRY_NAMES {
+        if let Err(e) = host.set(&format!("{prefix}/{name}"), &[], None) {
+            log::debug!("clearing {prefix}/{name} failed: {e:?}");
+        }
+    }
+}
+
+/// Creates an entry empty unless someone has; losing that race to another creator is fine.
+fn create_empty(host: &dyn SharedData, key: &str) -> Result<(), StoreError> {
+    let (_, cas) = host.get(key)?;
+    if cas.is_some() {
+        return Ok(());
+    }
+    match host.set(key, &[], Some(CREATE_CAS)) {
+        Ok(()) | Err(StoreError::CasMismatch) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// What happened to a pool's state when its config was loaded.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CarryOver {
-    /// Keys whose state came from a pool of an earlier config.
+    /// Keys whose state came from a pool of an earlier config or the previous build.
     pub keys_carried: usize,
     /// Keys that were disabled until the configuration changed, and now return.
     pub keys_reenabled: usize,
+}
+
+/// A stored `state` entry as this build sees it.
+enum Stored {
+    /// Absent, removed, or not decodable: this build starts the pool fresh and may replace it.
+    Fresh(PoolState),
+    /// Decoded and laid over our keys; `as_is` when the stored bytes already say exactly that.
+    Current { state: PoolState, as_is: bool },
+    /// A newer build's: left as it is.
+    Newer,
 }
 
 impl PoolStore {
@@ -92,12 +208,16 @@ impl PoolStore {
         selection: Selection,
     ) -> Self {
         let prefix = entry_prefix(pool_id);
+        let [state_key, epoch_key, lease_key, target_key] =
+            ENTRY_NAMES.map(|name| format!("{prefix}/{name}"));
         let state = PoolState::fresh(&fingerprints);
         let view = PoolView::build(&state, &weights, selection);
         PoolStore {
             pool_id,
-            state_key: format!("{prefix}/state"),
-            epoch_key: format!("{prefix}/epoch"),
+            state_key,
+            epoch_key,
+            lease_key,
+            target_key,
             fingerprints,
             weights,
             selection,
@@ -106,7 +226,13 @@ impl PoolStore {
             state,
             view,
             corrupt_entry_seen: false,
+            newer_entry_seen: false,
+            decode_failures: 0,
         }
+    }
+
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
     }
 
     pub fn state(&self) -> &PoolState {
@@ -117,40 +243,37 @@ impl PoolStore {
         &self.view
     }
 
-    /// On config load: takes over, for each of our keys, the newest state any earlier pool has
-    /// of it (a key cooling down stays down), then records this pool in the registry.
-    /// Keys no earlier pool knows start available; keys we no longer list are simply not taken.
+    /// Reads of this pool's entries that failed to decode since the last call (for the stat).
+    pub fn take_decode_failures(&mut self) -> u64 {
+        std::mem::take(&mut self.decode_failures)
+    }
+
+    /// On config load: takes over, for each of our keys, the newest state any earlier pool or
+    /// the previous build has of it (a key cooling down stays down), and creates every entry
+    /// of the pool that does not exist yet, so every later change is a real compare-and-swap.
+    /// Keys nobody knows start available; keys we no longer list are simply not taken.
+    /// `Err(GaveUp)` when every attempt met a concurrent change: nothing was carried over.
     pub fn carry_over(
         &mut self,
         host: &dyn SharedData,
         now_ms: u64,
     ) -> Result<CarryOver, UpdateError> {
-        let mut result = CarryOver::default();
+        let earlier = self.earlier_states(host)?;
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (registry_bytes, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
-            let registry = decode_registry(registry_bytes.as_deref());
             let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
-            let (mut state, _) = self.decode_or_fresh(bytes.as_deref());
-            let own_written = if bytes.is_some() {
-                state.written_at_ms
-            } else {
-                0
+            let (mut state, as_is, writable) = match self.read_stored(bytes.as_deref()) {
+                Stored::Fresh(state) => (state, false, true),
+                Stored::Current { state, as_is } => (state, as_is, true),
+                Stored::Newer => (self.state.clone(), true, false),
             };
-            // Newest first, so the first record found for a key is the newest.
-            let mut others: Vec<PoolState> = registry
-                .iter()
-                .filter(|&&id| id != self.pool_id)
-                .filter_map(|&id| {
-                    let (b, _) = host.get(&format!("{}/state", entry_prefix(id))).ok()?;
-                    codec::decode(&b?).ok()
-                })
-                .filter(|other| other.written_at_ms > own_written)
-                .collect();
-            others.sort_by_key(|o| std::cmp::Reverse(o.written_at_ms));
+            // Fresh state was written at 0: anything anyone stored is newer.
+            let own_written = state.written_at_ms;
             let mut carried = 0;
             for key in state.keys.iter_mut() {
-                let newest = others
+                // `earlier` is newest first, so the first record found for a key is the newest.
+                let newest = earlier
                     .iter()
+                    .filter(|other| other.written_at_ms > own_written)
                     .find_map(|o| o.keys.iter().find(|k| k.fingerprint == key.fingerprint));
                 if let Some(record) = newest {
                     if record != key {
@@ -167,41 +290,28 @@ impl PoolStore {
                     reenabled += 1;
                 }
             }
-            result.keys_carried = carried;
-            result.keys_reenabled = reenabled;
-            if carried == 0 && reenabled == 0 {
-                break;
+            let result = CarryOver {
+                keys_carried: carried,
+                keys_reenabled: reenabled,
+            };
+            if as_is && carried == 0 && reenabled == 0 {
+                self.create_side_entries(host);
+                return Ok(result);
             }
             state.written_at_ms = now_ms;
-            match host.set(&self.state_key, &codec::encode(&state), cas) {
+            if !writable {
+                // Not ours to replace: this VM goes on with what it carried, on its own.
+                self.adopt(state);
+                return Ok(result);
+            }
+            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
                 Ok(()) => {
                     host.set(&self.epoch_key, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     self.synced = false;
-                    break;
+                    self.create_side_entries(host);
+                    return Ok(result);
                 }
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
-            }
-        }
-        self.register(host)?;
-        Ok(result)
-    }
-
-    fn register(&self, host: &dyn SharedData) -> Result<(), UpdateError> {
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(REGISTRY_KEY).map_err(host_error)?;
-            let mut ids = decode_registry(bytes.as_deref());
-            if ids.last() == Some(&self.pool_id) {
-                return Ok(());
-            }
-            ids.retain(|&id| id != self.pool_id);
-            ids.push(self.pool_id);
-            let excess = ids.len().saturating_sub(REGISTRY_CAPACITY);
-            ids.drain(..excess);
-            let encoded: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-            match host.set(REGISTRY_KEY, &encoded, cas) {
-                Ok(()) => return Ok(()),
                 Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
             }
@@ -209,10 +319,55 @@ impl PoolStore {
         Err(UpdateError::GaveUp)
     }
 
+    /// The other pools' states in the registry and the previous build's states, newest first.
+    fn earlier_states(&self, host: &dyn SharedData) -> Result<Vec<PoolState>, UpdateError> {
+        let (registry, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
+        let (previous_registry, _) = host.get(previous::REGISTRY_KEY).map_err(host_error)?;
+        let mut previous_ids = decode_registry(previous_registry.as_deref());
+        if !previous_ids.contains(&self.pool_id) {
+            previous_ids.push(self.pool_id);
+        }
+        let current = decode_registry(registry.as_deref())
+            .into_iter()
+            .filter(|&id| id != self.pool_id)
+            .map(|id| {
+                (
+                    format!("{}/state", entry_prefix(id)),
+                    codec::decode as Decoder,
+                )
+            });
+        let older = previous_ids
+            .into_iter()
+            .map(|id| (previous::state_key(id), codec::decode_previous as Decoder));
+        let mut states: Vec<PoolState> = current
+            .chain(older)
+            .filter_map(|(key, decode)| {
+                let (bytes, _) = host.get(&key).ok()?;
+                match decode(&present(bytes)?) {
+                    Ok(state) => Some(state),
+                    Err(e) => {
+                        log::debug!("earlier state entry {key} not used: {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        states.sort_by_key(|o| std::cmp::Reverse(o.written_at_ms));
+        Ok(states)
+    }
+
+    /// Best effort: an entry left absent is still written with `CREATE_CAS` later.
+    fn create_side_entries(&self, host: &dyn SharedData) {
+        for key in [&self.epoch_key, &self.lease_key, &self.target_key] {
+            if let Err(e) = create_empty(host, key) {
+                log::debug!("creating {key} failed: {e:?}");
+            }
+        }
+    }
+
     /// Takes or renews the pool's health-check lease for `owner`; false while another holds it.
     pub fn try_lead(&self, host: &dyn SharedData, owner: u64, now_ms: u64, lease_ms: u64) -> bool {
-        let key = format!("{}/health-lease", self.prefix());
-        let Ok((bytes, cas)) = host.get(&key) else {
+        let Ok((bytes, cas)) = host.get(&self.lease_key) else {
             return false;
         };
         let current = bytes.as_deref().and_then(|b| {
@@ -225,25 +380,24 @@ impl PoolStore {
         }
         let mut value = owner.to_le_bytes().to_vec();
         value.extend_from_slice(&now_ms.saturating_add(lease_ms).to_le_bytes());
-        host.set(&key, &value, cas).is_ok()
+        host.set(&self.lease_key, &value, cas_for(cas)).is_ok()
     }
 
     /// Where health checks go, as some worker learned it from live traffic.
     pub fn read_target(&self, host: &dyn SharedData) -> Option<(String, String)> {
-        let (bytes, _) = host.get(&format!("{}/target", self.prefix())).ok()?;
-        crate::health::decode_target(&bytes?)
+        let (bytes, _) = host.get(&self.target_key).ok()?;
+        crate::health::decode_target(&present(bytes)?)
     }
 
     pub fn write_target(&self, host: &dyn SharedData, cluster: &str, authority: &str) {
         let value = crate::health::encode_target(cluster, authority);
-        let key = format!("{}/target", self.prefix());
-        if host.get(&key).ok().and_then(|(b, _)| b).as_deref() != Some(value.as_slice()) {
-            let _ = host.set(&key, &value, None);
+        let Ok((bytes, cas)) = host.get(&self.target_key) else {
+            return;
+        };
+        if bytes.as_deref() != Some(value.as_slice()) {
+            // A conflict means another worker just stored what it learned: that will do.
+            let _ = host.set(&self.target_key, &value, cas_for(cas));
         }
-    }
-
-    fn prefix(&self) -> String {
-        entry_prefix(self.pool_id)
     }
 
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
@@ -254,8 +408,11 @@ impl PoolStore {
             return Ok(());
         }
         let (bytes, _) = host.get(&self.state_key)?;
-        let (state, _) = self.decode_or_fresh(bytes.as_deref());
-        self.adopt(state);
+        match self.read_stored(bytes.as_deref()) {
+            Stored::Fresh(state) | Stored::Current { state, .. } => self.adopt(state),
+            // A newer build's entry says nothing we can read: keep what this VM knows.
+            Stored::Newer => {}
+        }
         self.seen_epoch = epoch;
         self.synced = true;
         Ok(())
@@ -263,7 +420,8 @@ impl PoolStore {
 
     /// Applies `change` to the current shared state with compare-and-swap, retrying on conflict.
     /// `change` runs on a fresh copy each attempt and returns the events it caused; no events
-    /// means nothing to write.
+    /// means nothing to write. A newer build's entry is not written: the change applies to this
+    /// VM's copy only.
     pub fn update(
         &mut self,
         host: &dyn SharedData,
@@ -272,14 +430,22 @@ impl PoolStore {
     ) -> Result<Vec<Event>, UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
-            let (mut state, stored_as_is) = self.decode_or_fresh(bytes.as_deref());
+            let (mut state, stored_as_is, writable) = match self.read_stored(bytes.as_deref()) {
+                Stored::Fresh(state) => (state, false, true),
+                Stored::Current { state, as_is } => (state, as_is, true),
+                Stored::Newer => (self.state.clone(), true, false),
+            };
             let events = change(&mut state);
             if events.is_empty() && stored_as_is {
                 self.adopt(state);
                 return Ok(events);
             }
             state.written_at_ms = now_ms;
-            match host.set(&self.state_key, &codec::encode(&state), cas) {
+            if !writable {
+                self.adopt(state);
+                return Ok(events);
+            }
+            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
                 Ok(()) => {
                     // Only the epoch's CAS number is the signal; see the module comment.
                     host.set(&self.epoch_key, &[], None).map_err(host_error)?;
@@ -295,15 +461,32 @@ impl PoolStore {
         Err(UpdateError::GaveUp)
     }
 
-    /// The stored state laid over our keys, and whether the stored bytes already say exactly that.
-    fn decode_or_fresh(&mut self, bytes: Option<&[u8]>) -> (PoolState, bool) {
-        match bytes.map(codec::decode) {
-            None => (PoolState::fresh(&self.fingerprints), false),
-            Some(Ok(stored)) => {
+    /// The stored `state` entry laid over our keys. Counts and (once per VM) logs what does not
+    /// decode.
+    fn read_stored(&mut self, bytes: Option<&[u8]>) -> Stored {
+        let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+            return Stored::Fresh(PoolState::fresh(&self.fingerprints));
+        };
+        match codec::decode(bytes) {
+            Ok(stored) => {
                 let (state, changed) = PoolState::reconcile(stored, &self.fingerprints);
-                (state, !changed)
+                Stored::Current {
+                    state,
+                    as_is: !changed,
+                }
             }
-            Some(Err(e)) => {
+            Err(e) => {
+                self.decode_failures += 1;
+                if let DecodeError::NewerVersion(_) = e {
+                    if !self.newer_entry_seen {
+                        log::warn!(
+                            "shared state entry {} was written by a newer build ({e}); this VM keeps its own copy of the pool's state",
+                            self.state_key
+                        );
+                        self.newer_entry_seen = true;
+                    }
+                    return Stored::Newer;
+                }
                 if !self.corrupt_entry_seen {
                     log::warn!(
                         "shared state entry {} could not be decoded ({e}); starting from fresh state",
@@ -311,7 +494,7 @@ impl PoolStore {
                     );
                     self.corrupt_entry_seen = true;
                 }
-                (PoolState::fresh(&self.fingerprints), false)
+                Stored::Fresh(PoolState::fresh(&self.fingerprints))
             }
         }
     }
@@ -323,6 +506,8 @@ impl PoolStore {
         }
     }
 }
+
+type Decoder = fn(&[u8]) -> Result<PoolState, DecodeError>;
 
 fn host_error(e: StoreError) -> UpdateError {
     match e {
@@ -339,11 +524,14 @@ pub mod fake {
 
     pub type WriteHook = Box<dyn FnMut(&FakeShared, &str)>;
 
-    /// Proxy shared data as Envoy implements it: every write bumps the CAS number; a CAS write
-    /// to an absent key succeeds.
+    /// Proxy shared data as Envoy implements it: every write takes the next number of one
+    /// process-wide CAS counter; a write with CAS 0 or None is unconditional; a CAS write to an
+    /// absent key succeeds whatever the number; a removal stores an empty value, which a later
+    /// get returns as `(None, Some(cas))`.
     #[derive(Default)]
     pub struct FakeShared {
         pub entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        last_cas: Cell<u32>,
         pub gets: Cell<usize>,
         pub sets: Cell<usize>,
         /// Called before each write: lets a test play a competing worker.
@@ -351,10 +539,32 @@ pub mod fake {
     }
 
     impl FakeShared {
+        fn next_cas(&self) -> u32 {
+            let cas = self.last_cas.get().wrapping_add(1).max(1);
+            self.last_cas.set(cas);
+            cas
+        }
+
+        /// Writes as another plugin (or a test) would, unconditionally and without the hook.
         pub fn put_raw(&self, key: &str, value: &[u8]) {
-            let mut entries = self.entries.borrow_mut();
-            let cas = entries.get(key).map_or(0, |e| e.1) + 1;
-            entries.insert(key.to_string(), (value.to_vec(), cas));
+            let cas = self.next_cas();
+            self.entries
+                .borrow_mut()
+                .insert(key.to_string(), (value.to_vec(), cas));
+        }
+
+        /// What `remove_shared_data` does.
+        pub fn remove(&self, key: &str) {
+            self.put_raw(key, &[]);
+        }
+
+        /// The stored value, empty for absent and removed entries.
+        pub fn value(&self, key: &str) -> Vec<u8> {
+            self.entries
+                .borrow()
+                .get(key)
+                .map(|e| e.0.clone())
+                .unwrap_or_default()
         }
     }
 
@@ -362,7 +572,7 @@ pub mod fake {
         fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
             self.gets.set(self.gets.get() + 1);
             Ok(match self.entries.borrow().get(key) {
-                Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+                Some((v, cas)) => ((!v.is_empty()).then(|| v.clone()), Some(*cas)),
                 None => (None, None),
             })
         }
@@ -374,16 +584,49 @@ pub mod fake {
                 *self.before_set.borrow_mut() = Some(hook);
             }
             self.sets.set(self.sets.get() + 1);
-            let mut entries = self.entries.borrow_mut();
-            let current = entries.get(key).map(|e| e.1);
+            let current = self.entries.borrow().get(key).map(|e| e.1);
             if let (Some(want), Some(have)) = (cas, current) {
                 if want != 0 && want != have {
                     return Err(StoreError::CasMismatch);
                 }
             }
-            entries.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+            let next = self.next_cas();
+            self.entries
+                .borrow_mut()
+                .insert(key.to_string(), (value.to_vec(), next));
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_fake_follows_envoys_rules() {
+        let h = FakeShared::default();
+        assert_eq!(h.get("k").unwrap(), (None, None));
+        assert!(h.set("k", b"a", Some(12345)).is_ok(), "absent: any CAS");
+        let (v, cas) = h.get("k").unwrap();
+        assert_eq!(v.as_deref(), Some(&b"a"[..]));
+        let cas = cas.unwrap();
+        assert_eq!(
+            h.set("k", b"b", Some(cas + 1)),
+            Err(StoreError::CasMismatch)
+        );
+        assert!(h.set("k", b"b", Some(cas)).is_ok());
+        assert!(h.set("k", b"c", Some(0)).is_ok(), "0 is unconditional");
+        assert!(h.set("k", b"d", None).is_ok(), "None is unconditional");
+        h.put_raw("other", b"x");
+        let (_, k_cas) = h.get("k").unwrap();
+        let (_, other_cas) = h.get("other").unwrap();
+        assert_ne!(k_cas, other_cas, "one counter for all keys");
+        h.remove("k");
+        let (v, cas) = h.get("k").unwrap();
+        assert_eq!(v, None, "a removed entry reads as no value");
+        let cas = cas.unwrap();
+        assert_eq!(
+            h.set("k", b"e", Some(CREATE_CAS)),
+            Err(StoreError::CasMismatch),
+            "a removed entry still exists for CAS"
+        );
+        assert!(h.set("k", b"e", Some(cas)).is_ok());
     }
 }
 
@@ -410,6 +653,17 @@ mod tests {
             hint_ms: None,
             jitter_permille: 0,
         }
+    }
+
+    /// What a config load does for one pool: carry over, then register.
+    fn load(
+        host: &FakeShared,
+        store: &mut PoolStore,
+        now_ms: u64,
+    ) -> Result<CarryOver, UpdateError> {
+        let result = store.carry_over(host, now_ms);
+        register(host, &[store.pool_id()])?;
+        result
     }
 
     fn store(fps: &[u64]) -> PoolStore {
@@ -548,6 +802,238 @@ mod tests {
         assert_eq!(stored.keys.len(), 2);
     }
 
+    fn state_key(pool_id: u64) -> String {
+        format!("{}/state", entry_prefix(pool_id))
+    }
+
+    /// Marks key `key` of store `s` down (a 429 at `now`) and returns nothing.
+    fn mark_down(host: &FakeShared, s: &mut PoolStore, key: usize, now: u64) {
+        let events = s
+            .update(host, now, |st| {
+                st.record_failure(key, &fail(429), now, &P)
+                    .into_iter()
+                    .collect()
+            })
+            .unwrap();
+        assert!(!events.is_empty(), "key {key} was marked down");
+    }
+
+    #[test]
+    fn the_key_space_carries_the_format_version() {
+        let version = format!("ai-key-failover/v{}", codec::VERSION);
+        assert_eq!(KEY_SPACE, version);
+        assert!(REGISTRY_KEY.starts_with(&format!("{version}/")));
+        assert!(entry_prefix(9).starts_with(&format!("{version}/")));
+        assert!(!previous::state_key(9).starts_with(&format!("{version}/")));
+    }
+
+    #[test]
+    fn two_stores_racing_their_first_update_of_a_pool_lose_nothing() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        let b = std::rc::Rc::new(RefCell::new(store(&[1, 2])));
+        // Both read the absent entry; B writes first, between A's read and A's write.
+        let racer = b.clone();
+        *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
+            if key.ends_with("/state") && h.value(key).is_empty() {
+                mark_down(h, &mut racer.borrow_mut(), 1, 0);
+            }
+        }));
+        mark_down(&host, &mut a, 0, 0);
+        *host.before_set.borrow_mut() = None;
+        let mut reader = store(&[1, 2]);
+        reader.refresh(&host).unwrap();
+        assert_eq!(
+            reader
+                .state()
+                .keys
+                .iter()
+                .map(|k| k.health)
+                .collect::<Vec<_>>(),
+            [Health::CoolingDown, Health::CoolingDown],
+            "both first updates survived"
+        );
+    }
+
+    #[test]
+    fn two_workers_taking_an_absent_lease_at_once_do_not_both_lead() {
+        let host = FakeShared::default();
+        let s = store(&[1]);
+        let other = store(&[1]);
+        let won_by_other = std::rc::Rc::new(Cell::new(false));
+        let w = won_by_other.clone();
+        *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
+            if key.ends_with("/health-lease") && h.value(key).is_empty() {
+                w.set(other.try_lead(h, 2, 0, 3_000));
+            }
+        }));
+        let won_by_us = s.try_lead(&host, 1, 0, 3_000);
+        assert!(won_by_other.get(), "the other worker took the lease first");
+        assert!(!won_by_us, "only one worker leads");
+    }
+
+    #[test]
+    fn every_entry_of_a_pool_exists_after_a_config_load() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        load(&host, &mut a, 5).unwrap();
+        let prefix = entry_prefix(9);
+        for name in ["state", "epoch", "health-lease", "target"] {
+            let (_, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
+            assert!(cas.is_some(), "{name} was created");
+        }
+        assert_eq!(a.read_target(&host), None, "an empty target is no target");
+        let stored = codec::decode(&host.value(&state_key(9))).unwrap();
+        assert_eq!(
+            stored,
+            PoolState {
+                written_at_ms: 5,
+                ..PoolState::fresh(&[1, 2])
+            }
+        );
+    }
+
+    #[test]
+    fn a_key_cooling_down_under_the_previous_build_stays_down() {
+        let host = FakeShared::default();
+        // What the previous build left: format 2 under its own names, key 2 out until 61 s.
+        let mut old = PoolState::fresh(&[1, 2, 3]);
+        old.record_failure(
+            1,
+            &fail(429),
+            1_000,
+            &Policy {
+                cooldown_ms: 60_000,
+                ..P
+            },
+        );
+        old.written_at_ms = 1_000;
+        let mut bytes = codec::encode(&old);
+        bytes[3] = codec::PREVIOUS_VERSION;
+        let body = bytes.len() - 4;
+        let checksum = codec::fnv1a32(&bytes[..body]);
+        bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        host.put_raw(&previous::state_key(9), &bytes);
+        host.put_raw(previous::REGISTRY_KEY, &9u64.to_le_bytes());
+        let mut new = store(&[1, 2, 3]);
+        assert_eq!(load(&host, &mut new, 2_000).unwrap().keys_carried, 1);
+        let mut worker = store(&[1, 2, 3]);
+        worker.refresh(&host).unwrap();
+        assert_eq!(worker.state().keys[1].health, Health::CoolingDown);
+        assert_eq!(worker.state().keys[1].down_until_ms, 61_000);
+        assert_eq!(worker.view().available_count(), 2);
+        assert_eq!(
+            host.value(&previous::state_key(9)),
+            bytes,
+            "the previous build's entry is left to it"
+        );
+        // A second VM of the new build loads later: it finds its own entry newer, writes nothing.
+        let sets = host.sets.get();
+        let mut second = store(&[1, 2, 3]);
+        assert_eq!(load(&host, &mut second, 2_500).unwrap().keys_carried, 0);
+        assert_eq!(host.sets.get(), sets);
+    }
+
+    #[test]
+    fn an_entry_in_a_newer_format_is_never_overwritten() {
+        let host = FakeShared::default();
+        let mut newer = codec::encode(&PoolState::fresh(&[1, 2]));
+        newer[3] = codec::VERSION + 1;
+        let body = newer.len() - 4;
+        let checksum = codec::fnv1a32(&newer[..body]);
+        newer[body..].copy_from_slice(&checksum.to_le_bytes());
+        host.put_raw(&state_key(9), &newer);
+        let mut a = store(&[1, 2]);
+        load(&host, &mut a, 0).unwrap();
+        a.refresh(&host).unwrap();
+        mark_down(&host, &mut a, 0, 10);
+        assert_eq!(
+            host.value(&state_key(9)),
+            newer,
+            "left as the newer build wrote it"
+        );
+        assert!(a.newer_entry_seen);
+        assert_eq!(
+            a.view().available_count(),
+            1,
+            "this VM still keeps the failed key out on its own"
+        );
+        a.refresh(&host).unwrap();
+        assert_eq!(a.view().available_count(), 1);
+    }
+
+    #[test]
+    fn every_read_of_a_corrupt_or_foreign_entry_is_counted() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        load(&host, &mut a, 0).unwrap();
+        assert_eq!(a.take_decode_failures(), 0);
+        for damage in [&b"garbage"[..], b"AKF", &[0xff; 64]] {
+            host.put_raw(&state_key(9), damage);
+            host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[]);
+            a.refresh(&host).unwrap();
+        }
+        assert_eq!(
+            a.take_decode_failures(),
+            3,
+            "each bad read counts, not only the first"
+        );
+        assert_eq!(a.take_decode_failures(), 0, "taken once");
+    }
+
+    #[test]
+    fn carry_over_that_meets_a_conflict_on_every_attempt_reports_it_gave_up() {
+        let host = FakeShared::default();
+        let mut a = PoolStore::new(100, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        load(&host, &mut a, 10).unwrap();
+        mark_down(&host, &mut a, 1, 20);
+        let mut b = PoolStore::new(200, vec![2, 3], vec![1; 2], Selection::RoundRobin);
+        *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
+            if key == state_key(200) {
+                let v = h.value(key);
+                h.put_raw(key, &v);
+            }
+        }));
+        assert_eq!(b.carry_over(&host, 30), Err(UpdateError::GaveUp));
+        *host.before_set.borrow_mut() = None;
+        assert!(
+            host.value(&state_key(200)).is_empty(),
+            "nothing was written"
+        );
+    }
+
+    #[test]
+    fn a_pool_pushed_out_of_the_registry_has_its_entries_cleared() {
+        let host = FakeShared::default();
+        let mut first = PoolStore::new(1, vec![1], vec![1], Selection::RoundRobin);
+        load(&host, &mut first, 0).unwrap();
+        mark_down(&host, &mut first, 0, 0);
+        first.write_target(&host, "c", "a.example");
+        assert!(first.try_lead(&host, 7, 0, 3_000));
+        let prefix = entry_prefix(1);
+        let names = ["state", "epoch", "health-lease", "target"];
+        for id in 2..=REGISTRY_CAPACITY as u64 {
+            assert_eq!(register(&host, &[id]).unwrap(), Vec::<u64>::new());
+        }
+        assert!(
+            !host.value(&format!("{prefix}/state")).is_empty(),
+            "still registered"
+        );
+        assert_eq!(register(&host, &[1_000]).unwrap(), vec![1]);
+        for name in names {
+            let (value, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
+            assert_eq!((value, cas.is_some()), (None, true), "{name} cleared");
+        }
+        let registry = decode_registry(Some(&host.value(REGISTRY_KEY)));
+        assert_eq!(registry.len(), REGISTRY_CAPACITY);
+        assert!(!registry.contains(&1));
+        // A configuration with more pools than the registry holds keeps all of its own.
+        let many: Vec<u64> = (5_000..5_000 + REGISTRY_CAPACITY as u64 + 3).collect();
+        let cleared = register(&host, &many).unwrap();
+        assert_eq!(cleared.len(), REGISTRY_CAPACITY);
+        assert_eq!(decode_registry(Some(&host.value(REGISTRY_KEY))), many);
+    }
+
     #[test]
     fn a_stored_state_from_another_key_list_is_reconciled_and_rewritten() {
         let host = FakeShared::default();
@@ -582,7 +1068,7 @@ mod tests {
         let host = FakeShared::default();
         // Config A: keys 1, 2, 3; key 2 is cooling down.
         let mut a = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
-        assert_eq!(a.carry_over(&host, 10).unwrap(), CarryOver::default());
+        assert_eq!(load(&host, &mut a, 10).unwrap(), CarryOver::default());
         a.update(&host, 20, |s| {
             s.record_failure(1, &fail(429), 20, &P)
                 .into_iter()
@@ -591,7 +1077,7 @@ mod tests {
         .unwrap();
         // Config B drops key 3 and adds key 4: another key list, another pool id.
         let mut b = PoolStore::new(200, vec![4, 2, 1], vec![1; 3], Selection::RoundRobin);
-        assert_eq!(b.carry_over(&host, 30).unwrap().keys_carried, 1);
+        assert_eq!(load(&host, &mut b, 30).unwrap().keys_carried, 1);
         b.refresh(&host).unwrap();
         assert_eq!(
             b.state().keys[0],
@@ -612,7 +1098,7 @@ mod tests {
         })
         .unwrap();
         let mut a2 = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
-        assert_eq!(a2.carry_over(&host, 2_100).unwrap().keys_carried, 1);
+        assert_eq!(load(&host, &mut a2, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();
         assert_eq!(a2.view().available_count(), 3);
         let registry = decode_registry(
@@ -628,14 +1114,14 @@ mod tests {
     fn carry_over_is_a_no_op_when_nothing_is_newer() {
         let host = FakeShared::default();
         let mut a = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
-        a.carry_over(&host, 0).unwrap();
+        load(&host, &mut a, 0).unwrap();
         let sets = host.sets.get();
         let mut a_again = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
-        a_again.carry_over(&host, 5).unwrap();
+        load(&host, &mut a_again, 5).unwrap();
         assert_eq!(
             host.sets.get(),
             sets,
-            "no write when the registry already ends with us"
+            "no write when the entries exist and the registry already ends with us"
         );
     }
 
@@ -643,7 +1129,7 @@ mod tests {
     fn a_config_load_brings_back_keys_disabled_until_the_config_changes() {
         let host = FakeShared::default();
         let mut a = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
-        a.carry_over(&host, 0).unwrap();
+        load(&host, &mut a, 0).unwrap();
         let forever = Policy { disable_ms: 0, ..P };
         let refused = crate::pool::Failure {
             class: crate::status::FailureClass::KeyRefused,
@@ -670,7 +1156,7 @@ mod tests {
         })
         .unwrap();
         let mut again = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
-        let result = again.carry_over(&host, 20).unwrap();
+        let result = load(&host, &mut again, 20).unwrap();
         assert_eq!(result.keys_reenabled, 1);
         again.refresh(&host).unwrap();
         assert!(again.state().keys[0].is_available());

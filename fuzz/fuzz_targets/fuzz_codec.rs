@@ -1,5 +1,6 @@
 //! codec::decode of arbitrary shared-data bytes: never panics, and whatever decodes encodes back
 //! to exactly the same bytes; reconciling it with any key list never panics either.
+//! codec::decode_previous (the previous build's format, read on load) never panics either.
 //! Random bytes almost never carry a valid checksum, so each input is also tried with its correct
 //! checksum appended: that reaches the header and record checks behind it.
 #![no_main]
@@ -8,6 +9,9 @@ use ai_key_failover::{codec, pool::PoolState};
 use libfuzzer_sys::fuzz_target;
 
 fn check(data: &[u8]) {
+    if let Ok(previous) = codec::decode_previous(data) {
+        assert!(previous.keys.len() <= codec::MAX_KEYS);
+    }
     let Ok(state) = codec::decode(data) else {
         return;
     };

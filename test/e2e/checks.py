@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness import Envoy, HarnessError, envoy_config, wait_for
+from harness import WASM_PATH, Envoy, HarnessError, envoy_config, wait_for
 
 PLUGIN_STATS = "wasmcustom.ai_key_failover."
 
@@ -72,9 +72,12 @@ def lds_bootstrap(tmp_path: Path, mock_port: int, listener_port: int, plugin_con
     full["static_resources"].pop("listeners")
     lds_path = tmp_path / "lds.json"
 
-    def write(cfg: dict) -> None:
-        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port)[
-            "static_resources"]["listeners"][0]
+    def write(cfg: dict, wasm_path: Path | str = WASM_PATH, first_filter: dict | None = None) -> None:
+        """`wasm_path`: the plugin module to serve with; `first_filter`: an HTTP filter put before it."""
+        listener = envoy_config(upstream_port=mock_port, plugin_config=cfg, listener_port=listener_port,
+                                wasm_path=wasm_path)["static_resources"]["listeners"][0]
+        if first_filter:
+            listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"].insert(0, first_filter)
         listener["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
         tmp = tmp_path / "lds.json.tmp"
         tmp.write_text(json.dumps({"resources": [listener]}))

@@ -27,6 +27,7 @@ from checks import (
     http_response,
     raw_exchange,
     vm_failures_in_log,
+    pool_stats,
     wait_pool_stats,
     wasm_stats,
 )
@@ -256,8 +257,8 @@ def fnv1a32(data: bytes) -> int:
 
 
 def decodes(entry: bytes, n_keys: int) -> bool:
-    """The plugin's state layout (src/codec.rs): AKF, version 2, written_at, count, records, FNV-1a."""
-    return (len(entry) == 16 + 41 * n_keys + 4 and entry[:4] == b"AKF\x02"
+    """The plugin's state layout (src/codec.rs): AKF, version 3, written_at, count, records, FNV-1a."""
+    return (len(entry) == 16 + 41 * n_keys + 4 and entry[:4] == b"AKF\x03"
             and struct.unpack_from("<I", entry, 12)[0] == n_keys
             and struct.unpack_from("<I", entry, len(entry) - 4)[0] == fnv1a32(entry[:-4]))
 
@@ -274,6 +275,7 @@ def test_a_corrupt_state_entry_is_replaced_by_fresh_state_with_a_warning(envoy_f
     [(pool_id, before)] = shared_state(envoy)
     assert decodes(before, 3), before.hex()
 
+    assert pool_stats(envoy, POOL)["state_decode_failed"] == 0
     # Damage it; every worker re-reads it (the epoch moved) and must cope.
     [(_, still_good)] = shared_state(envoy, mode)
     assert decodes(still_good, 3)
@@ -282,10 +284,12 @@ def test_a_corrupt_state_entry_is_replaced_by_fresh_state_with_a_warning(envoy_f
     with envoy.client() as c:
         assert [c.chat().status for _ in range(8)] == [200] * 8
     warning = envoy.wait_log(
-        rf"shared state entry ai-key-failover/v1/{pool_id}/state could not be decoded \(([^)]*)\); "
+        rf"shared state entry ai-key-failover/v3/{pool_id}/state could not be decoded \(([^)]*)\); "
         r"starting from fresh state", plugin_only=True)
     assert warning.group(1) == REASONS[mode]
     assert envoy.plugin_log().count("could not be decoded") <= 3, "at most one warning per VM, not one per request"
+    # Every read of the bad entry is counted (each worker read it at least once), not only logged.
+    wait_pool_stats(envoy, POOL, lambda s: s.get("state_decode_failed", 0) >= 1, what="state_decode_failed counted")
 
     # The state works again: a key goes down, the entry is rewritten whole, the key comes back.
     marks = envoy.plugin_log().count("key alpha marked down")
@@ -316,7 +320,7 @@ def test_corruption_in_the_middle_of_load_loses_no_request(envoy_factory, mock):
     envoy = envoy_factory.start(cfg, raw_config=boot, concurrency=4)
     baseline = wasm_stats(envoy)
     with BackgroundChats(envoy, threads=8, keep_alive=True) as load:
-        envoy.wait_log(r"corrupt-writer: timed 'garbage' corruption: [0-9a-f]{16} 414b4602", timeout=10)
+        envoy.wait_log(r"corrupt-writer: timed 'garbage' corruption: [0-9a-f]{16} 414b4603", timeout=10)
         n = len(load.results)
         time.sleep(1)
         assert len(load.results) > n + 100, "load went on after the corruption"

@@ -50,6 +50,7 @@ def test_stats_count_requests_transitions_and_follow_availability(envoy_factory,
     assert s[PREFIX + "key.sierra.key_available"] == 1
     assert s[PREFIX + "key.sierra.key_down_until_seconds"] == 0
     assert s[PREFIX + "cas_gave_up"] == 0
+    assert s[PREFIX + "state_decode_failed"] == 0
 
 
 def test_prometheus_output_has_pool_key_and_class_labels(envoy_factory, mock):

@@ -3,20 +3,27 @@
 //! Loaded in the same Envoy with the plugin's `vm_id` (`ai-key-failover`) but its own code and
 //! `root_id`, it reaches the plugin's proxy shared data (which Envoy keys by `vm_id`). A request
 //! carrying `x-corrupt-shared-state: <mode>` is answered locally by this filter, after it has
-//! done the following to every pool listed in the registry `ai-key-failover/v1/pools`:
+//! done the following to every pool listed in the registry `ai-key-failover/v3/pools`:
 //!
 //! | mode          | the pool's `state` entry becomes                                      |
 //! | ------------- | --------------------------------------------------------------------- |
 //! | `garbage`     | 64 bytes of noise                                                     |
-//! | `old-version` | a well-formed header with version 1 (what an older plugin could have left) |
+//! | `old-version` | a well-formed, checksummed entry with version 1 (what an older plugin could have left) |
 //! | `bad-checksum`| the current entry with its last byte flipped                          |
-//! | `huge-count`  | a version-2 header claiming 4,000,000,000 keys, and nothing after it   |
+//! | `huge-count`  | a checksummed version-3 header claiming 4,000,000,000 keys, and nothing after it |
 //! | `short`       | 3 bytes: `AKF`                                                        |
 //! | `dump`        | (unchanged: only reported)                                            |
 //!
 //! and it rewrites each pool's `epoch` entry so every worker re-reads `state`. The reply body is
 //! one line per pool: `<pool id as 16 hex> <state bytes before, hex>`; the status is 200, or 404
 //! when the registry is empty. Requests without the header pass through untouched.
+//!
+//! Mode `as-previous-build` makes the registered pools look, to a build loading next, as if only
+//! the previous build (format 2, key space `ai-key-failover/v1/`) had written them: each pool's
+//! state is copied there as a version-2 entry and listed in the old registry, and the current
+//! registry is removed. The pools' own entries are left alone, so the VMs running now keep
+//! working on them, as a previous build's VMs keep working on theirs; a configuration with
+//! another key list (another pool) then finds only the old layout to take over from.
 //!
 //! The same can happen once, without a request, `corruptAfterMs` ms after start (a tick), when the
 //! filter's configuration is `{"corruptAfterMs": 2000, "mode": "garbage"}`.
@@ -26,7 +33,11 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, Status};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
+const REGISTRY_KEY: &str = "ai-key-failover/v3/pools";
+const KEY_SPACE: &str = "ai-key-failover/v3";
+const PREVIOUS_REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
+const PREVIOUS_KEY_SPACE: &str = "ai-key-failover/v1";
+const PREVIOUS_VERSION: u8 = 2;
 const TRIGGER_HEADER: &str = "x-corrupt-shared-state";
 
 proxy_wasm::main! {{
@@ -123,6 +134,22 @@ fn set(key: &str, value: &[u8]) -> Result<(), Status> {
     hostcalls::set_shared_data(key, Some(value), None)
 }
 
+/// What Envoy's `remove_shared_data` does: the entry stays, empty.
+fn remove(key: &str) -> Result<(), Status> {
+    hostcalls::set_shared_data(key, None, None)
+}
+
+/// The plugin's checksum (src/codec.rs): FNV-1a over everything before it, appended.
+fn signed(mut body: Vec<u8>) -> Vec<u8> {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &b in &body {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    body.extend_from_slice(&hash.to_le_bytes());
+    body
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -144,8 +171,7 @@ fn damaged(mode: &str, current: &[u8], pool_id: u64) -> Option<Vec<u8>> {
             v.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
             v.extend_from_slice(&1u32.to_le_bytes());
             v.extend_from_slice(&noise[..33]);
-            v.extend_from_slice(&[0, 0, 0, 0]);
-            Some(v)
+            Some(signed(v))
         }
         "bad-checksum" => {
             let mut v = current.to_vec();
@@ -156,11 +182,10 @@ fn damaged(mode: &str, current: &[u8], pool_id: u64) -> Option<Vec<u8>> {
             Some(v)
         }
         "huge-count" => {
-            let mut v = b"AKF\x02".to_vec();
+            let mut v = b"AKF\x03".to_vec();
             v.extend_from_slice(&1_700_000_000_000u64.to_le_bytes());
             v.extend_from_slice(&4_000_000_000u32.to_le_bytes());
-            v.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-            Some(v)
+            Some(signed(v))
         }
         "short" => Some(b"AKF".to_vec()),
         _ => None, // "dump" and anything unknown: report only
@@ -169,6 +194,9 @@ fn damaged(mode: &str, current: &[u8], pool_id: u64) -> Option<Vec<u8>> {
 
 /// Damages every registered pool's state as `mode` says; returns one report line per pool.
 fn corrupt_all(mode: &str) -> String {
+    if mode == "as-previous-build" {
+        return as_previous_build();
+    }
     let (registry, _) = get(REGISTRY_KEY);
     let registry = registry.unwrap_or_default();
     let mut lines = Vec::new();
@@ -176,7 +204,7 @@ fn corrupt_all(mode: &str) -> String {
         let mut id = [0u8; 8];
         id.copy_from_slice(chunk);
         let pool_id = u64::from_le_bytes(id);
-        let prefix = format!("ai-key-failover/v1/{pool_id:016x}");
+        let prefix = format!("{KEY_SPACE}/{pool_id:016x}");
         let state_key = format!("{prefix}/state");
         let (current, _) = get(&state_key);
         let current = current.unwrap_or_default();
@@ -189,6 +217,43 @@ fn corrupt_all(mode: &str) -> String {
             }
         }
         lines.push(line);
+    }
+    lines.join("\n")
+}
+
+/// Moves every registered pool's state into the previous build's layout and key space.
+fn as_previous_build() -> String {
+    let (registry, _) = get(REGISTRY_KEY);
+    let registry = registry.unwrap_or_default();
+    let mut lines = Vec::new();
+    for chunk in registry.chunks_exact(8) {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(chunk);
+        let pool_id = u64::from_le_bytes(id);
+        let state_key = format!("{KEY_SPACE}/{pool_id:016x}/state");
+        let (current, _) = get(&state_key);
+        let current = current.unwrap_or_default();
+        let mut line = format!("{pool_id:016x} {}", hex(&current));
+        // Same record layout; only the version byte and so the checksum differ.
+        let ok = if current.len() > 8 && current.starts_with(b"AKF") {
+            let mut old = current[..current.len() - 4].to_vec();
+            old[3] = PREVIOUS_VERSION;
+            set(
+                &format!("{PREVIOUS_KEY_SPACE}/{pool_id:016x}/state"),
+                &signed(old),
+            )
+            .is_ok()
+        } else {
+            false
+        };
+        if !ok {
+            line.push_str(" write-failed");
+        }
+        lines.push(line);
+    }
+    let moved = set(PREVIOUS_REGISTRY_KEY, &registry).is_ok() && remove(REGISTRY_KEY).is_ok();
+    if !moved {
+        lines.push("registry write-failed".to_string());
     }
     lines.join("\n")
 }
