@@ -137,8 +137,8 @@ def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
 def test_make_run_demo_answers_twenty_of_twenty_and_counts_the_429s_it_absorbed(tmp_path):
     """`scripts/run.sh --demo-only`: the scripted part of `make run`, as a user runs it (mock
     --demo, Envoy with envoy.yaml, the keys in OPENAI_API_KEYS). Every request is answered 200,
-    the mock really answered 429 behind the gateway, and Envoy and the plugin each counted one
-    retry per 429."""
+    the mock really answered 429 behind the gateway, and Envoy and the plugin agree that each
+    429 was retried."""
     ports = {"MOCK_PORT": free_port(), "GATEWAY_PORT": free_port(), "ADMIN_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "LOGDIR": str(tmp_path / "run"),
            "ENVOY": envoy_binary(), "MOCK": str(MOCK_PATH), "PYTHON": sys.executable}
@@ -153,8 +153,12 @@ def test_make_run_demo_answers_twenty_of_twenty_and_counts_the_429s_it_absorbed(
     assert absorbed and envoy_retries and plugin, out
     n429 = int(absorbed.group(1))
     assert n429 >= 1, "the demo keys' limits must bite behind the gateway"
-    assert int(envoy_retries.group(1)) == int(envoy_retries.group(2)) == n429, out
-    assert int(plugin.group(1)) >= 1 and int(plugin.group(2)) == n429, out
+    # Every 429 was retried. A retry can meet a second key's limit (each Envoy worker rotates from
+    # its own offset), so fewer retries than 429s may have succeeded, but at least one did.
+    retries, retries_ok = int(envoy_retries.group(1)), int(envoy_retries.group(2))
+    assert retries == n429 and 1 <= retries_ok <= retries, out
+    marked_down, plugin_retries, plugin_retries_ok = (int(g) for g in plugin.groups())
+    assert marked_down >= 1 and plugin_retries == retries and plugin_retries_ok == retries_ok, out
     mock_log = (tmp_path / "run/mock.log").read_text()
     assert mock_log.count("-> 429") == n429, mock_log[-2000:]
     assert "stopped mock provider and envoy" in out
