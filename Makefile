@@ -116,9 +116,13 @@ e2e: deps build mock corrupt-writer
 
 test: deps lint unit build mock e2e
 
+# Validation runs the plugin's on_configure, which reads the keys of envoy.yaml and the examples
+# from OPENAI_API_KEYS (fromEnv): the mock's demo keys stand in for real ones.
+VALIDATE_KEYS = demo-key-1,demo-key-2,demo-key-3
+
 validate: deps build
 	@set -e; for f in envoy.yaml $(wildcard examples/*.yaml); do \
-		echo "validate $$f"; $(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
+		echo "validate $$f"; OPENAI_API_KEYS=$(VALIDATE_KEYS) $(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
 
 run: deps build mock
 	VENV=$(VENV) ENVOY=$(ENVOY) MOCK=$(MOCK) WASM=$(WASM) scripts/run.sh

@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::env_keys::{self, EnvLookup};
 use crate::rules::{DomainPattern, Matcher};
 use crate::select::{OnAllUnavailable, Selection};
 use crate::status::{shadowed_codes, StatusPattern};
@@ -262,7 +263,13 @@ const FAILOVER_FIELDS: &[&str] = &[
     "healthCheckCluster",
 ];
 
+/// Parses the configuration, reading `fromEnv` keys from the VM's environment.
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
+    parse_with_env(text, &env_keys::process_env)
+}
+
+/// Parses the configuration; `env` answers the `fromEnv` entries of `apiTokens`.
+pub fn parse_with_env(text: &[u8], env: EnvLookup) -> Result<PluginConfig, ConfigError> {
     let root: Value = serde_json::from_slice(text).map_err(|e| ConfigError {
         field: String::new(),
         message: format!(
@@ -278,13 +285,13 @@ pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
         Some(_) => return err("_rules_", "must be a list of rule objects"),
     };
 
-    let mut builder = Builder::default();
+    let mut builder = Builder::new(env);
     let global_fields = without_private_keys(&root);
     let global = if global_fields.contains_key("apiTokens") || rules_raw.is_empty() {
         Some(builder.profile(&global_fields, "")?)
     } else {
         // Higress may send only rules; still check the global part's own fields.
-        check_fields_without_keys(&global_fields)?;
+        check_fields_without_keys(&global_fields, env)?;
         None
     };
 
@@ -360,8 +367,8 @@ fn check_unknown(
     Ok(())
 }
 
-fn check_fields_without_keys(obj: &Map<String, Value>) -> Result<(), ConfigError> {
-    let mut scratch = Builder::default();
+fn check_fields_without_keys(obj: &Map<String, Value>, env: EnvLookup) -> Result<(), ConfigError> {
+    let mut scratch = Builder::new(env);
     let mut with_placeholder = obj.clone();
     with_placeholder.insert(
         "apiTokens".into(),
@@ -433,19 +440,28 @@ fn string_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, ConfigErro
 // TurboFan at load, and its scratch memory grows faster than the function; the allocator keeps
 // that memory. Split into parts, the same code costs Envoy about 1 MiB less resident memory
 // (bench/README.md). None of it runs per request.
-#[derive(Default)]
-struct Builder {
+struct Builder<'a> {
+    env: EnvLookup<'a>,
     pools: Vec<PoolKeys>,
     profiles: Vec<Profile>,
     warnings: Vec<String>,
 }
 
-impl Builder {
+impl<'a> Builder<'a> {
+    fn new(env: EnvLookup<'a>) -> Self {
+        Builder {
+            env,
+            pools: Vec::new(),
+            profiles: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     fn profile(&mut self, obj: &Map<String, Value>, prefix: &str) -> Result<usize, ConfigError> {
         check_unknown(obj, CONFIG_FIELDS, prefix)?;
         let field = |name: &str| format!("{prefix}{name}");
 
-        let keys = parse_keys(obj.get("apiTokens"), &field("apiTokens"))?;
+        let keys = parse_keys(obj.get("apiTokens"), &field("apiTokens"), self.env)?;
         let name = match obj.get("name") {
             None => None,
             Some(v) => Some(parse_name(v, &field("name"))?),
@@ -946,49 +962,46 @@ fn parse_name(v: &Value, field: &str) -> Result<String, ConfigError> {
 }
 
 #[inline(never)]
-fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigError> {
+fn parse_keys(
+    v: Option<&Value>,
+    field: &str,
+    env: EnvLookup,
+) -> Result<Vec<KeyConfig>, ConfigError> {
     let items = match v {
         None => return err(field, "required: list the provider API keys of this pool"),
         Some(Value::Array(items)) => items,
         Some(_) => {
             return err(
                 field,
-                "must be a list of keys: strings, or objects {\"token\": \"...\", \"name\": \"...\", \"weight\": 1}",
+                "must be a list of keys: strings, or objects {\"fromEnv\": \"VARIABLE\", \"name\": \"...\", \"weight\": 1} or {\"token\": \"...\", ...}",
             )
         }
     };
     if items.is_empty() {
         return err(field, "must list at least one key");
     }
-    if items.len() > MAX_KEYS_PER_POOL {
+    let mut entries = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        key_entries(item, &format!("{field}[{i}]"), env, &mut entries)?;
+    }
+    if entries.len() > MAX_KEYS_PER_POOL {
         return err(
             field,
             format!(
                 "lists {} keys; at most {MAX_KEYS_PER_POOL} are supported",
-                items.len()
+                entries.len()
             ),
         );
     }
-    let mut keys: Vec<KeyConfig> = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let (token, name, weight) = match item {
-            Value::String(s) => (s.as_str(), None, 1),
-            Value::Object(o) => {
-                check_unknown(o, &["token", "name", "weight"], &format!("{at}."))?;
-                let Some(Value::String(token)) = o.get("token") else {
-                    return err(&format!("{at}.token"), "required: the API key, as a string");
-                };
-                let name = match o.get("name") {
-                    None => None,
-                    Some(n) => Some(parse_name(n, &format!("{at}.name"))?),
-                };
-                let weight =
-                    integer(o.get("weight"), &format!("{at}.weight"), 1, 1, MAX_WEIGHT)? as u32;
-                (token.as_str(), name, weight)
-            }
-            _ => return err(&at, "must be a key string or an object with \"token\""),
-        };
+    let mut keys: Vec<KeyConfig> = Vec::with_capacity(entries.len());
+    let mut origins: Vec<String> = Vec::with_capacity(entries.len());
+    for KeyEntry {
+        at,
+        token,
+        name,
+        weight,
+    } in entries
+    {
         if token.is_empty() {
             return err(&at, "the key is empty");
         }
@@ -1006,27 +1019,136 @@ fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigEr
             );
         }
         if let Some(j) = keys.iter().position(|k| k.token == token) {
-            return err(
-                &at,
-                format!("the same key as {field}[{j}]; list each key once"),
-            );
+            let first = origins.get(j).map_or("", String::as_str);
+            return err(&at, format!("the same key as {first}; list each key once"));
         }
         if let Some(name) = &name {
             if let Some(j) = keys.iter().position(|k| k.name.as_ref() == Some(name)) {
+                let first = origins.get(j).map_or("", String::as_str);
                 return err(
                     &format!("{at}.name"),
-                    format!("{name:?} is already the name of {field}[{j}]"),
+                    format!("{name:?} is already the name of {first}"),
                 );
             }
         }
         keys.push(KeyConfig {
-            token: token.to_string(),
+            fingerprint: fnv1a64(token.as_bytes()),
+            token,
             name,
             weight,
-            fingerprint: fnv1a64(token.as_bytes()),
         });
+        origins.push(at);
     }
     Ok(keys)
+}
+
+/// One key of a pool before validation. `at` names where it came from in errors, never the key:
+/// `apiTokens[2]`, or `apiTokens[2] (key 3 of $OPENAI_KEYS)` for one of a variable's list.
+struct KeyEntry {
+    at: String,
+    token: String,
+    name: Option<String>,
+    weight: u32,
+}
+
+/// The key(s) of one `apiTokens` entry: a string, `{"token": ...}`, or `{"fromEnv": ...}`, which
+/// may stand for several keys.
+#[inline(never)]
+fn key_entries(
+    item: &Value,
+    at: &str,
+    env: EnvLookup,
+    out: &mut Vec<KeyEntry>,
+) -> Result<(), ConfigError> {
+    let o = match item {
+        Value::String(s) => {
+            out.push(KeyEntry {
+                at: at.to_string(),
+                token: s.clone(),
+                name: None,
+                weight: 1,
+            });
+            return Ok(());
+        }
+        Value::Object(o) => o,
+        _ => {
+            return err(
+                at,
+                "must be a key string or an object with \"fromEnv\" or \"token\"",
+            )
+        }
+    };
+    check_unknown(
+        o,
+        &["fromEnv", "token", "name", "weight"],
+        &format!("{at}."),
+    )?;
+    let name = match o.get("name") {
+        None => None,
+        Some(n) => Some(parse_name(n, &format!("{at}.name"))?),
+    };
+    let weight = integer(o.get("weight"), &format!("{at}.weight"), 1, 1, MAX_WEIGHT)? as u32;
+    let var = match (o.get("token"), o.get("fromEnv")) {
+        (Some(Value::String(token)), None) => {
+            out.push(KeyEntry {
+                at: at.to_string(),
+                token: token.clone(),
+                name,
+                weight,
+            });
+            return Ok(());
+        }
+        (None, Some(Value::String(var))) => var,
+        (Some(_), Some(_)) => {
+            return err(
+                at,
+                "has both \"token\" and \"fromEnv\"; keep one (\"fromEnv\" keeps the key out of the configuration)",
+            )
+        }
+        (None, Some(_)) => {
+            return err(
+                &format!("{at}.fromEnv"),
+                "must be the name of an environment variable, as a string",
+            )
+        }
+        _ => {
+            return err(
+                &format!("{at}.token"),
+                "required: the API key as a string, or \"fromEnv\": the environment variable that holds it",
+            )
+        }
+    };
+    let tokens = env_keys::read_keys(env, var, &format!("{at}.fromEnv"))?;
+    let several = tokens.len() > 1;
+    for (n, token) in (1..).zip(tokens) {
+        // Each key of a list is a key of its own, so it needs a name of its own.
+        let name = match (&name, several) {
+            (Some(base), true) => {
+                let suffixed = format!("{base}-{n}");
+                if !is_valid_name(&suffixed) {
+                    return err(
+                        &format!("{at}.name"),
+                        format!(
+                            "with the suffix -{n} for the keys of {var} it is longer than 64 characters; shorten it"
+                        ),
+                    );
+                }
+                Some(suffixed)
+            }
+            _ => name.clone(),
+        };
+        out.push(KeyEntry {
+            at: if several {
+                format!("{at} (key {n} of ${var})")
+            } else {
+                format!("{at} (${var})")
+            },
+            token,
+            name,
+            weight,
+        });
+    }
+    Ok(())
 }
 
 fn is_header_token(s: &str) -> bool {

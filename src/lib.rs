@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
+pub mod env_keys;
 pub mod health;
 pub mod hints;
 pub mod metrics;
