@@ -105,16 +105,7 @@ impl Policy {
     pub fn cooldown_ms(&self, strikes: u32, failure: &Failure) -> u64 {
         let base = match failure.hint_ms {
             Some(hint) => hint,
-            None => {
-                let mut ms = u128::from(self.cooldown_ms);
-                for _ in 1..strikes {
-                    ms = ms * u128::from(self.backoff_permille) / 1000;
-                    if ms >= u128::from(self.max_cooldown_ms) {
-                        break;
-                    }
-                }
-                u64::try_from(ms).unwrap_or(u64::MAX)
-            }
+            None => self.backed_off_ms(strikes),
         };
         let clamped = base.clamp(
             self.min_cooldown_ms,
@@ -124,6 +115,29 @@ impl Policy {
         clamped
             .saturating_add(jitter)
             .min(self.max_cooldown_ms.max(clamped))
+    }
+
+    /// `cooldownDuration × cooldownBackoff^(strikes-1)`, at most `maxCooldownDuration`, in
+    /// constant time. Strikes grow with every failed health check and are never capped, so a
+    /// multiplication per strike could run billions of rounds (and with a factor of 1, or one
+    /// that integer steps round away, it never reached the maximum to stop early).
+    fn backed_off_ms(&self, strikes: u32) -> u64 {
+        let steps = strikes.saturating_sub(1);
+        if steps == 0 || self.backoff_permille <= 1000 || self.cooldown_ms >= self.max_cooldown_ms {
+            return self.cooldown_ms;
+        }
+        // powi squares its way to the exponent; a factor above 1 raised far enough is infinite,
+        // which the comparison below turns into the maximum. Durations are far below 2^53 ms,
+        // so the f64 holds them exactly enough for a cooldown.
+        let factor = (f64::from(self.backoff_permille) / 1000.0)
+            .powi(i32::try_from(steps).unwrap_or(i32::MAX));
+        let ms = self.cooldown_ms as f64 * factor;
+        if ms >= self.max_cooldown_ms as f64 {
+            self.max_cooldown_ms
+        } else {
+            // In range by the check above (and `as` saturates in any case).
+            ms as u64
+        }
     }
 
     fn disabled_until(&self, now_ms: u64) -> u64 {
@@ -544,6 +558,47 @@ mod tests {
                 outage_began: true
             }),
             "a success resets the backoff"
+        );
+    }
+
+    #[test]
+    fn backoff_takes_constant_time_whatever_the_strike_count() {
+        let started = std::time::Instant::now();
+        let no_backoff = Policy {
+            backoff_permille: 1_000,
+            ..POLICY
+        };
+        // A factor of 1 never reaches the maximum: a loop per strike had nothing to stop it.
+        assert_eq!(no_backoff.cooldown_ms(u32::MAX, &SERVER), 60_000);
+        assert_eq!(POLICY.cooldown_ms(u32::MAX, &SERVER), 600_000);
+        // A factor just above 1 on a short cooldown: 1.001 × 500 ms rounds back to 500 ms in
+        // integer steps, so stepping never grew; the closed form reaches the maximum.
+        let creeping = Policy {
+            cooldown_ms: 500,
+            min_cooldown_ms: 1,
+            backoff_permille: 1_001,
+            ..POLICY
+        };
+        assert_eq!(creeping.cooldown_ms(u32::MAX, &SERVER), 600_000);
+        assert_eq!(creeping.cooldown_ms(2, &SERVER), 500);
+        assert_eq!(creeping.cooldown_ms(7_000, &SERVER), 545_856);
+        let halves = Policy {
+            cooldown_ms: 1_000,
+            backoff_permille: 1_500,
+            ..POLICY
+        };
+        assert_eq!(
+            (1..=5)
+                .map(|n| halves.cooldown_ms(n, &SERVER))
+                .collect::<Vec<_>>(),
+            [1_000, 1_500, 2_250, 3_375, 5_062]
+        );
+        assert_eq!(POLICY.cooldown_ms(0, &SERVER), 60_000, "no strike yet");
+        // Generous for a loaded machine; a loop per strike takes minutes here.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
         );
     }
 
