@@ -720,20 +720,35 @@ impl Engine {
         let pool = p.pool;
         let policy = p.failover.policy();
         let key = sent.key;
-        let Some(cached) = self.stores.get(pool).and_then(|s| s.state().keys.get(key)) else {
+        let needs_write = |store: &PoolStore| {
+            store.state().keys.get(key).map(|cached| match verdict {
+                Verdict::KeyFailure(_) => true,
+                Verdict::Success => {
+                    !cached.is_available()
+                        || cached.consecutive_failures > 0
+                        || cached.strikes > 0
+                        || sent.sent == SentAs::Probe
+                }
+                Verdict::Neutral => sent.sent == SentAs::Probe,
+            })
+        };
+        let Some(mut write) = self.stores.get(pool).and_then(needs_write) else {
             return;
         };
-        let needs_write = match verdict {
-            Verdict::KeyFailure(_) => true,
-            Verdict::Success => {
-                !cached.is_available()
-                    || cached.consecutive_failures > 0
-                    || cached.strikes > 0
-                    || sent.sent == SentAs::Probe
+        if !write && verdict == Verdict::Success && policy.failure_threshold > 1 {
+            // The cache is as old as the request: another worker may have counted a failure
+            // since. This success comes after that failure, so it must reset the count, or that
+            // worker's next failure would be taken as the next in a row. One epoch read (the
+            // state only if it moved). With a threshold of 1 no count ever stays on an available
+            // key, so successes there read nothing.
+            if let Some(store) = self.stores.get_mut(pool) {
+                if let Err(e) = store.refresh(host) {
+                    log::debug!("reading shared state failed ({e:?}); using the cached copy");
+                }
             }
-            Verdict::Neutral => sent.sent == SentAs::Probe,
-        };
-        if !needs_write {
+            write = self.stores.get(pool).and_then(needs_write).unwrap_or(false);
+        }
+        if !write {
             return;
         }
         let now_ms = clock.now();
@@ -1255,6 +1270,71 @@ mod tests {
         );
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
+    }
+
+    #[test]
+    fn a_success_on_one_worker_resets_the_count_a_failure_on_another_raised() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"failureThreshold": 2}}"#;
+        let mut a = engine(cfg, 1);
+        let mut b = engine(cfg, 2);
+        // Both requests start (and refresh their worker's cache) before either answer is in.
+        a.decide(&host, Some(0), &Clock::at(0), &[]);
+        b.decide(&host, Some(0), &Clock::at(0), &[]);
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(10),
+        );
+        b.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(20),
+        );
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(30),
+        );
+        let shared = |w: &mut Engine| {
+            w.tick(&host, 40);
+            w.stores()[0].state().keys[0].clone()
+        };
+        let key = shared(&mut b);
+        assert!(
+            key.is_available(),
+            "a success came between the two failures: {key:?}"
+        );
+        assert_eq!(
+            key.consecutive_failures, 1,
+            "the failure after the success is the first again"
+        );
+        assert_eq!(shared(&mut a), key, "both workers see the same state");
+        // Threshold 1 (the default) keeps successes free of shared-data reads: an available
+        // key never holds a count there.
+        let one = r#"{"apiTokens": ["a", "b"]}"#;
+        let host = TestHost::default();
+        let mut w = engine(one, 3);
+        w.decide(&host, Some(0), &Clock::at(0), &[]);
+        let gets = host.shared.gets.get();
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1),
+        );
+        assert_eq!(host.shared.gets.get(), gets);
     }
 
     #[test]
