@@ -439,8 +439,9 @@ impl PoolState {
         {
             return None;
         }
-        // Later than any earlier claim of this key (each is taken after the last one ended),
-        // so the value names this claim.
+        // A claim is taken only once the one before lapsed (so at or after its end) or was
+        // given back by its holder, which then reports nothing more: the value is unlike that
+        // of any claim whose request may still answer, so it names this claim.
         let until_ms = now_ms.saturating_add(lease_ms).max(1);
         state.probe_until_ms = until_ms;
         Some(Event::ProbeClaimed { key, until_ms })
