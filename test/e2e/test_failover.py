@@ -247,6 +247,7 @@ def test_a_request_sent_before_the_outage_that_fails_after_it_leaves_the_probe_a
         take_alpha_out_until_its_probe_is_due(envoy)
         probe = pool.submit(chat)
         wait_for(lambda: mock.keys_received().count(A) == 3, timeout=3, what="the probe to reach alpha")
+        assert not slow.done(), "the slow 503 came before the probe; the test proves nothing"
         assert slow.result(timeout=10) == 503
         assert not probe.done(), "the probe answered before the stale failure; the test proves nothing"
         answered = max(r["seq"] for r in mock.requests())
