@@ -614,8 +614,8 @@ impl Engine {
             .and_then(|s| s.view().probe_candidate())
             .filter(|k| !avoid_here.contains(k));
         if let Some(key) = candidate {
-            if self.claim_probe(host, pool, key, clock.now()) {
-                return Some((key, SentAs::Probe));
+            if let Some(claim_ms) = self.claim_probe(host, pool, key, clock.now()) {
+                return Some((key, SentAs::Probe { claim_ms }));
             }
         }
         let store = self.stores.get(pool)?;
@@ -686,13 +686,23 @@ impl Engine {
         }
     }
 
-    fn claim_probe(&mut self, host: &dyn Host, pool: usize, key: usize, now_ms: u64) -> bool {
+    /// Claims the probe of `key`; on success, what names the claim (see `SentAs::Probe`).
+    fn claim_probe(
+        &mut self,
+        host: &dyn Host,
+        pool: usize,
+        key: usize,
+        now_ms: u64,
+    ) -> Option<u64> {
         let events = self.change(host, pool, now_ms, |s| {
             s.claim_probe(key, now_ms, PROBE_LEASE_MS)
                 .into_iter()
                 .collect()
         });
-        events.contains(&Event::ProbeClaimed { key })
+        events.iter().find_map(|e| match *e {
+            Event::ProbeClaimed { key: k, until_ms } if k == key => Some(until_ms),
+            _ => None,
+        })
     }
 
     /// The header to put on the upstream request for this key: `(name, value)`.
@@ -760,20 +770,35 @@ impl Engine {
         let pool = p.pool;
         let policy = p.failover.policy();
         let key = sent.key;
-        let Some(cached) = self.stores.get(pool).and_then(|s| s.state().keys.get(key)) else {
+        let needs_write = |store: &PoolStore| {
+            store.state().keys.get(key).map(|cached| match verdict {
+                Verdict::KeyFailure(_) => true,
+                Verdict::Success => {
+                    !cached.is_available()
+                        || cached.consecutive_failures > 0
+                        || cached.strikes > 0
+                        || sent.sent.is_probe()
+                }
+                Verdict::Neutral => sent.sent.is_probe(),
+            })
+        };
+        let Some(mut write) = self.stores.get(pool).and_then(needs_write) else {
             return;
         };
-        let needs_write = match verdict {
-            Verdict::KeyFailure(_) => true,
-            Verdict::Success => {
-                !cached.is_available()
-                    || cached.consecutive_failures > 0
-                    || cached.strikes > 0
-                    || sent.sent == SentAs::Probe
+        if !write && verdict == Verdict::Success && policy.failure_threshold > 1 {
+            // The cache is as old as the request: another worker may have counted a failure
+            // since. This success comes after that failure, so it must reset the count, or that
+            // worker's next failure would be taken as the next in a row. One epoch read (the
+            // state only if it moved). With a threshold of 1 no count ever stays on an available
+            // key, so successes there read nothing.
+            if let Some(store) = self.stores.get_mut(pool) {
+                if let Err(e) = store.refresh(host) {
+                    log::debug!("reading shared state failed ({e:?}); using the cached copy");
+                }
             }
-            Verdict::Neutral => sent.sent == SentAs::Probe,
-        };
-        if !needs_write {
+            write = self.stores.get(pool).and_then(needs_write).unwrap_or(false);
+        }
+        if !write {
             return;
         }
         let now_ms = clock.now();
@@ -788,10 +813,14 @@ impl Engine {
             _ => None,
         };
         self.change(host, pool, now_ms, |s| {
-            let event = match (verdict, failure) {
-                (Verdict::KeyFailure(_), Some(f)) => s.record_failure(key, &f, now_ms, &policy),
-                (Verdict::Success, _) => s.record_success(key, sent.sent),
-                _ => s.release_probe(key),
+            let event = match (verdict, failure, sent.sent) {
+                (Verdict::KeyFailure(_), Some(f), SentAs::Probe { claim_ms }) => {
+                    s.record_probe_failure(key, claim_ms, &f, now_ms, &policy)
+                }
+                (Verdict::KeyFailure(_), Some(f), _) => s.record_failure(key, &f, now_ms, &policy),
+                (Verdict::Success, _, _) => s.record_success(key, sent.sent),
+                (_, _, SentAs::Probe { claim_ms }) => s.release_probe(key, claim_ms),
+                _ => None,
             };
             event.into_iter().collect()
         });
@@ -800,14 +829,14 @@ impl Engine {
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
-        if sent.sent != SentAs::Probe {
+        let SentAs::Probe { claim_ms } = sent.sent else {
             return;
-        }
+        };
         let Some(pool) = self.config.profiles.get(sent.profile).map(|p| p.pool) else {
             return;
         };
         self.change(host, pool, now_ms, |s| {
-            s.release_probe(sent.key).into_iter().collect()
+            s.release_probe(sent.key, claim_ms).into_iter().collect()
         });
     }
 
@@ -964,7 +993,7 @@ impl Engine {
                         key_label(key)
                     )
                 }
-                Event::ProbeClaimed { key } => {
+                Event::ProbeClaimed { key, .. } => {
                     log::debug!("pool {p}: probing key {}", key_label(key))
                 }
                 Event::ProbeReleased { key } => {
@@ -1198,7 +1227,8 @@ mod tests {
         }
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
         let (_, probe_key, how) = use_key(w2.decide(&host, g, &Clock::at(1120), &[]));
-        assert_eq!((probe_key, how), (k, SentAs::Probe));
+        assert_eq!(probe_key, k);
+        assert!(how.is_probe(), "{how:?}");
         for _ in 0..4 {
             let (_, k2, how) = use_key(w1.decide(&host, g, &Clock::at(1121), &[]));
             assert_ne!(k2, k, "one probe at a time, on any worker");
@@ -1206,7 +1236,7 @@ mod tests {
         }
         w2.record(
             &host,
-            sent(p, k, SentAs::Probe),
+            sent(p, k, how),
             Verdict::Success,
             200,
             None,
@@ -1216,6 +1246,63 @@ mod tests {
             .map(|_| use_key(w1.decide(&host, g, &Clock::at(1131), &[])).1)
             .collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
+    }
+
+    #[test]
+    fn a_request_sent_before_an_outage_that_fails_after_it_leaves_the_probe_alone() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "p", "apiTokens": [{"token": "a", "name": "ka"}, "b"],
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut a = engine(cfg, 1);
+        let mut b = engine(cfg, 2);
+        a.start(&host, 0);
+        b.start(&host, 0);
+        // A's request goes out with key 0 while it is available; it answers late.
+        let slow = sent(0, 0, SentAs::Normal);
+        b.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            RATE,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        let (_, k, probe) = use_key(b.decide(&host, Some(0), &Clock::at(1_200), &[]));
+        assert_eq!(k, 0);
+        assert!(probe.is_probe(), "{probe:?}");
+        a.record(&host, slow, SERVER, 503, None, &Clock::at(1_300));
+        for _ in 0..4 {
+            let (_, k, how) = use_key(a.decide(&host, Some(0), &Clock::at(1_400), &[]));
+            assert_eq!((k, how), (1, SentAs::Normal), "the probe is still out");
+        }
+        let SentAs::Probe { claim_ms } = probe else {
+            unreachable!()
+        };
+        let key = &a.stores()[0].state().keys[0];
+        assert!(
+            key.probe_held_by(claim_ms),
+            "the probe keeps its claim: {key:?}"
+        );
+        assert_eq!(key.strikes, 1);
+        let m = |name: &str| host.metrics.get(&format!("ai_key_failover.pool.p.{name}"));
+        assert_eq!(
+            m("probes_failed"),
+            0,
+            "the stale failure was not the probe's"
+        );
+        assert_eq!(m("key.ka.key_marked_down"), 1, "one outage");
+        b.record(
+            &host,
+            sent(0, 0, probe),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1_500),
+        );
+        a.tick(&host, 1_600);
+        let key = &a.stores()[0].state().keys[0];
+        assert!(key.is_available() && key.strikes == 0, "{key:?}");
+        assert_eq!(m("keys_restored"), 1);
     }
 
     #[test]
@@ -1232,33 +1319,29 @@ mod tests {
             &Clock::at(0),
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Probe),
-            SERVER,
-            503,
-            None,
-            &Clock::at(1200),
-        );
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
+        w.record(&host, sent(0, 0, how), SERVER, 503, None, &Clock::at(1200));
         let key = &w.stores()[0].state().keys[0];
         assert_eq!(key.strikes, 2);
         let cooldown = key.down_until_ms - 1200;
         assert!((3_000..=3_300).contains(&cooldown), "{cooldown}");
         // The next probe comes back with nothing to say (a local reply): another may probe.
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5000), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
         w.record(
             &host,
-            sent(0, 0, SentAs::Probe),
+            sent(0, 0, how),
             Verdict::Neutral,
             504,
             None,
             &Clock::at(5001),
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5002), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
-        w.abandon(&host, sent(0, 0, SentAs::Probe), 5003);
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
+        w.abandon(&host, sent(0, 0, how), 5003);
         assert!(w.stores()[0].state().keys[0].probe_claimable());
     }
 
@@ -1393,6 +1476,71 @@ mod tests {
     }
 
     #[test]
+    fn a_success_on_one_worker_resets_the_count_a_failure_on_another_raised() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"failureThreshold": 2}}"#;
+        let mut a = engine(cfg, 1);
+        let mut b = engine(cfg, 2);
+        // Both requests start (and refresh their worker's cache) before either answer is in.
+        a.decide(&host, Some(0), &Clock::at(0), &[]);
+        b.decide(&host, Some(0), &Clock::at(0), &[]);
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(10),
+        );
+        b.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(20),
+        );
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(30),
+        );
+        let shared = |w: &mut Engine| {
+            w.tick(&host, 40);
+            w.stores()[0].state().keys[0].clone()
+        };
+        let key = shared(&mut b);
+        assert!(
+            key.is_available(),
+            "a success came between the two failures: {key:?}"
+        );
+        assert_eq!(
+            key.consecutive_failures, 1,
+            "the failure after the success is the first again"
+        );
+        assert_eq!(shared(&mut a), key, "both workers see the same state");
+        // Threshold 1 (the default) keeps successes free of shared-data reads: an available
+        // key never holds a count there.
+        let one = r#"{"apiTokens": ["a", "b"]}"#;
+        let host = TestHost::default();
+        let mut w = engine(one, 3);
+        w.decide(&host, Some(0), &Clock::at(0), &[]);
+        let gets = host.shared.gets.get();
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1),
+        );
+        assert_eq!(host.shared.gets.get(), gets);
+    }
+
+    #[test]
     fn reject_answers_with_whole_seconds_until_the_first_return() {
         let host = TestHost::default();
         let mut w = engine(
@@ -1431,7 +1579,7 @@ mod tests {
             w.decide(&host, Some(0), &Clock::at(2800), &[]),
             Decision::UseKey(Assignment {
                 key: 0,
-                sent: SentAs::Probe,
+                sent: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1550,7 +1698,7 @@ mod tests {
             "a key whose time out ended waits for its probe"
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
-        assert_eq!(how, SentAs::Probe);
+        assert!(how.is_probe(), "{how:?}");
         w.record(
             &host,
             sent(0, k, how),
@@ -1782,7 +1930,7 @@ mod tests {
         assert!(matches!(
             d,
             Decision::UseKey(Assignment {
-                sent: SentAs::Probe,
+                sent: SentAs::Probe { .. },
                 ..
             })
         ));

@@ -427,7 +427,10 @@ mod tests {
                 .into_iter()
                 .collect::<Vec<_>>(),
         );
-        let ev: Vec<Event> = state.record_success(1, SentAs::Probe).into_iter().collect();
+        let ev: Vec<Event> = state
+            .record_success(1, SentAs::Probe { claim_ms: 15_100 })
+            .into_iter()
+            .collect();
         m.count_events(&host, &ev);
         m.sync(&host, &state);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);
