@@ -52,6 +52,29 @@ def test_stats_count_requests_transitions_and_follow_availability(envoy_factory,
     assert s[PREFIX + "cas_gave_up"] == 0
 
 
+def test_key_refused_until_reload_is_disabled_with_no_end_time(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 401}}, B: {}}})
+    cfg = {"name": "main", "apiTokens": [{"token": A, "name": "sierra"}, {"token": B, "name": "tango"}],
+           "failover": {"disableDuration": 0}}
+    envoy = envoy_factory.start(cfg)
+    with envoy.client() as c:
+        statuses = [c.chat().status for _ in range(4)]
+    assert sorted(statuses) == [200, 200, 200, 401]
+    envoy.wait_log(r"key sierra refused by the provider", plugin_only=True)
+
+    def synced():
+        s = envoy.stats("ai_key_failover")
+        return s if s.get(PREFIX + "key.sierra.key_disabled") == 1 and s.get(PREFIX + "requests_keyed") == 4 else None
+
+    s = wait_for(synced, 5, interval=0.2, what="key_disabled gauge published")
+    assert s[PREFIX + "key.sierra.key_available"] == 0
+    # Disabled until the next config load has no end: 0, not u64::MAX / 1000 (about 1.8e16).
+    assert s[PREFIX + "key.sierra.key_down_until_seconds"] == 0
+    assert s[PREFIX + "class.key_refused.keys_marked_down"] == 1
+    assert s[PREFIX + "key.tango.key_disabled"] == 0
+    assert s[PREFIX + "key.tango.key_available"] == 1
+
+
 def test_prometheus_output_has_pool_key_and_class_labels(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {}}})
     envoy = envoy_factory.start({"name": "main", "apiTokens": [{"token": A, "name": "sierra"}, {"token": B, "name": "tango"}]})
