@@ -48,6 +48,17 @@ struct Shared {
     upstream: std::cell::Cell<Option<bool>>,
 }
 
+/// The engine goes when the last holder lets go: its root context on reconfigure or when
+/// Envoy deletes the root (a reload's new plugin config gets a new root), or the last request
+/// that started under it. Counts since its last tick would be lost with it.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Ok(mut engine) = self.engine.try_borrow_mut() {
+            engine.flush_counters(&HostShared);
+        }
+    }
+}
+
 struct Root {
     /// Health checks are made on it, so their answers are read with it effective.
     context_id: u32,

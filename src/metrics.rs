@@ -248,25 +248,7 @@ impl PoolMetrics {
 
     /// Flushes request counters and brings gauges in line with `state`, writing only changes.
     pub fn sync(&mut self, host: &dyn MetricsHost, state: &PoolState) {
-        increment(
-            host,
-            self.requests_keyed,
-            std::mem::take(&mut self.pending_keyed),
-        );
-        increment(
-            host,
-            self.requests_rejected,
-            std::mem::take(&mut self.pending_rejected),
-        );
-        increment(
-            host,
-            self.requests_fallen_back,
-            std::mem::take(&mut self.pending_fallen_back),
-        );
-        let [started, succeeded, failed] = std::mem::take(&mut self.pending_retries);
-        increment(host, self.retries, started);
-        increment(host, self.retries_succeeded, succeeded);
-        increment(host, self.retries_failed, failed);
+        self.flush_counters(host);
         let available = state.available_count() as u64;
         if self.recorded_available != Some(available) {
             record(host, self.keys_available, available);
@@ -289,6 +271,31 @@ impl PoolMetrics {
             }
             metrics.recorded = Some(now);
         }
+    }
+
+    /// Adds the request counts summed since the last flush to Envoy's counters. Runs on tick,
+    /// and once more when the engine goes away (a reload replaced its root context), so the
+    /// counts since its last tick are not lost.
+    pub fn flush_counters(&mut self, host: &dyn MetricsHost) {
+        increment(
+            host,
+            self.requests_keyed,
+            std::mem::take(&mut self.pending_keyed),
+        );
+        increment(
+            host,
+            self.requests_rejected,
+            std::mem::take(&mut self.pending_rejected),
+        );
+        increment(
+            host,
+            self.requests_fallen_back,
+            std::mem::take(&mut self.pending_fallen_back),
+        );
+        let [started, succeeded, failed] = std::mem::take(&mut self.pending_retries);
+        increment(host, self.retries, started);
+        increment(host, self.retries_succeeded, succeeded);
+        increment(host, self.retries_failed, failed);
     }
 }
 
