@@ -4,7 +4,7 @@
 //! upstream HTTP filters, once per retry attempt of the route). It tells which on the first
 //! request: only an upstream filter already knows the upstream host.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::{Rc, Weak};
@@ -81,12 +81,12 @@ enum Callout {
     },
 }
 
+// Cells, not RefCells: taken and put back around each use, they cannot fail to borrow.
 thread_local! {
-    static CALLOUTS: RefCell<Callouts<Callout>> = RefCell::new(Callouts::default());
+    static CALLOUTS: Cell<Callouts<Callout>> = Cell::new(Callouts::default());
     /// The request whose callback is running, so a re-send it makes is routed back to it
     /// (the SDK keeps the same thing, privately, for its own dispatch).
-    static ACTIVE_REQUEST: RefCell<Option<(u32, Weak<RefCell<Request>>)>> =
-        const { RefCell::new(None) };
+    static ACTIVE_REQUEST: Cell<Option<(u32, Weak<RefCell<Request>>)>> = const { Cell::new(None) };
 }
 
 /// Sends a call and registers its answer for `callout` on context `context_id`.
@@ -99,18 +99,14 @@ fn dispatch_http_call(
     callout: Callout,
 ) -> Result<u32, DispatchError> {
     let token = host::dispatch_http_call(cluster, headers, body, timeout_ms)?;
-    let registered = CALLOUTS.with(|calls| {
-        calls
-            .try_borrow_mut()
-            .map(|mut calls| calls.register(token, context_id, callout))
+    let displaced = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        let displaced = calls.register(token, context_id, callout);
+        cell.set(calls);
+        displaced
     });
-    match registered {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            log::warn!("the host reused call token {token}; an older call's answer is lost")
-        }
-        // Only a re-entrant call could find the registry borrowed; its answer is dropped.
-        Err(_) => log::warn!("could not register call token {token}; its answer will be dropped"),
+    if displaced.is_some() {
+        log::warn!("the host reused call token {token}; an older call's answer is lost");
     }
     Ok(token)
 }
@@ -123,9 +119,12 @@ fn dispatch_retry(
     timeout_ms: u64,
 ) -> Option<u32> {
     // Checked before sending: a call whose answer nobody would be given must not go out.
-    let Some((context_id, request)) =
-        ACTIVE_REQUEST.with(|active| active.try_borrow().ok().and_then(|a| a.clone()))
-    else {
+    let Some((context_id, request)) = ACTIVE_REQUEST.with(|cell| {
+        let active = cell.take();
+        let copy = active.clone();
+        cell.set(active);
+        copy
+    }) else {
         log::warn!("a re-send outside a request's callback was not sent");
         return None;
     };
@@ -146,12 +145,7 @@ struct ActiveRequest {
 
 impl ActiveRequest {
     fn enter(context_id: u32, request: Weak<RefCell<Request>>) -> Self {
-        let before = ACTIVE_REQUEST.with(|active| {
-            active
-                .try_borrow_mut()
-                .ok()
-                .and_then(|mut a| a.replace((context_id, request)))
-        });
+        let before = ACTIVE_REQUEST.with(|cell| cell.replace(Some((context_id, request))));
         ActiveRequest { before }
     }
 }
@@ -159,11 +153,7 @@ impl ActiveRequest {
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         let before = self.before.take();
-        ACTIVE_REQUEST.with(|active| {
-            if let Ok(mut a) = active.try_borrow_mut() {
-                *a = before;
-            }
-        });
+        ACTIVE_REQUEST.with(|cell| cell.set(before));
     }
 }
 
@@ -178,13 +168,16 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
     body_size: usize,
     num_trailers: usize,
 ) {
-    let route = CALLOUTS.with(|calls| {
-        calls
-            .try_borrow_mut()
-            .map(|mut calls| calls.route(token_id, host::set_effective_context))
+    let route = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        // The host call in `route` cannot call back into the VM, so nothing sees the
+        // registry while it is taken.
+        let route = calls.route(token_id, host::set_effective_context);
+        cell.set(calls);
+        route
     });
     match route {
-        Ok(Route::Deliver(Callout::Retry(request))) => {
+        Route::Deliver(Callout::Retry(request)) => {
             let Some(live) = request.upgrade() else {
                 return;
             };
@@ -197,14 +190,13 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
             let _active = ActiveRequest::enter(context_id, request);
             held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
         }
-        Ok(Route::Deliver(Callout::HealthCheck { shared, pool, key })) => {
+        Route::Deliver(Callout::HealthCheck { shared, pool, key }) => {
             if let Some(shared) = shared.upgrade() {
                 health_check_answered(&shared, pool, key, body_size);
             }
         }
-        Ok(Route::ContextGone(_)) => log::debug!("an answer came for a context that is gone"),
-        Ok(Route::Unknown) => log::debug!("an answer came for call token {token_id}, not ours"),
-        Err(_) => log::warn!("call token {token_id}: registry busy; answer dropped"),
+        Route::ContextGone(_) => log::debug!("an answer came for a context that is gone"),
+        Route::Unknown => log::debug!("an answer came for call token {token_id}, not ours"),
     }
 }
 
