@@ -3,8 +3,9 @@
 //   node fake_host.js MODULE.wasm SCENARIO.json
 //
 // It plays Envoy's side of the ABI just far enough to run the plugin's callbacks: plugin
-// configuration, an empty shared-data map, stats, request and response headers and properties
-// from the scenario, and `proxy_http_call` answering with the scenario's status. It prints one
+// configuration, shared data with Envoy's CAS rules, a clock the scenario moves, request and
+// response headers and properties from the scenario, and `proxy_http_call` answering with the
+// scenario's status. It prints one
 // JSON line: what each step returned (or "trapped: ..." when the VM trapped) and what the
 // plugin asked of the host (calls sent, contexts made effective, local replies, log lines).
 "use strict";
@@ -58,11 +59,18 @@ function headerMap(pairs) {
 // Header maps by the ABI's MapType: request 0, response 2, call response 6.
 const maps = { 0: scenario.request_headers || [], 2: scenario.response_headers || [], 6: scenario.call_response_headers || [] };
 const NOT_FOUND = 1;
+const CAS_MISMATCH = 8;
+// Shared data with Envoy's CAS rules: cas 0 writes unconditionally, and so does any cas when
+// the key does not exist yet.
+const shared = new Map();
+let nextCas = 1;
+// The host clock; the "advance" step moves it on by scenario.advance_ms.
+let nowMs = Date.now();
 
 const env = {
   proxy_log(level, ptr, len) { seen.logs.push(text(ptr, len)); return 0; },
   proxy_get_log_level(ret) { mem().setUint32(ret, 2, true); return 0; },
-  proxy_get_current_time_nanoseconds(ret) { mem().setBigUint64(ret, BigInt(Date.now()) * 1000000n, true); return 0; },
+  proxy_get_current_time_nanoseconds(ret) { mem().setBigUint64(ret, BigInt(nowMs) * 1000000n, true); return 0; },
   proxy_set_tick_period_milliseconds() { return 0; },
   proxy_get_buffer_bytes(type, start, max, ptrPtr, sizePtr) {
     if (type === 7) return give(enc.encode(JSON.stringify(scenario.plugin_config)), ptrPtr, sizePtr);
@@ -78,7 +86,19 @@ const env = {
     const value = (scenario.properties || {})[text(pPtr, pLen).split("\0").join(".")];
     return value === undefined ? NOT_FOUND : give(enc.encode(value), ptrPtr, sizePtr);
   },
-  proxy_get_shared_data() { return NOT_FOUND; },
+  proxy_get_shared_data(kPtr, kLen, ptrPtr, sizePtr, casPtr) {
+    const entry = shared.get(text(kPtr, kLen));
+    if (!entry) return NOT_FOUND;
+    mem().setUint32(casPtr, entry.cas, true);
+    return give(entry.value, ptrPtr, sizePtr);
+  },
+  proxy_set_shared_data(kPtr, kLen, vPtr, vLen, cas) {
+    const key = text(kPtr, kLen);
+    const entry = shared.get(key);
+    if (entry && cas !== 0 && cas !== entry.cas) return CAS_MISMATCH;
+    shared.set(key, { value: bytes(vPtr, vLen).slice(), cas: nextCas++ });
+    return 0;
+  },
   proxy_http_call(cPtr, cLen, hPtr, hLen, bPtr, bLen, tPtr, tLen, timeout, tokenPtr) {
     const status = scenario.http_call_status;
     seen.http_calls.push({ cluster: text(cPtr, cLen), status });
@@ -122,6 +142,8 @@ const steps = {
   answer: () => e.proxy_on_http_call_response(ROOT, 1, 0, 0, 0),
   unknown_answer: () => e.proxy_on_http_call_response(ROOT, 424242, 0, 0, 0),
   delete_request: () => { live.delete(2); return e.proxy_on_delete(2); },
+  tick: () => e.proxy_on_tick(ROOT),
+  advance: () => { nowMs += scenario.advance_ms; },
 };
 for (const name of scenario.steps) {
   if (!step(name, steps[name])) break;

@@ -95,6 +95,38 @@ def test_a_retry_answer_for_a_request_that_is_gone_is_dropped(tmp_path):
     assert report["local_replies"] == []
 
 
+# A key taken out by a 503, with health checks on: once it has been out for
+# minCooldownDuration, the lease holder's tick sends a check through proxy_http_call.
+HEALTH = {
+    "plugin_config": {"apiTokens": [ONE, TWO],
+                      "failover": {"healthCheckModel": "gpt-4o-mini", "healthCheckCluster": "mock_provider"}},
+    "properties": {"xds.cluster_name": "mock_provider", "response.code_details": "via_upstream"},
+    "request_headers": [[":method", "POST"], [":path", "/v1/chat/completions"], [":authority", "api"]],
+    "response_headers": [[":status", "503"]],
+    "advance_ms": 2500,
+}
+
+
+@pytest.mark.parametrize("status", [1, 6, 12, 99])
+def test_a_health_check_the_host_refuses_to_send_does_not_trap_the_vm(tmp_path, status):
+    steps = ["start", "request", "response", "tick", "advance", "tick", "advance", "tick"]
+    report = run_module(tmp_path, {**HEALTH, "http_call_status": status}, steps)
+    assert not [r for r in report["results"] if isinstance(r[1], str)], report
+    # One check was due (the next one is a healthCheckInterval later), and the ticks after the
+    # refusal ran normally.
+    assert report["http_calls"] == [{"cluster": "mock_provider", "status": status}], report
+    assert any('could not send a health check to cluster "mock_provider"' in line for line in report["logs"])
+
+
+def test_a_health_check_answer_reaches_the_engine_that_sent_it(tmp_path):
+    scenario = {**HEALTH, "http_call_status": 0,
+                "call_response_headers": [[":status", "200"], ["x-envoy-upstream-service-time", "3"]]}
+    report = run_module(tmp_path, scenario, ["start", "request", "response", "tick", "advance", "tick", "answer"])
+    assert not [r for r in report["results"] if isinstance(r[1], str)], report
+    assert report["effective"] == [1], "the answer is handled with the root context effective"
+    assert any("passed its health check (status 200); back in rotation" in line for line in report["logs"]), report
+
+
 def _module(exports: list[tuple[str, int, int]], func_types: list[int]) -> bytes:
     """A minimal valid module: types 0 = (i32) -> () and 1 = (i32, i32) -> (), one function per
     entry of func_types, a memory, and the given exports."""
