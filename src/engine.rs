@@ -854,6 +854,14 @@ impl Engine {
         }
     }
 
+    /// Flushes the request counters summed since the last tick: the engine's last act before
+    /// it goes away (Envoy replaced its root context on a reload, or the VM stops).
+    pub fn flush_counters(&mut self, host: &dyn Host) {
+        for m in &mut self.metrics {
+            m.flush_counters(host);
+        }
+    }
+
     pub fn stores(&self) -> &[PoolStore] {
         &self.stores
     }
@@ -1648,6 +1656,29 @@ mod tests {
             })
             .collect();
         assert!(firsts.len() > 1);
+    }
+
+    #[test]
+    fn request_counts_since_the_last_tick_are_flushed_when_the_engine_goes() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "main", "apiTokens": ["a", "b"]}"#;
+        let mut old = engine(cfg, 3);
+        old.start(&host, 0);
+        old.decide(&host, Some(0), &Clock::at(0), &[]);
+        old.tick(&host, 1000);
+        for _ in 0..3 {
+            old.decide(&host, Some(0), &Clock::at(1500), &[]);
+        }
+        let keyed = || host.metrics.get("ai_key_failover.pool.main.requests_keyed");
+        assert_eq!(keyed(), 1, "counted locally until the next tick");
+        // A reload: the new engine defines the same stats; the old one never ticks again.
+        let mut new = engine(cfg, 4);
+        new.start(&host, 1600);
+        old.flush_counters(&host);
+        assert_eq!(keyed(), 4);
+        old.flush_counters(&host);
+        new.tick(&host, 2000);
+        assert_eq!(keyed(), 4, "each count is flushed once");
     }
 
     #[test]

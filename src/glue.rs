@@ -4,15 +4,15 @@
 //! upstream HTTP filters, once per retry attempt of the route). It tells which on the first
 //! request: only an upstream filter already knows the upstream host.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
+use crate::callout::{Callouts, DispatchError, Route};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
@@ -33,10 +33,10 @@ const POOL_HEADER: &str = "x-ai-key-failover-pool";
 
 proxy_wasm::main! {{
     host::install_logger();
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
+            context_id,
             shared: None,
-            checks: HashMap::new(),
         })
     });
 }}
@@ -48,43 +48,174 @@ struct Shared {
     upstream: std::cell::Cell<Option<bool>>,
 }
 
-struct Root {
-    /// Replaced whole on reconfigure; requests in flight keep the one they started with.
-    shared: Option<Rc<Shared>>,
-    /// Health checks in flight: call token → (pool, key).
-    checks: HashMap<u32, (usize, usize)>,
+/// The engine goes when the last holder lets go: its root context on reconfigure or when
+/// Envoy deletes the root (a reload's new plugin config gets a new root), or the last request
+/// that started under it. Counts since its last tick would be lost with it.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Ok(mut engine) = self.engine.try_borrow_mut() {
+            engine.flush_counters(&HostShared);
+        }
+    }
 }
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let Some((pool, key)) = self.checks.remove(&token_id) else {
-            return;
-        };
-        let Some(shared) = &self.shared else {
-            return;
-        };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
-            return;
-        };
-        let CallResponse {
-            status,
-            from_upstream,
-            headers,
-            body,
-        } = CallResponse::read(body_size);
-        let answer = CheckAnswer {
-            status: status.filter(|_| from_upstream),
-            headers: &headers,
-            body: &body,
-        };
-        engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
+struct Root {
+    /// Health checks are made on it, so their answers are read with it effective.
+    context_id: u32,
+    /// Replaced whole on reconfigure; requests in flight keep the one they started with.
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Root {}
+
+/// What the answer to one of our `dispatch_http_call`s is for (see `crate::callout`).
+enum Callout {
+    /// A `retryOnFailure` re-send of this request.
+    Retry(Weak<RefCell<Request>>),
+    /// A health check of a pool's key, sent by the engine that planned it (an answer that
+    /// outlives that configuration is dropped: its pool and key numbers are not the new one's).
+    HealthCheck {
+        shared: Weak<Shared>,
+        pool: usize,
+        key: usize,
+    },
+}
+
+// Cells, not RefCells: taken and put back around each use, they cannot fail to borrow.
+thread_local! {
+    static CALLOUTS: Cell<Callouts<Callout>> = Cell::new(Callouts::default());
+    /// The request whose callback is running, so a re-send it makes is routed back to it
+    /// (the SDK keeps the same thing, privately, for its own dispatch).
+    static ACTIVE_REQUEST: Cell<Option<(u32, Weak<RefCell<Request>>)>> = const { Cell::new(None) };
+}
+
+/// Sends a call and registers its answer for `callout` on context `context_id`.
+fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+    context_id: u32,
+    callout: Callout,
+) -> Result<u32, DispatchError> {
+    let token = host::dispatch_http_call(cluster, headers, body, timeout_ms)?;
+    let displaced = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        let displaced = calls.register(token, context_id, callout);
+        cell.set(calls);
+        displaced
+    });
+    if displaced.is_some() {
+        log::warn!("the host reused call token {token}; an older call's answer is lost");
     }
+    Ok(token)
+}
+
+/// A re-send for the request whose callback is running; None when it was not sent.
+fn dispatch_retry(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Option<u32> {
+    // Checked before sending: a call whose answer nobody would be given must not go out.
+    let Some((context_id, request)) = ACTIVE_REQUEST.with(|cell| {
+        let active = cell.take();
+        let copy = active.clone();
+        cell.set(active);
+        copy
+    }) else {
+        log::warn!("a re-send outside a request's callback was not sent");
+        return None;
+    };
+    let callout = Callout::Retry(request);
+    match dispatch_http_call(cluster, headers, body, timeout_ms, context_id, callout) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            log::debug!("a re-send was not sent (host status {e})");
+            None
+        }
+    }
+}
+
+/// Marks a request's callback as running for as long as it lives.
+struct ActiveRequest {
+    before: Option<(u32, Weak<RefCell<Request>>)>,
+}
+
+impl ActiveRequest {
+    fn enter(context_id: u32, request: Weak<RefCell<Request>>) -> Self {
+        let before = ACTIVE_REQUEST.with(|cell| cell.replace(Some((context_id, request))));
+        ActiveRequest { before }
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        let before = self.before.take();
+        ACTIVE_REQUEST.with(|cell| cell.set(before));
+    }
+}
+
+/// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
+/// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::callout`).
+/// Nothing here can trap: an answer nobody waits for is dropped.
+#[no_mangle]
+pub extern "C" fn ai_key_failover_on_http_call_response(
+    _root_context_id: u32,
+    token_id: u32,
+    num_headers: usize,
+    body_size: usize,
+    num_trailers: usize,
+) {
+    let route = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        // The host call in `route` cannot call back into the VM, so nothing sees the
+        // registry while it is taken.
+        let route = calls.route(token_id, host::set_effective_context);
+        cell.set(calls);
+        route
+    });
+    match route {
+        Route::Deliver(Callout::Retry(request)) => {
+            let Some(live) = request.upgrade() else {
+                return;
+            };
+            let Ok(mut held) = live.try_borrow_mut() else {
+                // The held response must not hang.
+                host::resume_response();
+                return;
+            };
+            let context_id = held.context_id;
+            let _active = ActiveRequest::enter(context_id, request);
+            held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
+        }
+        Route::Deliver(Callout::HealthCheck { shared, pool, key }) => {
+            if let Some(shared) = shared.upgrade() {
+                health_check_answered(&shared, pool, key, body_size);
+            }
+        }
+        Route::ContextGone(_) => log::debug!("an answer came for a context that is gone"),
+        Route::Unknown => log::debug!("an answer came for call token {token_id}, not ours"),
+    }
+}
+
+fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: usize) {
+    let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        return;
+    };
+    let CallResponse {
+        status,
+        from_upstream,
+        headers,
+        body,
+    } = CallResponse::read(body_size);
+    let answer = CheckAnswer {
+        status: status.filter(|_| from_upstream),
+        headers: &headers,
+        body: &body,
+    };
+    engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
 }
 
 impl RootContext for Root {
@@ -139,31 +270,38 @@ impl RootContext for Root {
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.as_bytes()))
                 .collect();
-            match host::dispatch_http_call(&check.cluster, &headers, &check.body, check.timeout_ms)
-            {
-                Some(token) => {
-                    self.checks.insert(token, (check.pool, check.key));
-                }
-                None => {
-                    log::warn!(
-                        "could not send a health check to cluster {:?}; is healthCheckCluster right?",
-                        check.cluster
-                    );
-                    engine.health_check_not_sent(check.pool, check.key);
-                }
+            let callout = Callout::HealthCheck {
+                shared: Rc::downgrade(shared),
+                pool: check.pool,
+                key: check.key,
+            };
+            if let Err(e) = dispatch_http_call(
+                &check.cluster,
+                &headers,
+                &check.body,
+                check.timeout_ms,
+                self.context_id,
+                callout,
+            ) {
+                log::warn!(
+                    "could not send a health check to cluster {:?} (host status {e}); is healthCheckCluster right?",
+                    check.cluster
+                );
+                engine.health_check_not_sent(check.pool, check.key);
             }
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
+            context_id,
             shared: self.shared.clone(),
             chosen: None,
             attempt: None,
             reading_error: None,
             retry: None,
             rewrite_to: None,
-        }))
+        })))))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -268,6 +406,8 @@ struct RetryState {
 }
 
 struct Request {
+    /// Its re-sends' answers are handled with it effective.
+    context_id: u32,
     shared: Option<Rc<Shared>>,
     /// The key this request (or attempt) went out with, until its response is judged.
     chosen: Option<Assignment>,
@@ -475,7 +615,7 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
         .and_then(|p| p.model.as_deref())
         .and_then(|model| rewrite_model(&retry.body, model));
     let body = rewritten.as_deref().unwrap_or(&retry.body);
-    match host::dispatch_http_call(&cluster, &headers, body, timeout_ms) {
+    match dispatch_retry(&cluster, &headers, body, timeout_ms) {
         Some(token) => {
             retry.retries_done += 1;
             retry.in_flight = Some((token, sent));
@@ -844,6 +984,64 @@ impl HttpContext for Request {
             self.finish_error_response();
         }
         Action::Continue
+    }
+}
+
+/// What the SDK holds for a request. The request itself is shared with the call registry
+/// (weakly), so the answer to a re-send reaches it through our `proxy_on_http_call_response`;
+/// every callback is passed on, with the request marked active so a re-send it makes comes
+/// back to it.
+struct RequestHandle(Rc<RefCell<Request>>);
+
+impl RequestHandle {
+    fn run<R>(&self, fallback: R, callback: impl FnOnce(&mut Request) -> R) -> R {
+        let Ok(mut request) = self.0.try_borrow_mut() else {
+            return fallback;
+        };
+        let _active = ActiveRequest::enter(request.context_id, Rc::downgrade(&self.0));
+        callback(&mut request)
+    }
+}
+
+impl Context for RequestHandle {
+    fn on_done(&mut self) -> bool {
+        self.run(true, |r| r.on_done())
+    }
+}
+
+impl HttpContext for RequestHandle {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_headers(num_headers, end_of_stream)
+        })
+    }
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_body(body_size, end_of_stream)
+        })
+    }
+    fn on_http_request_trailers(&mut self, num_trailers: usize) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_trailers(num_trailers)
+        })
+    }
+    fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_headers(num_headers, end_of_stream)
+        })
+    }
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_body(body_size, end_of_stream)
+        })
+    }
+    fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_trailers(num_trailers)
+        })
+    }
+    fn on_log(&mut self) {
+        self.run((), |r| r.on_log())
     }
 }
 
