@@ -77,20 +77,67 @@ pub struct KeyConfig {
     pub name: Option<String>,
     pub weight: u32,
     pub fingerprint: u64,
+    /// How logs and stats name the key, unique in its pool (see `unique_labels`).
+    label: String,
 }
 
 impl KeyConfig {
     /// How logs and metrics name the key: its configured name, else a short hash.
     pub fn label(&self) -> String {
-        match &self.name {
-            Some(name) => name.clone(),
-            None => short_hash("key", self.fingerprint),
-        }
+        self.label.clone()
     }
 }
 
 pub fn short_hash(kind: &str, fingerprint: u64) -> String {
     format!("{kind}-{:08x}", fingerprint >> 32)
+}
+
+/// The whole fingerprint: the label of an unnamed key whose short hash another key's label
+/// already has.
+fn long_hash(kind: &str, fingerprint: u64) -> String {
+    format!("{kind}-{fingerprint:016x}")
+}
+
+/// Gives every key of a pool a label no other key of the pool has, so no two keys share a log
+/// name or a stat. A short hash is 32 bits: among 10,000 keys two share one with a chance of about
+/// 1 in 90, and a configured name may look like a short hash. Names are kept as configured (they
+/// are unique already); an unnamed key whose short hash is taken, or shared, gets the whole 64-bit
+/// fingerprint instead, and a numeric suffix should even that be taken. Deterministic: the same
+/// key list always gets the same labels. O(n) with a hash set.
+fn unique_labels(keys: &mut [KeyConfig], short: impl Fn(u64) -> String) {
+    use std::collections::{HashMap, HashSet};
+    let mut short_count: HashMap<String, usize> = HashMap::with_capacity(keys.len());
+    for k in keys.iter() {
+        let label = k.name.clone().unwrap_or_else(|| short(k.fingerprint));
+        *short_count.entry(label).or_insert(0) += 1;
+    }
+    let mut taken: HashSet<String> = keys.iter().filter_map(|k| k.name.clone()).collect();
+    // Unique short hashes are settled first, so a lengthened label never takes one of theirs.
+    for k in keys.iter_mut().filter(|k| k.name.is_none()) {
+        let label = short(k.fingerprint);
+        if short_count.get(&label) == Some(&1) {
+            taken.insert(label.clone());
+            k.label = label;
+        }
+    }
+    for k in keys.iter_mut() {
+        if let Some(name) = &k.name {
+            k.label = name.clone();
+            continue;
+        }
+        if !k.label.is_empty() {
+            continue;
+        }
+        let long = long_hash("key", k.fingerprint);
+        let mut label = long.clone();
+        let mut n = 2u32;
+        while taken.contains(&label) {
+            label = format!("{long}-{n}");
+            n = n.saturating_add(1);
+        }
+        taken.insert(label.clone());
+        k.label = label;
+    }
 }
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -1024,8 +1071,10 @@ fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigEr
             name,
             weight,
             fingerprint: fnv1a64(token.as_bytes()),
+            label: String::new(),
         });
     }
+    unique_labels(&mut keys, |fp| short_hash("key", fp));
     Ok(keys)
 }
 
@@ -1726,5 +1775,104 @@ mod tests {
                 "{json}: {e} (wanted {needle:?})"
             );
         }
+    }
+
+    /// Two keys whose 32-bit short hashes are equal, found by brute force (about 2^16 tries).
+    fn short_hash_collision() -> (String, String) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0u64.. {
+            let token = format!("sk-collide-{i}");
+            let short = short_hash("key", fnv1a64(token.as_bytes()));
+            if let Some(other) = seen.insert(short, token.clone()) {
+                return (other, token);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn keys_whose_short_hashes_collide_get_distinct_labels_and_stats() {
+        let (a, b) = short_hash_collision();
+        let (fa, fb) = (fnv1a64(a.as_bytes()), fnv1a64(b.as_bytes()));
+        assert_eq!(
+            short_hash("key", fa),
+            short_hash("key", fb),
+            "a real collision"
+        );
+        let c = ok(&format!(
+            r#"{{"name": "p", "apiTokens": ["{a}", "sk-other", "{b}"]}}"#
+        ));
+        let labels: Vec<String> = c.pools[0].keys.iter().map(|k| k.label()).collect();
+        assert_eq!(
+            labels[0],
+            format!("key-{fa:016x}"),
+            "lengthened to the whole fingerprint"
+        );
+        assert_eq!(labels[2], format!("key-{fb:016x}"));
+        assert_eq!(
+            labels[1],
+            short_hash("key", fnv1a64(b"sk-other")),
+            "others keep theirs"
+        );
+        let stats: std::collections::HashSet<String> = labels
+            .iter()
+            .map(|l| crate::metrics::key_metric_name("p", l, "available"))
+            .collect();
+        assert_eq!(stats.len(), 3, "one stat per key: {stats:?}");
+        assert!(labels.iter().all(|l| !l.contains("collide")), "{labels:?}");
+        // The same list in another order gets the same labels.
+        let again = ok(&format!(
+            r#"{{"name": "p", "apiTokens": ["{b}", "sk-other", "{a}"]}}"#
+        ));
+        let mut l1 = labels.clone();
+        let mut l2: Vec<String> = again.pools[0].keys.iter().map(|k| k.label()).collect();
+        l1.sort();
+        l2.sort();
+        assert_eq!(l1, l2);
+    }
+
+    #[test]
+    fn a_name_that_equals_another_keys_short_hash_does_not_share_its_stats() {
+        let fp = fnv1a64(b"sk-plain");
+        let taken = short_hash("key", fp);
+        let c = ok(&format!(
+            r#"{{"apiTokens": ["sk-plain", {{"token": "sk-named", "name": "{taken}"}}]}}"#
+        ));
+        let keys = &c.pools[0].keys;
+        assert_eq!(keys[1].label(), taken, "a configured name is kept");
+        assert_eq!(keys[0].label(), format!("key-{fp:016x}"));
+        // Even the long form taken by a name: a suffix keeps labels apart.
+        let long = format!("key-{fp:016x}");
+        let c = ok(&format!(
+            r#"{{"apiTokens": ["sk-plain", {{"token": "sk-b", "name": "{taken}"}}, {{"token": "sk-c", "name": "{long}"}}]}}"#
+        ));
+        assert_eq!(c.pools[0].keys[0].label(), format!("{long}-2"));
+    }
+
+    #[test]
+    fn labels_are_unique_even_when_every_short_hash_collides() {
+        let mut keys: Vec<KeyConfig> = (0..50u64)
+            .map(|i| KeyConfig {
+                token: format!("t{i}"),
+                name: (i % 7 == 0).then(|| format!("key-{:016x}", i + 1)),
+                weight: 1,
+                fingerprint: i,
+                label: String::new(),
+            })
+            .collect();
+        unique_labels(&mut keys, |_| "key-00000000".to_string());
+        let labels: std::collections::HashSet<String> = keys.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), keys.len(), "{labels:?}");
+    }
+
+    #[test]
+    fn ten_thousand_keys_get_unique_labels() {
+        let tokens: Vec<String> = (0..MAX_KEYS_PER_POOL)
+            .map(|i| format!("\"sk-bulk-{i:05}\""))
+            .collect();
+        let c = ok(&format!(r#"{{"apiTokens": [{}]}}"#, tokens.join(",")));
+        let labels: std::collections::HashSet<String> =
+            c.pools[0].keys.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), MAX_KEYS_PER_POOL);
     }
 }
