@@ -17,6 +17,10 @@ const MAX_TOKEN_LEN: usize = 4096;
 const MAX_WEIGHT: u64 = 1000;
 /// 30 days: longer than any provider window; beyond it a typo is likelier than intent.
 const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// `retryOnFailure.maxBodyBytes`: a VM's linear memory never shrinks, and one worker can hold
+/// hundreds of requests at once, each with its own copy. 256 KiB is a chat request of about
+/// 60,000 tokens of text; 200 such requests in flight on one worker keep at most 50 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -888,7 +892,7 @@ impl Builder {
         let max_body_bytes = integer(
             obj.get("maxBodyBytes"),
             &field("maxBodyBytes"),
-            10 * 1024 * 1024,
+            DEFAULT_MAX_BODY_BYTES,
             0,
             256 * 1024 * 1024,
         )? as usize;
@@ -1180,7 +1184,7 @@ mod tests {
                 p.retry.timeout_ms,
                 p.retry.max_body_bytes
             ),
-            (1, 30_000, 10 * 1024 * 1024)
+            (1, 30_000, 256 * 1024)
         );
         assert!(p.retry.on_status.iter().any(|s| s.matches(503)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
