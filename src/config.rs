@@ -17,6 +17,8 @@ const MAX_TOKEN_LEN: usize = 4096;
 const MAX_WEIGHT: u64 = 1000;
 /// 30 days: longer than any provider window; beyond it a typo is likelier than intent.
 const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// `minCooldownDuration` when neither it nor a shorter `cooldownDuration` is set.
+const DEFAULT_MIN_COOLDOWN_MS: u64 = 1_000;
 /// `retryOnFailure.maxBodyBytes`: a VM's linear memory never shrinks, and one worker can hold
 /// hundreds of requests at once, each with its own copy. 256 KiB is a chat request of about
 /// 60,000 tokens of text; 200 such requests in flight on one worker keep at most 50 MiB.
@@ -708,10 +710,10 @@ impl Builder {
             1,
             1_000,
         )? as u32;
-        let min_cooldown_ms = integer(
-            obj.get("minCooldownDuration"),
-            &field("minCooldownDuration"),
-            1_000,
+        let cooldown_ms = integer(
+            obj.get("cooldownDuration"),
+            &field("cooldownDuration"),
+            60_000,
             1,
             MAX_DURATION_MS,
         )?;
@@ -722,19 +724,26 @@ impl Builder {
             1,
             MAX_DURATION_MS,
         )?;
+        let min_cooldown_ms = match obj.get("minCooldownDuration") {
+            Some(v) => integer(
+                Some(v),
+                &field("minCooldownDuration"),
+                DEFAULT_MIN_COOLDOWN_MS,
+                1,
+                MAX_DURATION_MS,
+            )?,
+            // Higress has no minimum: a `failover` block pasted from it with a 100 ms cooldown
+            // means 100 ms, so an explicit shorter cooldown (or maximum) lowers the default.
+            None => DEFAULT_MIN_COOLDOWN_MS
+                .min(cooldown_ms)
+                .min(max_cooldown_ms),
+        };
         if min_cooldown_ms > max_cooldown_ms {
             return err(
                 &field("minCooldownDuration"),
                 format!("({min_cooldown_ms}) is above maxCooldownDuration ({max_cooldown_ms}); lower it or raise the maximum"),
             );
         }
-        let cooldown_ms = integer(
-            obj.get("cooldownDuration"),
-            &field("cooldownDuration"),
-            60_000,
-            1,
-            MAX_DURATION_MS,
-        )?;
         if !(min_cooldown_ms..=max_cooldown_ms).contains(&cooldown_ms) {
             return err(
                 &field("cooldownDuration"),
@@ -802,13 +811,22 @@ impl Builder {
         prefix: &str,
     ) -> Result<Option<HealthCheck>, ConfigError> {
         let field = |name: &str| format!("{prefix}.{name}");
+        // Any positive interval loads, as in Higress; ticks come no faster than every
+        // `schedule::MIN_TICK_MS`, so a shorter one is checked that often.
         let interval_ms = integer(
             obj.get("healthCheckInterval"),
             &field("healthCheckInterval"),
             5_000,
-            1_000,
+            1,
             MAX_DURATION_MS,
         )?;
+        if interval_ms < crate::schedule::MIN_TICK_MS {
+            self.warn(format!(
+                "{}: {interval_ms} ms is shorter than the plugin's fastest tick; keys are checked every {} ms at most",
+                field("healthCheckInterval"),
+                crate::schedule::MIN_TICK_MS
+            ));
+        }
         let timeout_ms = integer(
             obj.get("healthCheckTimeout"),
             &field("healthCheckTimeout"),
@@ -1631,11 +1649,6 @@ mod tests {
                 "model name",
             ),
             (
-                r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 500}}"#,
-                "failover.healthCheckInterval",
-                "from 1000",
-            ),
-            (
                 r#"{"apiTokens": ["a"], "failover": {"healthCheckTimeout": 0}}"#,
                 "failover.healthCheckTimeout",
                 "from 1",
@@ -1761,7 +1774,7 @@ mod tests {
                 "same keys",
             ),
             (
-                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "failover": {"cooldownDuration": 1}}]}"#,
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "failover": {"cooldownDuration": 500, "minCooldownDuration": 1000}}]}"#,
                 "fallbacks[0].failover.cooldownDuration",
                 "between",
             ),
@@ -1779,6 +1792,79 @@ mod tests {
                 "{json}: {e} (wanted {needle:?})"
             );
         }
+    }
+
+    #[test]
+    fn higress_sub_second_timings_load_and_lower_the_default_minimum() {
+        for ms in [100, 200, 300, 500] {
+            let c = ok(&format!(
+                r#"{{"apiTokens": ["a"], "failover": {{"cooldownDuration": {ms}, "healthCheckModel": "m",
+                "healthCheckInterval": {ms}, "healthCheckTimeout": {ms}}}}}"#
+            ));
+            let f = &c.profiles[0].failover;
+            assert_eq!(
+                (f.cooldown_ms, f.min_cooldown_ms),
+                (ms, ms),
+                "an explicit shorter cooldown is the minimum"
+            );
+            let hc = f.health_check.as_ref().unwrap();
+            assert_eq!((hc.interval_ms, hc.timeout_ms), (ms, ms));
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        }
+        let c = ok(r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 5000}}"#);
+        assert_eq!(
+            c.profiles[0].failover.min_cooldown_ms, 1_000,
+            "a longer cooldown keeps the default minimum"
+        );
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 300, "minCooldownDuration": 50}}"#,
+        );
+        assert_eq!(c.profiles[0].failover.min_cooldown_ms, 50);
+        let e = fails(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 100, "minCooldownDuration": 200}}"#,
+        );
+        assert_eq!(e.field, "failover.cooldownDuration", "{e}");
+        assert!(
+            e.message.contains("between minCooldownDuration (200)"),
+            "{e}"
+        );
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 50, "maxCooldownDuration": 60}}"#,
+        );
+        assert_eq!(
+            (
+                c.profiles[0].failover.min_cooldown_ms,
+                c.profiles[0].failover.max_cooldown_ms
+            ),
+            (50, 60)
+        );
+        // Higress takes any positive interval; below the fastest tick it loads with a warning.
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckInterval": 50}}"#,
+        );
+        assert_eq!(
+            c.profiles[0]
+                .failover
+                .health_check
+                .as_ref()
+                .unwrap()
+                .interval_ms,
+            50
+        );
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("failover.healthCheckInterval") && w.contains("every 100 ms")),
+            "{:?}",
+            c.warnings
+        );
+        // A rule inherits the global cooldown; its own shorter one lowers only its minimum.
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 2000},
+            "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"], "failover": {"cooldownDuration": 100}}]}"#,
+        );
+        let (g, r) = (&c.profiles[0].failover, &c.profiles[1].failover);
+        assert_eq!((g.min_cooldown_ms, r.min_cooldown_ms), (1_000, 100));
     }
 
     /// Two keys whose 32-bit short hashes are equal, found by brute force (about 2^16 tries).

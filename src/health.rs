@@ -2,17 +2,18 @@
 //! soon as the provider accepts it again (Higress ai-proxy's `healthCheckModel`).
 //!
 //! Per pool, one VM in the whole process runs the checks: the holder of a lease in shared data
-//! (renewed every tick, lapsing when its holder stops ticking). This module holds the pure parts:
-//! who is due a check, and what the check request looks like.
+//! (renewed every second, lapsing when its holder stops ticking). This module holds the pure
+//! parts: who leads, who is due a check, and what the check request looks like.
 
 use crate::config::{AuthHeader, HealthCheck, Provider};
 use crate::pool::PoolState;
+use crate::schedule::Every;
 
-/// Three ticks: a holder that misses two ticks in a row loses the lease.
+/// Three renewals: a holder that misses two in a row loses the lease.
 pub const LEASE_MS: u64 = 3_000;
-/// Checks are planned on ticks (once a second); a tick that comes a little early must not push a
-/// check to the tick after, or a 1 s interval would become 2 s.
-const TICK_SLACK_MS: u64 = 250;
+/// The lease is renewed (and a VM that does not hold it looks again) once a second, however
+/// fast the VM ticks: one shared-data read and write per second, as with 1 s ticks.
+pub const LEASE_RENEW_MS: u64 = 1_000;
 
 /// One check to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,20 +27,45 @@ pub struct CheckRequest {
 }
 
 /// This VM's record of the checks it runs for one pool.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PoolChecks {
     in_flight: Vec<bool>,
     last_started_ms: Vec<u64>,
     passes: Vec<u32>,
+    /// When to renew (or look for) the lease; `leading` is what the last look found.
+    lease_renewal: Every,
+    leading: bool,
+    /// Checks are planned on the pool's own period, not on every tick of a faster VM tick.
+    planning: Every,
 }
 
 impl PoolChecks {
-    pub fn new(keys: usize) -> Self {
+    /// `period_ms`: the pool's period (`schedule::pool_period_ms`); `tick_ms`: the VM's tick.
+    pub fn new(keys: usize, period_ms: u64, tick_ms: u64) -> Self {
         PoolChecks {
             in_flight: vec![false; keys],
             last_started_ms: vec![0; keys],
             passes: vec![0; keys],
+            lease_renewal: Every::new(LEASE_RENEW_MS, tick_ms),
+            leading: false,
+            planning: Every::new(period_ms, tick_ms),
         }
+    }
+
+    /// Whether this VM runs the pool's checks. `try_lead` takes or renews the lease in shared
+    /// data; it is called once a second at most, and between calls the last answer holds: a
+    /// lease renewed less than a second ago has two more seconds to run, and no one else can
+    /// take it before it lapses.
+    pub fn lead(&mut self, now_ms: u64, try_lead: impl FnOnce() -> bool) -> bool {
+        if self.lease_renewal.due(now_ms) {
+            self.leading = try_lead();
+        }
+        self.leading
+    }
+
+    /// Whether checks are planned on this tick (the pool's period has passed).
+    pub fn planning_due(&mut self, now_ms: u64) -> bool {
+        self.planning.due(now_ms)
     }
 
     /// Keys that are out and due a check: none in flight for them, the interval since the last
@@ -60,7 +86,9 @@ impl PoolChecks {
                 !self.in_flight.get(*i).copied().unwrap_or(true)
                     && now_ms >= k.down_since_ms.saturating_add(min_cooldown_ms)
                     && self.last_started_ms.get(*i).is_some_and(|&last| {
-                        let slack = TICK_SLACK_MS.min(check.interval_ms / 4);
+                        // A tick a little early must not push a check to the tick after, or
+                        // a 1 s interval would become 2 s.
+                        let slack = self.planning.slack_ms().min(check.interval_ms / 4);
                         last == 0
                             || now_ms.saturating_add(slack)
                                 >= last.saturating_add(check.interval_ms)
@@ -209,7 +237,7 @@ mod tests {
         };
         s.record_failure(1, &f, 10_000, &policy);
         s.record_failure(2, &f, 10_500, &policy);
-        let mut c = PoolChecks::new(3);
+        let mut c = PoolChecks::new(3, 1_000, 1_000);
         let hc = check(5_000);
         assert_eq!(
             c.due(&s, &hc, 1_000, 10_900),
@@ -238,7 +266,7 @@ mod tests {
 
     #[test]
     fn success_threshold_counts_passes_in_a_row() {
-        let mut c = PoolChecks::new(1);
+        let mut c = PoolChecks::new(1, 1_000, 1_000);
         assert!(!c.passed(0, 2));
         c.failed(0);
         assert!(!c.passed(0, 2));
@@ -291,5 +319,28 @@ mod tests {
         assert_eq!(decode_target(b"no newline"), None);
         assert_eq!(decode_target(b"\nauthority"), None);
         assert_eq!(decode_target(b"\xff\n"), None);
+    }
+
+    #[test]
+    fn the_lease_is_looked_at_once_a_second_however_fast_the_tick() {
+        let mut c = PoolChecks::new(1, 100, 100);
+        let mut looks = 0;
+        let mut leading = Vec::new();
+        for now in (0..=3_000).step_by(100) {
+            leading.push(c.lead(now, || {
+                looks += 1;
+                true
+            }));
+        }
+        assert_eq!(looks, 4, "at 0, 1000, 2000 and 3000 ms");
+        assert!(
+            leading.iter().all(|&l| l),
+            "the lease is held between looks"
+        );
+        // Checks, though, are planned on every 100 ms tick of a 100 ms pool.
+        assert!((0..10).all(|i| c.planning_due(i * 100)));
+        let mut slow = PoolChecks::new(1, 1_000, 100);
+        let plans = (0..20).filter(|i| slow.planning_due(i * 100)).count();
+        assert_eq!(plans, 2, "a 1 s pool is planned once a second");
     }
 }

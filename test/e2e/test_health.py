@@ -111,3 +111,22 @@ def test_no_checks_without_health_check_model(envoy_factory, mock):
     take_out(envoy, mock, A)
     time.sleep(2.5)
     assert checks(mock) == []
+
+
+def test_sub_second_intervals_and_timeouts_work_as_configured(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start(pool(healthCheckInterval=200, healthCheckTimeout=150), concurrency=2)
+    take_out(envoy, mock, A)
+    # Valid again, but slower than the 150 ms timeout: every check fails.
+    mock.always(A, {"status": 200, "delayMs": 400})
+    mock.clear()
+    wait_for(lambda: len(checks(mock)) >= 4, 5, what="four checks")
+    times = sorted(c["time_ms"] for c in checks(mock))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # One check in flight at a time: the 400 ms answer is given up on after 150 ms; the next
+    # check starts with the next 200 ms interval, not a second later.
+    assert all(150 <= g <= 200 + 400 for g in gaps), gaps
+    assert "passed its health check" not in envoy.plugin_log()
+    # Answered in time again: back at the next check.
+    mock.always(A, None)
+    envoy.wait_log(r"key hotel passed its health check \(status 200\); back in rotation", timeout=3, plugin_only=True)
