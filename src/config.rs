@@ -183,6 +183,8 @@ pub struct HealthCheck {
     pub path: Option<String>,
     /// None: the cluster that served the pool's traffic, learned from live requests.
     pub cluster: Option<String>,
+    /// None: the `:authority` of the pool's live traffic, else the cluster name.
+    pub authority: Option<String>,
 }
 
 impl Failover {
@@ -313,6 +315,7 @@ const FAILOVER_FIELDS: &[&str] = &[
     "successThreshold",
     "healthCheckPath",
     "healthCheckCluster",
+    "healthCheckAuthority",
 ];
 
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
@@ -870,6 +873,11 @@ impl Builder {
             "must be the name of an Envoy cluster",
             |s| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| (0x21..=0x7e).contains(&b)),
         )?;
+        let authority = text(
+            "healthCheckAuthority",
+            "must be the provider's host name, as in \"api.openai.com\" or \"my-resource.openai.azure.com:443\"",
+            is_authority,
+        )?;
         Ok(model.map(|model| HealthCheck {
             model,
             interval_ms,
@@ -877,6 +885,7 @@ impl Builder {
             success_threshold,
             path,
             cluster,
+            authority,
         }))
     }
 
@@ -995,6 +1004,14 @@ fn integer(
             ),
         ),
     }
+}
+
+/// A host name or address with an optional port: what an `:authority` may hold.
+fn is_authority(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
 }
 
 fn is_valid_name(s: &str) -> bool {
@@ -1865,6 +1882,36 @@ mod tests {
         );
         let (g, r) = (&c.profiles[0].failover, &c.profiles[1].failover);
         assert_eq!((g.min_cooldown_ms, r.min_cooldown_ms), (1_000, 100));
+    }
+
+    #[test]
+    fn health_check_authority_is_validated() {
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckAuthority": "api.openai.com:443"}}"#,
+        );
+        assert_eq!(
+            c.profiles[0]
+                .failover
+                .health_check
+                .as_ref()
+                .unwrap()
+                .authority
+                .as_deref(),
+            Some("api.openai.com:443")
+        );
+        for bad in [
+            r#""""#,
+            r#""a b""#,
+            r#""api.openai.com/v1""#,
+            "7",
+            r#""x\r\ny""#,
+        ] {
+            let e = fails(&format!(
+                r#"{{"apiTokens": ["a"], "failover": {{"healthCheckModel": "m", "healthCheckAuthority": {bad}}}}}"#
+            ));
+            assert_eq!(e.field, "failover.healthCheckAuthority", "{bad}: {e}");
+            assert!(e.message.contains("host name"), "{e}");
+        }
     }
 
     /// Two keys whose 32-bit short hashes are equal, found by brute force (about 2^16 tries).

@@ -254,14 +254,7 @@ impl Engine {
             if keys_due.is_empty() {
                 continue;
             }
-            // A configured cluster wins; the authority comes from live traffic when known.
-            let learned = store.read_target(host);
-            let Some((cluster, authority)) = (match (&check.cluster, learned) {
-                (Some(cluster), learned) => {
-                    Some((cluster.clone(), learned.map(|(_, a)| a).unwrap_or_default()))
-                }
-                (None, learned) => learned,
-            }) else {
+            let Some(target) = health::target(check, store.read_target(host)) else {
                 log::debug!(
                     "pool {}: no traffic seen yet; health checks wait to learn the cluster",
                     self.config
@@ -270,11 +263,6 @@ impl Engine {
                         .map_or("?", |p| p.label.as_str())
                 );
                 continue;
-            };
-            let authority = if authority.is_empty() {
-                cluster.clone()
-            } else {
-                authority
             };
             let path = check
                 .path
@@ -288,18 +276,19 @@ impl Engine {
                 due.push(CheckRequest {
                     pool,
                     key,
-                    cluster: cluster.clone(),
+                    cluster: target.cluster.clone(),
                     headers: health::headers(
                         profile.provider,
                         &profile.auth,
                         &k.token,
                         &path,
-                        &authority,
+                        &target.authority,
                     ),
                     body: body.clone(),
                     timeout_ms: check.timeout_ms,
                 });
             }
+            checks.set_target(target);
         }
         for req in &due {
             if let Some(checks) = self.checks.get_mut(req.pool) {
@@ -389,8 +378,13 @@ impl Engine {
                     Some(Verdict::KeyFailure(class)) => class,
                     Some(Verdict::Neutral) => {
                         log::warn!(
-                            "pool {pool_label}: health check of key {label} got status {}, which says nothing about the key; check healthCheckModel and healthCheckPath",
-                            status.unwrap_or(0)
+                            "{}",
+                            health::neutral_answer_warning(
+                                &pool_label,
+                                &label,
+                                status.unwrap_or(0),
+                                checks.target()
+                            )
                         );
                         return;
                     }
@@ -1874,6 +1868,50 @@ mod tests {
         assert!(
             (33..=34).contains(&slow_epoch_reads),
             "30 requests and one tick a second: {slow_epoch_reads}"
+        );
+    }
+
+    #[test]
+    fn checks_remember_whether_their_authority_was_only_the_cluster_name() {
+        use crate::health::AuthoritySource;
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000,
+                      "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        let due = w.health_checks_due(&host, 1_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "provider_cluster".into())));
+        let target = w.checks[0].target().unwrap();
+        assert_eq!(target.source, AuthoritySource::ClusterName);
+        let neutral = CheckAnswer {
+            status: Some(404),
+            headers: &[],
+            body: b"",
+        };
+        w.health_check_done(&host, 0, 0, neutral, 1_100);
+        assert!(
+            !w.stores()[0].state().keys[0].is_available(),
+            "a 404 says nothing about the key"
+        );
+        // Live traffic then shows the provider's host: later checks carry it.
+        w.learn_target(&host, 0, "provider_cluster", "api.provider.test");
+        let due = w.health_checks_due(&host, 6_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "api.provider.test".into())));
+        assert_eq!(
+            w.checks[0].target().map(|t| t.source),
+            Some(AuthoritySource::Learned)
         );
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Per pool, one VM in the whole process runs the checks: the holder of a lease in shared data
 //! (renewed every second, lapsing when its holder stops ticking). This module holds the pure
-//! parts: who leads, who is due a check, and what the check request looks like.
+//! parts: who leads, who is due a check, where the check goes and what it looks like.
 
 use crate::config::{AuthHeader, HealthCheck, Provider};
 use crate::pool::PoolState;
@@ -37,6 +37,8 @@ pub struct PoolChecks {
     leading: bool,
     /// Checks are planned on the pool's own period, not on every tick of a faster VM tick.
     planning: Every,
+    /// Where the last planned checks went: named in the warning when a check says nothing.
+    target: Option<Target>,
 }
 
 impl PoolChecks {
@@ -49,6 +51,7 @@ impl PoolChecks {
             lease_renewal: Every::new(LEASE_RENEW_MS, tick_ms),
             leading: false,
             planning: Every::new(period_ms, tick_ms),
+            target: None,
         }
     }
 
@@ -66,6 +69,14 @@ impl PoolChecks {
     /// Whether checks are planned on this tick (the pool's period has passed).
     pub fn planning_due(&mut self, now_ms: u64) -> bool {
         self.planning.due(now_ms)
+    }
+
+    pub fn set_target(&mut self, target: Target) {
+        self.target = Some(target);
+    }
+
+    pub fn target(&self) -> Option<&Target> {
+        self.target.as_ref()
     }
 
     /// Keys that are out and due a check: none in flight for them, the interval since the last
@@ -190,6 +201,70 @@ pub fn headers(
     headers
 }
 
+/// Where a check's `:authority` came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthoritySource {
+    /// `healthCheckAuthority`.
+    Configured,
+    /// The `:authority` of the pool's live traffic.
+    Learned,
+    /// Nothing better known: the cluster name, which a provider behind it rarely accepts.
+    ClusterName,
+}
+
+/// Where a pool's checks go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub cluster: String,
+    pub authority: String,
+    pub source: AuthoritySource,
+}
+
+/// The check's cluster and `:authority`: configured ones win, then what live traffic taught
+/// (`learned`: cluster, authority). None while the cluster is unknown.
+pub fn target(check: &HealthCheck, learned: Option<(String, String)>) -> Option<Target> {
+    let (learned_cluster, learned_authority) = match learned {
+        Some((c, a)) => (Some(c), Some(a).filter(|a| !a.is_empty())),
+        None => (None, None),
+    };
+    let cluster = check.cluster.clone().or(learned_cluster)?;
+    let (authority, source) = match (&check.authority, learned_authority) {
+        (Some(configured), _) => (configured.clone(), AuthoritySource::Configured),
+        (None, Some(learned)) => (learned, AuthoritySource::Learned),
+        (None, None) => (cluster.clone(), AuthoritySource::ClusterName),
+    };
+    Some(Target {
+        cluster,
+        authority,
+        source,
+    })
+}
+
+/// The warning for a check answered with a status that says nothing about the key (a 400, 404,
+/// 421...). It names what most likely caused it: a guessed `:authority` if the check had to use
+/// the cluster name, else the model or path.
+pub fn neutral_answer_warning(
+    pool: &str,
+    key: &str,
+    status: u16,
+    target: Option<&Target>,
+) -> String {
+    let start = format!(
+        "pool {pool}: health check of key {key} got status {status}, which says nothing about the key"
+    );
+    match target {
+        Some(t) if t.source == AuthoritySource::ClusterName => format!(
+            "{start}; no live request has shown the provider's host yet, so the check was sent with :authority {:?} (the cluster name), which providers usually refuse: set failover.healthCheckAuthority to the provider's host (such as \"api.openai.com\"), or let one request through the pool; if the host is right, check healthCheckModel and healthCheckPath",
+            t.authority
+        ),
+        Some(t) if t.source == AuthoritySource::Learned => format!(
+            "{start}; check healthCheckModel and healthCheckPath, and the :authority {:?} learned from live traffic (if a route rewrites the host, set failover.healthCheckAuthority)",
+            t.authority
+        ),
+        _ => format!("{start}; check healthCheckModel and healthCheckPath"),
+    }
+}
+
 /// Where checks go, as learned from live traffic: stored in shared data as `cluster\nauthority`.
 pub fn encode_target(cluster: &str, authority: &str) -> Vec<u8> {
     format!("{cluster}\n{authority}").into_bytes()
@@ -215,6 +290,7 @@ mod tests {
             success_threshold: 2,
             path: None,
             cluster: None,
+            authority: None,
         }
     }
 
@@ -319,6 +395,73 @@ mod tests {
         assert_eq!(decode_target(b"no newline"), None);
         assert_eq!(decode_target(b"\nauthority"), None);
         assert_eq!(decode_target(b"\xff\n"), None);
+    }
+
+    #[test]
+    fn the_check_target_prefers_configured_then_learned_then_the_cluster_name() {
+        let learned = || Some(("outbound|443||api.x".to_string(), "api.x".to_string()));
+        let mut hc = check(1_000);
+        assert_eq!(target(&hc, None), None, "no cluster known: no check");
+        let t = target(&hc, learned()).unwrap();
+        assert_eq!(
+            (t.cluster.as_str(), t.authority.as_str(), t.source),
+            ("outbound|443||api.x", "api.x", AuthoritySource::Learned)
+        );
+        hc.cluster = Some("provider".into());
+        let t = target(&hc, None).unwrap();
+        assert_eq!(
+            (t.cluster.as_str(), t.authority.as_str(), t.source),
+            ("provider", "provider", AuthoritySource::ClusterName),
+            "nothing better known: the cluster name"
+        );
+        let t = target(&hc, Some(("other".into(), String::new()))).unwrap();
+        assert_eq!(
+            t.source,
+            AuthoritySource::ClusterName,
+            "an empty learned authority"
+        );
+        assert_eq!(t.cluster, "provider", "a configured cluster wins");
+        hc.authority = Some("api.openai.com".into());
+        let t = target(&hc, learned()).unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.source),
+            ("api.openai.com", AuthoritySource::Configured)
+        );
+    }
+
+    #[test]
+    fn a_check_refused_for_a_guessed_authority_says_so() {
+        let mut hc = check(1_000);
+        hc.cluster = Some("provider_cluster".into());
+        let guessed = target(&hc, None);
+        let w = neutral_answer_warning("main", "alpha", 404, guessed.as_ref());
+        assert!(
+            w.starts_with("pool main: health check of key alpha got status 404"),
+            "{w}"
+        );
+        assert!(
+            w.contains(r#":authority "provider_cluster" (the cluster name)"#),
+            "{w}"
+        );
+        assert!(w.contains("set failover.healthCheckAuthority"), "{w}");
+        assert!(w.contains("let one request through"), "{w}");
+        // With a host that live traffic taught or the operator set, the model and path are
+        // the likelier cause; the authority is not blamed.
+        let learned = target(&hc, Some(("c".into(), "api.x".into())));
+        let w = neutral_answer_warning("main", "alpha", 404, learned.as_ref());
+        assert!(
+            w.contains("check healthCheckModel and healthCheckPath"),
+            "{w}"
+        );
+        assert!(!w.contains("cluster name"), "{w}");
+        hc.authority = Some("api.openai.com".into());
+        let w = neutral_answer_warning("main", "alpha", 400, target(&hc, None).as_ref());
+        assert!(
+            w.ends_with(
+                "which says nothing about the key; check healthCheckModel and healthCheckPath"
+            ),
+            "{w}"
+        );
     }
 
     #[test]

@@ -113,6 +113,19 @@ def test_no_checks_without_health_check_model(envoy_factory, mock):
     assert checks(mock) == []
 
 
+def test_a_configured_authority_is_what_checks_carry(envoy_factory, mock):
+    # Live traffic arrives for the gateway's own host; a route would rewrite it for the provider,
+    # but checks do not pass through routes, so the provider's host is configured.
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    cfg = pool(healthCheckCluster="mock_provider", healthCheckAuthority="api.provider.test")
+    envoy = envoy_factory.start(cfg)
+    envoy.chat(headers={"host": "gateway.example"})
+    take_out(envoy, mock, A)
+    check = wait_for(lambda: next(iter(checks(mock)), None), 5, what="a health check")
+    assert check["headers"]["host"] == "api.provider.test"
+    assert check["key"] == A
+
+
 def test_sub_second_intervals_and_timeouts_work_as_configured(envoy_factory, mock):
     mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
     envoy = envoy_factory.start(pool(healthCheckInterval=200, healthCheckTimeout=150), concurrency=2)
