@@ -823,13 +823,6 @@ impl Builder {
             1,
             MAX_DURATION_MS,
         )?;
-        if interval_ms < crate::schedule::MIN_TICK_MS {
-            self.warn(format!(
-                "{}: {interval_ms} ms is shorter than the plugin's fastest tick; keys are checked every {} ms at most",
-                field("healthCheckInterval"),
-                crate::schedule::MIN_TICK_MS
-            ));
-        }
         let timeout_ms = integer(
             obj.get("healthCheckTimeout"),
             &field("healthCheckTimeout"),
@@ -873,6 +866,13 @@ impl Builder {
             "must be the name of an Envoy cluster",
             |s| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| (0x21..=0x7e).contains(&b)),
         )?;
+        if model.is_some() && interval_ms < crate::schedule::MIN_TICK_MS {
+            self.warn(format!(
+                "{}: {interval_ms} ms is shorter than the plugin's fastest tick; keys are checked every {} ms at most",
+                field("healthCheckInterval"),
+                crate::schedule::MIN_TICK_MS
+            ));
+        }
         let authority = text(
             "healthCheckAuthority",
             "must be the provider's host name, as in \"api.openai.com\" or \"my-resource.openai.azure.com:443\"",

@@ -247,7 +247,8 @@ def test_a_sub_second_cooldown_ends_on_time_without_traffic(envoy_factory, mock,
 
 @pytest.mark.parametrize("ms", [100, 200, 300, 500])
 def test_higress_sub_second_failover_block_fails_over_and_recovers(envoy_factory, mock, ms):
-    # Higress's own failover block: checks every `ms`, each allowed `ms`, with the key in the header.
+    # Higress's own failover block: checks every `ms`, each allowed `ms` (200 at least, so that a
+    # loaded machine's answer is not taken for a timeout).
     cfg = higress_failover(ms, successThreshold=1, healthCheckInterval=ms, healthCheckTimeout=max(ms, 200),
                            healthCheckModel="gpt-4o-mini")
     envoy = envoy_factory.start(cfg, routes=ROUTES, cluster_name=CLUSTER, concurrency=2)
