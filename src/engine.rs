@@ -1765,7 +1765,7 @@ mod tests {
     #[test]
     fn a_100_ms_cooldown_ends_on_the_next_100_ms_tick_without_traffic() {
         let host = TestHost::default();
-        // Higress's values: a 100 ms cooldown and checks every 200 ms.
+        // A Higress value: a 100 ms cooldown.
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 100}}"#;
         let mut w = engine(cfg, 1);
         assert_eq!(w.tick_period_ms(), 100);
