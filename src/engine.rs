@@ -8,6 +8,7 @@ use crate::health::{self, CheckRequest, PoolChecks};
 use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::rules::RequestFacts;
+use crate::schedule::{self, Every};
 use crate::select::{OnAllUnavailable, Rng, Selection};
 use crate::status::{classify, FailureClass, Verdict};
 use crate::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
@@ -91,6 +92,12 @@ pub struct Engine {
     target_learned: Vec<bool>,
     /// Per profile and key: the credential header's value (`Bearer sk-...`), built once.
     header_values: Vec<Vec<String>>,
+    /// The VM's tick period (`schedule::tick_period_ms`).
+    tick_ms: u64,
+    /// Per pool: its tick work runs on its own period, however fast the VM ticks.
+    pool_ticks: Vec<Every>,
+    /// Stats flush and purges: once a second.
+    housekeeping: Every,
 }
 
 /// What a health check's request got back.
@@ -131,10 +138,16 @@ impl Engine {
             .collect();
         let cursors = stores.iter().map(|_| rng.next_u64()).collect();
         let owner_id = rng.next_u64();
+        let periods: Vec<u64> = (0..config.pools.len())
+            .map(|pool| schedule::pool_period_ms(&config, pool))
+            .collect();
+        let tick_ms = schedule::tick_period_ms(&periods);
+        let pool_ticks = periods.iter().map(|&p| Every::new(p, tick_ms)).collect();
         let checks = config
             .pools
             .iter()
-            .map(|p| PoolChecks::new(p.keys.len()))
+            .zip(&periods)
+            .map(|(p, &period)| PoolChecks::new(p.keys.len(), period, tick_ms))
             .collect();
         let target_learned = vec![false; config.pools.len()];
         let header_values = config
@@ -160,16 +173,15 @@ impl Engine {
             checks,
             target_learned,
             header_values,
+            tick_ms,
+            pool_ticks,
+            housekeeping: Every::new(schedule::HOUSEKEEPING_MS, tick_ms),
         }
     }
 
-    /// The health-check settings of a pool: those of the first profile using it that has some.
-    fn pool_health(&self, pool: usize) -> Option<(&Profile, &HealthCheck)> {
-        self.config
-            .profiles
-            .iter()
-            .filter(|p| p.pool == pool)
-            .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
+    /// How often the host should call `tick`, in ms.
+    pub fn tick_period_ms(&self) -> u64 {
+        self.tick_ms
     }
 
     /// Whether a request of this profile should tell the engine where it goes: once per VM and
@@ -216,17 +228,21 @@ impl Engine {
     pub fn health_checks_due(&mut self, host: &dyn Host, now_ms: u64) -> Vec<CheckRequest> {
         let mut due = Vec::new();
         for pool in 0..self.stores.len() {
-            let Some((profile, check)) = self.pool_health(pool) else {
+            let Some((profile, check)) = pool_health(&self.config, pool) else {
                 continue;
             };
             let (Some(store), Some(checks), Some(keys)) = (
                 self.stores.get(pool),
-                self.checks.get(pool),
+                self.checks.get_mut(pool),
                 self.config.pools.get(pool).map(|p| &p.keys),
             ) else {
                 continue;
             };
-            if !store.try_lead(host, self.owner_id, now_ms, health::LEASE_MS) {
+            let owner_id = self.owner_id;
+            if !checks.lead(now_ms, || {
+                store.try_lead(host, owner_id, now_ms, health::LEASE_MS)
+            }) || !checks.planning_due(now_ms)
+            {
                 continue;
             }
             let keys_due = checks.due(
@@ -238,24 +254,15 @@ impl Engine {
             if keys_due.is_empty() {
                 continue;
             }
-            // A configured cluster wins; the authority comes from live traffic when known.
-            let learned = store.read_target(host);
-            let Some((cluster, authority)) = (match (&check.cluster, learned) {
-                (Some(cluster), learned) => {
-                    Some((cluster.clone(), learned.map(|(_, a)| a).unwrap_or_default()))
-                }
-                (None, learned) => learned,
-            }) else {
+            let Some(target) = health::target(check, store.read_target(host)) else {
                 log::debug!(
                     "pool {}: no traffic seen yet; health checks wait to learn the cluster",
-                    self.pool_label(pool)
+                    self.config
+                        .pools
+                        .get(pool)
+                        .map_or("?", |p| p.label.as_str())
                 );
                 continue;
-            };
-            let authority = if authority.is_empty() {
-                cluster.clone()
-            } else {
-                authority
             };
             let path = check
                 .path
@@ -269,18 +276,19 @@ impl Engine {
                 due.push(CheckRequest {
                     pool,
                     key,
-                    cluster: cluster.clone(),
+                    cluster: target.cluster.clone(),
                     headers: health::headers(
                         profile.provider,
                         &profile.auth,
                         &k.token,
                         &path,
-                        &authority,
+                        &target.authority,
                     ),
                     body: body.clone(),
                     timeout_ms: check.timeout_ms,
                 });
             }
+            checks.set_target(target);
         }
         for req in &due {
             if let Some(checks) = self.checks.get_mut(req.pool) {
@@ -310,7 +318,7 @@ impl Engine {
         answer: CheckAnswer,
         now_ms: u64,
     ) {
-        let Some((profile, check)) = self.pool_health(pool) else {
+        let Some((profile, check)) = pool_health(&self.config, pool) else {
             return;
         };
         let (threshold, policy, respect_hints) = (
@@ -370,8 +378,13 @@ impl Engine {
                     Some(Verdict::KeyFailure(class)) => class,
                     Some(Verdict::Neutral) => {
                         log::warn!(
-                            "pool {pool_label}: health check of key {label} got status {}, which says nothing about the key; check healthCheckModel and healthCheckPath",
-                            status.unwrap_or(0)
+                            "{}",
+                            health::neutral_answer_warning(
+                                &pool_label,
+                                &label,
+                                status.unwrap_or(0),
+                                checks.target()
+                            )
                         );
                         return;
                     }
@@ -842,10 +855,22 @@ impl Engine {
 
     /// Periodic work: end time outs that are over, even with no traffic, and bring the stats in
     /// line with the shared state.
+    ///
+    /// The VM may tick faster than a pool needs (another pool has a 100 ms cooldown): each pool
+    /// is advanced on its own period, and stats and purges run once a second, so a fast tick
+    /// adds only the work that needs it.
     pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
-        self.attempts.purge(now_ms);
+        let housekeeping = self.housekeeping.due(now_ms);
+        if housekeeping {
+            self.attempts.purge(now_ms);
+        }
         for pool in 0..self.stores.len() {
-            self.refresh_and_advance(host, pool, &Clock::at(now_ms));
+            if self.pool_ticks.get_mut(pool).is_some_and(|t| t.due(now_ms)) {
+                self.refresh_and_advance(host, pool, &Clock::at(now_ms));
+            }
+            if !housekeeping {
+                continue;
+            }
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get_mut(pool))
             {
                 m.count_decode_failed(host, store.take_decode_failures());
@@ -1036,6 +1061,16 @@ impl Engine {
 }
 
 /// `1234` ms as `1.2s`: integer arithmetic, so no float formatting code ends up in the module.
+/// The health-check settings of a pool: those of the first profile using it that has some.
+/// A function of the config alone, so the engine's other fields stay free to borrow.
+fn pool_health(config: &PluginConfig, pool: usize) -> Option<(&Profile, &HealthCheck)> {
+    config
+        .profiles
+        .iter()
+        .filter(|p| p.pool == pool)
+        .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
+}
+
 fn seconds(ms: u64) -> String {
     format!("{}.{}s", ms / 1000, (ms % 1000) / 100)
 }
@@ -2028,5 +2063,200 @@ mod tests {
         assert_eq!(seconds(1_234), "1.2s");
         assert_eq!(seconds(60_000), "60.0s");
         assert_eq!(seconds(3_600_099), "3600.0s");
+    }
+
+    /// A host that counts shared-data reads and writes per entry name.
+    #[derive(Default)]
+    struct CountingHost {
+        inner: TestHost,
+        ops: std::cell::RefCell<Vec<(&'static str, String)>>,
+    }
+
+    impl CountingHost {
+        fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
+            let name = format!("{}/{entry_suffix}", crate::store::entry_prefix(pool_id));
+            self.ops
+                .borrow()
+                .iter()
+                .filter(|(o, k)| *o == op && *k == name)
+                .count()
+        }
+    }
+
+    impl SharedData for CountingHost {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            self.ops.borrow_mut().push(("get", key.to_string()));
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.ops.borrow_mut().push(("set", key.to_string()));
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    impl MetricsHost for CountingHost {
+        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+            self.inner.define(kind, name)
+        }
+        fn increment(&self, id: u32, delta: u64) {
+            self.inner.increment(id, delta)
+        }
+        fn record(&self, id: u32, value: u64) {
+            self.inner.record(id, value)
+        }
+    }
+
+    #[test]
+    fn a_100_ms_cooldown_ends_on_the_next_100_ms_tick_without_traffic() {
+        let host = TestHost::default();
+        // A Higress value: a 100 ms cooldown.
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 100}}"#;
+        let mut w = engine(cfg, 1);
+        assert_eq!(w.tick_period_ms(), 100);
+        w.start(&host, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(1_000),
+        );
+        let until = w.stores()[0].state().keys[0].down_until_ms;
+        assert!(
+            (1_100..=1_110).contains(&until),
+            "100 ms plus jitter: {until}"
+        );
+        let mut back_at = None;
+        for now in (1_000..=2_000).step_by(100) {
+            w.tick(&host, now);
+            if w.stores()[0].view().probe_candidate() == Some(0) {
+                back_at = Some(now);
+                break;
+            }
+        }
+        let back_at = back_at.expect("the key never became a probe candidate");
+        assert!(
+            back_at <= 1_200,
+            "back at {back_at}, not at the next 1 s tick"
+        );
+        // With traffic the request itself ends the time out, to the millisecond.
+        let host = TestHost::default();
+        let mut w2 = engine(cfg, 2);
+        w2.start(&host, 0);
+        w2.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(3_000),
+        );
+        let until = w2.stores()[0].state().keys[1].down_until_ms;
+        let (_, key, how) = use_key(w2.decide_for(&host, 0, until));
+        assert_eq!(key, 1);
+        assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
+    }
+
+    #[test]
+    fn a_fast_tick_does_not_flush_stats_renew_the_lease_or_advance_slow_pools_more_often() {
+        let host = CountingHost::default();
+        // The rule's pool needs 100 ms ticks; the global pool keeps its 1 s period.
+        let cfg = r#"{"name": "slow", "apiTokens": ["a", "b"], "failover": {"healthCheckModel": "m",
+            "healthCheckCluster": "c", "cooldownDuration": 60000},
+            "_rules_": [{"_match_route_": ["r"], "name": "fast", "apiTokens": ["c"],
+                         "failover": {"cooldownDuration": 100}}]}"#;
+        let mut w = engine(cfg, 1);
+        assert_eq!(w.tick_period_ms(), 100);
+        let (slow_id, fast_id) = (w.config().pools[0].id, w.config().pools[1].id);
+        w.start(&host, 0);
+        // A key of the slow pool is out, so its checks have something to plan.
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        host.ops.borrow_mut().clear();
+        let keyed = |host: &CountingHost| {
+            host.inner
+                .metrics
+                .get("ai_key_failover.pool.slow.requests_keyed")
+        };
+        let mut flushed_at = Vec::new();
+        for now in (100..=3_000).step_by(100) {
+            w.decide(&host, Some(0), &Clock::at(now), &[]);
+            let before = keyed(&host);
+            w.tick(&host, now);
+            w.health_checks_due(&host, now);
+            if keyed(&host) != before {
+                flushed_at.push(now);
+            }
+        }
+        assert_eq!(
+            flushed_at,
+            vec![1_000, 2_000, 3_000],
+            "stats flush once a second"
+        );
+        let lease_looks = host.count("get", "health-lease", slow_id);
+        assert!(
+            (3..=4).contains(&lease_looks)
+                && host.count("set", "health-lease", slow_id) == lease_looks,
+            "the lease is renewed once a second: {lease_looks} looks in 3 s"
+        );
+        // Ticks alone: 30 for the fast pool; the slow pool's are once a second (requests read
+        // its epoch too, 30 of them).
+        assert_eq!(host.count("get", "epoch", fast_id), 30);
+        let slow_epoch_reads = host.count("get", "epoch", slow_id);
+        assert!(
+            (33..=34).contains(&slow_epoch_reads),
+            "30 requests and one tick a second: {slow_epoch_reads}"
+        );
+    }
+
+    #[test]
+    fn checks_remember_whether_their_authority_was_only_the_cluster_name() {
+        use crate::health::AuthoritySource;
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000,
+                      "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        let due = w.health_checks_due(&host, 1_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "provider_cluster".into())));
+        let target = w.checks[0].target().unwrap();
+        assert_eq!(target.source, AuthoritySource::ClusterName);
+        let neutral = CheckAnswer {
+            status: Some(404),
+            headers: &[],
+            body: b"",
+        };
+        w.health_check_done(&host, 0, 0, neutral, 1_100);
+        assert!(
+            !w.stores()[0].state().keys[0].is_available(),
+            "a 404 says nothing about the key"
+        );
+        // Live traffic then shows the provider's host: later checks carry it.
+        w.learn_target(&host, 0, "provider_cluster", "api.provider.test");
+        let due = w.health_checks_due(&host, 6_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "api.provider.test".into())));
+        assert_eq!(
+            w.checks[0].target().map(|t| t.source),
+            Some(AuthoritySource::Learned)
+        );
     }
 }

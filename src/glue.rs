@@ -22,8 +22,6 @@ use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
 
-/// Ends time outs during quiet periods; under traffic, requests do it themselves.
-const TICK_PERIOD_MS: u32 = 1000;
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 const KEY_NAME_HEADER: &str = "x-ai-key-failover-key";
@@ -244,11 +242,14 @@ impl RootContext for Root {
         );
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&HostShared, host::now_ms());
+        // Ends time outs during quiet periods (under traffic, requests do it themselves): as
+        // often as the shortest cooldown or check interval needs, from 100 ms to 1 s.
+        let tick_ms = u32::try_from(engine.tick_period_ms()).unwrap_or(u32::MAX);
         self.shared = Some(Rc::new(Shared {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
-        if !host::set_tick_period_ms(TICK_PERIOD_MS) {
+        if !host::set_tick_period_ms(tick_ms) {
             log::warn!("could not set the tick period; keys return only on traffic");
         }
         true

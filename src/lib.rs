@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pool;
 pub mod rewrite;
 pub mod rules;
+pub mod schedule;
 pub mod select;
 pub mod status;
 pub mod store;
