@@ -20,7 +20,7 @@ E2E_WORKERS ?= 2
 PYTEST_ARGS ?=
 ADMIN_URL ?= http://127.0.0.1:$(or $(ADMIN_PORT),9901)
 
-.PHONY: help deps rust-deps py-deps build wasm-opt-tool mock lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
+.PHONY: help deps rust-deps py-deps build wasm-opt-tool mock node lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
 
 help:
 	@echo "make deps      install wasm target, clippy, and the Python venv with Envoy $(ENVOY_VERSION) ($(VENV))"
@@ -98,6 +98,13 @@ wasm-opt-tool:
 mock:
 	cargo build -p mock-provider
 
+# test_module.py runs the built module in Node.js's V8 with a fake proxy-wasm host.
+node:
+	@command -v node >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "node is missing: install Node.js" >&2; exit 1; }; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing nodejs (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nodejs; }
+
 CORRUPT_WRITER_DIR = target/corrupt-writer
 
 # Test-only proxy-wasm filter that damages the plugin's shared-data entries (test_faults.py).
@@ -115,7 +122,7 @@ unit:
 	cargo test -p ai-key-failover
 	cargo test -p mock-provider
 
-e2e: deps build mock corrupt-writer
+e2e: deps build mock corrupt-writer node
 	$(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS)
 
 test: deps lint unit build mock e2e
