@@ -117,7 +117,12 @@ pub struct Failover {
     pub backoff_permille: u32,
     /// Active health checks, when `healthCheckModel` is set.
     pub health_check: Option<HealthCheck>,
+    /// A success that says the key's budget is used up rests the key until the reset.
+    pub preemptive_cooldown: bool,
 }
+
+/// `failover.preemptiveCooldown`'s default, chosen by `make bench` (see the README).
+pub const PREEMPTIVE_COOLDOWN_DEFAULT: bool = false;
 
 /// Higress ai-proxy's active health checks: a minimal real request with each down key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -260,6 +265,7 @@ const FAILOVER_FIELDS: &[&str] = &[
     "successThreshold",
     "healthCheckPath",
     "healthCheckCluster",
+    "preemptiveCooldown",
 ];
 
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
@@ -741,6 +747,7 @@ impl Builder {
             max_cooldown_ms,
             backoff_permille,
             health_check,
+            preemptive_cooldown: parse_preemptive_cooldown(obj, prefix)?,
         })
     }
 
@@ -924,6 +931,17 @@ fn integer(
             format!(
                 "must be a whole number from {min} to {max} (got {v}); the default is {default}"
             ),
+        ),
+    }
+}
+
+fn parse_preemptive_cooldown(obj: &Map<String, Value>, prefix: &str) -> Result<bool, ConfigError> {
+    match obj.get("preemptiveCooldown") {
+        None => Ok(PREEMPTIVE_COOLDOWN_DEFAULT),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => err(
+            &format!("{prefix}.preemptiveCooldown"),
+            "must be true or false",
         ),
     }
 }

@@ -776,6 +776,34 @@ impl Engine {
         });
     }
 
+    /// `failover.preemptiveCooldown`: the budget headers a success of this profile should be
+    /// read for, or None (off, failover off, or a provider that sends none).
+    pub fn wants_budget(&self, profile: usize) -> Option<crate::budget::Family> {
+        let p = self.config.profiles.get(profile)?;
+        if !(p.failover.enabled && p.failover.preemptive_cooldown) {
+            return None;
+        }
+        crate::budget::family(p.provider)
+    }
+
+    /// A success said the key's budget is used up for `spent_for_ms`: the key rests until the
+    /// reset, clamped to `[minCooldownDuration, maxCooldownDuration]`, with no failure counted.
+    pub fn spend(&mut self, host: &dyn Host, sent: Assignment, spent_for_ms: u64, clock: &Clock) {
+        let Some(p) = self.config.profiles.get(sent.profile) else {
+            return;
+        };
+        let (pool, min, max) = (
+            p.pool,
+            p.failover.min_cooldown_ms,
+            p.failover.max_cooldown_ms,
+        );
+        let now_ms = clock.now();
+        let until_ms = now_ms.saturating_add(spent_for_ms.clamp(min, max.max(min)));
+        self.change(host, pool, now_ms, |s| {
+            s.spend(sent.key, now_ms, until_ms).into_iter().collect()
+        });
+    }
+
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
@@ -890,6 +918,20 @@ impl Engine {
         let mut went_out = false;
         for event in events {
             match *event {
+                Event::MarkedDown {
+                    key,
+                    class: FailureClass::BudgetSpent,
+                    until_ms,
+                    ..
+                } => {
+                    went_out = true;
+                    log::info!(
+                        "pool {p}: key {} reported its budget used up ({}); rests, {} without a probe",
+                        key_label(key),
+                        FailureClass::BudgetSpent.name(),
+                        back_in(until_ms)
+                    );
+                }
                 Event::MarkedDown {
                     key,
                     status,
@@ -1733,5 +1775,89 @@ mod tests {
         assert_eq!(seconds(1_234), "1.2s");
         assert_eq!(seconds(60_000), "60.0s");
         assert_eq!(seconds(3_600_099), "3600.0s");
+    }
+
+    #[test]
+    fn a_spent_budget_moves_every_worker_off_the_key_until_the_reset_with_no_probe_or_strike() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"preemptiveCooldown": true}}"#;
+        let mut w1 = engine(cfg, 1);
+        let mut w2 = engine(cfg, 2);
+        w1.start(&host, 0);
+        w2.start(&host, 0);
+        let g = w1.profile_for(&mut NoFacts);
+        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        assert!(w1.wants_budget(p).is_some());
+        w1.record(
+            &host,
+            sent(p, k, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(10),
+        );
+        // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
+        w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
+        for now in [20, 600, 1_009] {
+            for _ in 0..4 {
+                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
+                assert_ne!(k2, k, "at {now}");
+            }
+        }
+        let pool = "ai_key_failover.pool.";
+        let counted = |name: &str| {
+            host.metrics
+                .values
+                .borrow()
+                .iter()
+                .filter(|(n, _)| n.starts_with(pool) && n.ends_with(name))
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        };
+        assert_eq!(counted("class.budget_spent.keys_marked_down"), 1);
+        assert_eq!(counted("class.rate_limit.keys_marked_down"), 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let (_, k2, how) = use_key(w2.decide(&host, g, &Clock::at(1_010), &[]));
+            assert_eq!(
+                how,
+                SentAs::Normal,
+                "back in rotation at the reset: no probe"
+            );
+            seen.insert(k2);
+        }
+        assert!(seen.contains(&k));
+        let key = &w2.stores()[0].state().keys[k];
+        assert_eq!((key.strikes, key.consecutive_failures), (0, 0));
+        assert_eq!(counted("keys_restored"), 1);
+    }
+
+    #[test]
+    fn preemptive_cooldown_is_read_only_when_on_and_the_provider_reports_budgets() {
+        for (cfg, wanted) in [
+            (
+                r#"{"apiTokens": ["a"]}"#,
+                crate::config::PREEMPTIVE_COOLDOWN_DEFAULT,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true}}"#,
+                true,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": false}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "provider": "gemini", "failover": {"preemptiveCooldown": true}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true, "enabled": false}}"#,
+                false,
+            ),
+        ] {
+            let e = engine(cfg, 1);
+            assert_eq!(e.wants_budget(0).is_some(), wanted, "{cfg}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
+use crate::budget;
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
@@ -326,6 +327,9 @@ impl Context for Request {
         let status = match status {
             Some(status) if from_upstream => {
                 judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
+                if (200..300).contains(&status) {
+                    note_budget(&mut engine, sent, &Clock::at(now), Some(&headers));
+                }
                 if retriable(&engine, sent.profile, status) {
                     retry.tried.push(tried_pair(&engine, sent));
                     if send_retry(&mut engine, retry) {
@@ -827,6 +831,9 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         record_live_answer(&mut engine, sent, status, first_look, &clock);
+        if first_look == Verdict::Success {
+            note_budget(&mut engine, sent, &clock, None);
+        }
         Action::Continue
     }
 
@@ -907,6 +914,33 @@ fn record_answer(
         None
     };
     engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
+}
+
+/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
+/// the reset. `headers`: the answer's headers when already read (a re-send's); otherwise only
+/// the remaining counts are read from the host, and a reset only for a count that is 0.
+fn note_budget(
+    engine: &mut Engine,
+    sent: Assignment,
+    clock: &Clock,
+    headers: Option<&[(String, Vec<u8>)]>,
+) {
+    let Some(family) = engine.wants_budget(sent.profile) else {
+        return;
+    };
+    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
+    let now_ms = if family == budget::Family::Anthropic {
+        clock.now()
+    } else {
+        0
+    };
+    let spent_for = match headers {
+        Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
+        None => budget::spent_for_ms(family, now_ms, host::response_header),
+    };
+    if let Some(ms) = spent_for {
+        engine.spend(&HostShared, sent, ms, clock);
+    }
 }
 
 fn from_upstream() -> bool {

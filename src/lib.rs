@@ -7,6 +7,7 @@
 
 pub mod abi;
 pub mod attempts;
+pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod credentials;

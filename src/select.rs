@@ -157,7 +157,7 @@ impl PoolView {
         // Prefer the key whose time out ends first; then a key being probed; a key refused
         // for good only as a last resort.
         let rank = |k: &KeyState| match k.health {
-            Health::CoolingDown => (0, k.down_until_ms),
+            Health::CoolingDown | Health::Spent => (0, k.down_until_ms),
             Health::Disabled if k.down_until_ms != crate::pool::FOREVER => (0, k.down_until_ms),
             Health::Probing => (1, k.probe_until_ms),
             _ => (2, u64::MAX),
