@@ -361,6 +361,18 @@ pub fn dispatch_http_call(
     .ok()
 }
 
+/// Lets a held request continue upstream.
+pub fn resume_request() -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest) == Status::Ok }
+}
+
+/// Makes a request's context the one later host calls act on (from a root callback, to resume
+/// or answer a held request). False when the host no longer knows it (its client hung up).
+pub fn set_effective_context(context_id: u32) -> bool {
+    proxy_wasm::hostcalls::set_effective_context(context_id).is_ok()
+}
+
 /// Lets a held response continue to the client.
 pub fn resume_response() -> bool {
     // SAFETY: plain value argument.

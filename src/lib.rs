@@ -6,6 +6,7 @@
 //! Everything but `glue` is plain Rust, testable on the host with injected time.
 
 pub mod abi;
+pub mod affinity;
 pub mod attempts;
 pub mod budget;
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod rules;
 pub mod select;
 pub mod status;
 pub mod store;
+pub mod waiting;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

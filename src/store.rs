@@ -53,6 +53,9 @@ pub struct PoolStore {
     synced: bool,
     state: PoolState,
     view: PoolView,
+    /// `affinity`: the ring of every configured key, built once; the view holds the ring of
+    /// the keys in rotation, filtered from it whenever the view is rebuilt.
+    ring: Option<crate::affinity::Ring>,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
 }
@@ -105,8 +108,22 @@ impl PoolStore {
             synced: false,
             state,
             view,
+            ring: None,
             corrupt_entry_seen: false,
         }
+    }
+
+    /// Keeps a session-affinity ring of this pool's keys (some profile sets `affinity`).
+    pub fn with_affinity(mut self) -> Self {
+        let ring = crate::affinity::Ring::build(&self.fingerprints, &self.weights);
+        self.view.set_affinity(&ring, &self.state);
+        self.ring = Some(ring);
+        self
+    }
+
+    /// The ring of every configured key, when affinity is on.
+    pub fn ring(&self) -> Option<&crate::affinity::Ring> {
+        self.ring.as_ref()
     }
 
     pub fn state(&self) -> &PoolState {
@@ -319,6 +336,9 @@ impl PoolStore {
     fn adopt(&mut self, state: PoolState) {
         if state != self.state {
             self.view = PoolView::build(&state, &self.weights, self.selection);
+            if let Some(ring) = &self.ring {
+                self.view.set_affinity(ring, &state);
+            }
             self.state = state;
         }
     }
