@@ -16,10 +16,15 @@ const POINTS_PER_WEIGHT: u64 = 100;
 /// Points in all, at most: 128 KiB per ring whatever the pool (8 bytes a point).
 const MAX_POINTS: u64 = 16_384;
 
-/// A sorted circle of (position, key) points.
+/// A sorted circle of points, each `position << 32 | key`: plain u64s sort with the code the
+/// module already has, where a sort of pairs would add its own copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ring {
-    points: Vec<(u32, u32)>,
+    points: Vec<u64>,
+}
+
+fn key_of(point: u64) -> usize {
+    (point & 0xffff_ffff) as usize
 }
 
 /// splitmix64's finaliser: spreads nearby inputs over the whole range.
@@ -46,7 +51,7 @@ impl Ring {
             let count = (w * POINTS_PER_WEIGHT).min(w * MAX_POINTS / total).max(1);
             points.extend((0..count).map(|replica| {
                 let position = mix(fp ^ mix(replica.wrapping_add(1))) >> 32;
-                (position as u32, i as u32)
+                position << 32 | (i as u64 & 0xffff_ffff)
             }));
         }
         points.sort_unstable();
@@ -60,7 +65,7 @@ impl Ring {
                 .points
                 .iter()
                 .copied()
-                .filter(|&(_, key)| keep(key as usize))
+                .filter(|&point| keep(key_of(point)))
                 .collect(),
         }
     }
@@ -69,11 +74,11 @@ impl Ring {
     pub fn owner(&self, hash: u32) -> Option<usize> {
         let at = self
             .points
-            .partition_point(|&(position, _)| position < hash);
+            .partition_point(|&point| point >> 32 < u64::from(hash));
         self.points
             .get(at)
             .or_else(|| self.points.first())
-            .map(|&(_, key)| key as usize)
+            .map(|&point| key_of(point))
     }
 
     pub fn len(&self) -> usize {
@@ -183,7 +188,8 @@ mod tests {
         let weighted: Vec<u32> = (0..n as u32).map(|i| 1 + i % 1000).collect();
         let ring = Ring::build(&fingerprints(n), &weighted);
         assert!(ring.len() as u64 <= MAX_POINTS + n as u64);
-        let owners: std::collections::HashSet<u32> = ring.points.iter().map(|p| p.1).collect();
+        let owners: std::collections::HashSet<usize> =
+            ring.points.iter().map(|&p| key_of(p)).collect();
         assert_eq!(owners.len(), n);
         assert_eq!(Ring::build(&fingerprints(2), &[1, 1]).len(), 200);
     }

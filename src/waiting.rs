@@ -11,8 +11,6 @@
 //! Entries whose client hung up are forgotten (the glue's `gone`). The queue is bounded; a
 //! request that finds it full is rejected at once. Nothing here talks to the host.
 
-use std::collections::VecDeque;
-
 /// Held requests per worker, at most. Each keeps a connection, its headers and up to Envoy's
 /// buffer limit of its body in Envoy, and an entry here; 256 per worker is far beyond a burst
 /// that spends every key for a second or two, and bounds what a flood during an outage holds.
@@ -29,7 +27,7 @@ struct Entry<T> {
 }
 
 pub struct Queue<T> {
-    entries: VecDeque<Entry<T>>,
+    entries: Vec<Entry<T>>,
     bound: usize,
 }
 
@@ -51,7 +49,7 @@ pub enum Served {
 impl<T> Queue<T> {
     pub fn new(bound: usize) -> Self {
         Queue {
-            entries: VecDeque::new(),
+            entries: Vec::new(),
             bound,
         }
     }
@@ -73,7 +71,7 @@ impl<T> Queue<T> {
         if self.entries.len() >= self.bound {
             return Err(item);
         }
-        self.entries.push_back(Entry {
+        self.entries.push(Entry {
             item,
             group,
             deadline_ms,
@@ -96,7 +94,7 @@ impl<T> Queue<T> {
         mut expire: impl FnMut(T),
     ) {
         let mut blocked: Vec<usize> = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.entries.len());
+        let mut kept = Vec::with_capacity(self.entries.len());
         for entry in self.entries.drain(..) {
             if gone(&entry.item) {
                 continue;
@@ -110,7 +108,7 @@ impl<T> Queue<T> {
             if entry.deadline_ms <= now_ms {
                 expire(entry.item);
             } else {
-                kept.push_back(entry);
+                kept.push(entry);
             }
         }
         self.entries = kept;
