@@ -187,7 +187,11 @@ impl RootContext for Root {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
-        if !host::set_tick_period_ms(TICK_PERIOD_MS) {
+        if host::set_tick_period_ms(TICK_PERIOD_MS) {
+            // Requests held across the reload still need their fast ticks.
+            self.waiting.tick_ms.set(TICK_PERIOD_MS);
+            self.waiting.sync_tick_period();
+        } else {
             log::warn!("could not set the tick period; keys return only on traffic");
         }
         true
@@ -287,6 +291,11 @@ fn run_held(waiting: &Waiting, now: u64) {
 /// Asks the held request's engine again. A key: it is put on the request, which goes on. No key
 /// yet: it stays, unless its wait is `over`, when it gets what `reject` gives.
 fn release_held(held: &Held, now: u64, over: bool) -> Served {
+    // Header writes, the reply and the resume below act on the held request. A host that no
+    // longer knows the context has dropped the request: nothing to do.
+    if !host::set_effective_context(held.context_id) {
+        return Served::Yes;
+    }
     // The engine is borrowed only to decide: resuming runs the request's own callbacks (its
     // buffered body) at once, and they need the engine too.
     let (keyed, reject) = {
@@ -309,18 +318,9 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
             }
             Decision::Reject { retry_after_secs } => (None, Some(retry_after_secs)),
             Decision::Untouched => (Some(Keyed::default()), None),
-            Decision::UseKey(assignment) => {
-                if !host::set_effective_context(held.context_id) {
-                    engine.abandon(&HostShared, assignment, now);
-                    return Served::Yes;
-                }
-                (Some(put_key(&mut engine, a, assignment)), None)
-            }
+            Decision::UseKey(assignment) => (Some(put_key(&mut engine, a, assignment)), None),
         }
     };
-    if !host::set_effective_context(held.context_id) {
-        return Served::Yes;
-    }
     if let Some(retry_after_secs) = reject {
         send_reject(retry_after_secs);
         return Served::Yes;
@@ -850,6 +850,7 @@ impl HttpContext for Request {
                 .is_ok_and(|q| !q.is_empty() && q.has_room() && q.holds_group(p));
             if queued {
                 let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
+                // The queue has room, so the reject answer's wait is never used here.
                 return self.hold(&mut engine, &shared, arrival, max_wait_ms, 1);
             }
         }
