@@ -33,7 +33,7 @@ from typing import Any
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 PREFIX = "wasmcustom.ai_key_failover."
 STATS_FILTER = r"^wasmcustom\.ai_key_failover\."
-CLASSES = ("rate_limit", "server_error", "key_refused", "other")
+CLASSES = ("rate_limit", "server_error", "key_refused", "other", "budget_spent")
 TIMEOUT_S = 3.0
 
 # Pool and key labels are configured names ([A-Za-z0-9_-]{1,64}) or short hashes; a stat whose

@@ -172,7 +172,12 @@ pub struct Failover {
     pub backoff_permille: u32,
     /// Active health checks, when `healthCheckModel` is set.
     pub health_check: Option<HealthCheck>,
+    /// A success that says the key's budget is used up rests the key until the reset.
+    pub preemptive_cooldown: bool,
 }
+
+/// `failover.preemptiveCooldown`'s default, chosen by `make bench` (see the README).
+pub const PREEMPTIVE_COOLDOWN_DEFAULT: bool = false;
 
 /// Higress ai-proxy's active health checks: a minimal real request with each down key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,6 +243,10 @@ pub struct Profile {
     pub model: Option<String>,
     /// For a fallback: the cluster that reaches its provider, when set.
     pub cluster: Option<String>,
+    /// `affinity.header`, lowercase: requests with the same value get the same key.
+    pub affinity_header: Option<String>,
+    /// `maxWaitMs`: how long `onAllUnavailable: wait` holds a request.
+    pub max_wait_ms: u64,
 }
 
 /// Higress ai-proxy's `retryOnFailure`: the plugin itself re-sends a failed request with another
@@ -281,6 +290,8 @@ const CONFIG_FIELDS: &[&str] = &[
     "exposeKeyName",
     "retryOnFailure",
     "fallbacks",
+    "affinity",
+    "maxWaitMs",
 ];
 /// A fallback pool sets its own keys and provider; other settings come from the pool it backs.
 const FALLBACK_FIELDS: &[&str] = &[
@@ -318,6 +329,7 @@ const FAILOVER_FIELDS: &[&str] = &[
     "healthCheckPath",
     "healthCheckCluster",
     "healthCheckAuthority",
+    "preemptiveCooldown",
 ];
 
 /// Parses the configuration, reading `fromEnv` keys from the VM's environment.
@@ -561,10 +573,11 @@ impl<'a> Builder<'a> {
             Some(v) => match v.as_str() {
                 Some("earliest") => OnAllUnavailable::Earliest,
                 Some("reject") => OnAllUnavailable::Reject,
+                Some("wait") => OnAllUnavailable::Wait,
                 _ => {
                     return err(
                         &field("onAllUnavailable"),
-                        "must be \"earliest\" or \"reject\"",
+                        "must be \"earliest\", \"reject\" or \"wait\"",
                     )
                 }
             },
@@ -575,6 +588,7 @@ impl<'a> Builder<'a> {
             Some(_) => return err(&field("exposeKeyName"), "must be true or false"),
         };
         let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
+        let (affinity_header, max_wait_ms) = parse_affinity_and_wait(obj, prefix)?;
         let retry = self.parse_retry(obj.get("retryOnFailure"), &field("retryOnFailure"))?;
         let pool = self.pool_for(keys, name, &field("name"))?;
         let fallbacks = self.parse_fallbacks(obj, prefix)?;
@@ -599,6 +613,8 @@ impl<'a> Builder<'a> {
             fallbacks,
             model: None,
             cluster: None,
+            affinity_header,
+            max_wait_ms,
         });
         Ok(self.profiles.len() - 1)
     }
@@ -821,6 +837,7 @@ impl<'a> Builder<'a> {
             max_cooldown_ms,
             backoff_permille,
             health_check,
+            preemptive_cooldown: parse_preemptive_cooldown(obj, prefix)?,
         })
     }
 
@@ -1029,6 +1046,54 @@ fn is_authority(s: &str) -> bool {
         && s.len() <= 255
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+/// `maxWaitMs`'s default and bound: a held request keeps its client waiting.
+pub const MAX_WAIT_DEFAULT_MS: u64 = 2_000;
+const MAX_WAIT_LIMIT_MS: u64 = 30_000;
+
+/// `affinity: {"header": ...}` and `maxWaitMs`.
+#[inline(never)]
+fn parse_affinity_and_wait(
+    obj: &Map<String, Value>,
+    prefix: &str,
+) -> Result<(Option<String>, u64), ConfigError> {
+    let field = format!("{prefix}affinity");
+    let header = match obj.get("affinity") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => {
+            check_unknown(o, &["header"], &format!("{field}."))?;
+            match o.get("header").and_then(Value::as_str) {
+                Some(name) if is_header_token(name) => Some(name.to_ascii_lowercase()),
+                _ => {
+                    return err(
+                        &format!("{field}.header"),
+                        "required: the request header whose value names the session, such as \"x-session-id\"",
+                    )
+                }
+            }
+        }
+        Some(_) => return err(&field, "must be an object {\"header\": \"x-session-id\"}"),
+    };
+    let max_wait_ms = integer(
+        obj.get("maxWaitMs"),
+        &format!("{prefix}maxWaitMs"),
+        MAX_WAIT_DEFAULT_MS,
+        1,
+        MAX_WAIT_LIMIT_MS,
+    )?;
+    Ok((header, max_wait_ms))
+}
+
+fn parse_preemptive_cooldown(obj: &Map<String, Value>, prefix: &str) -> Result<bool, ConfigError> {
+    match obj.get("preemptiveCooldown") {
+        None => Ok(PREEMPTIVE_COOLDOWN_DEFAULT),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => err(
+            &format!("{prefix}.preemptiveCooldown"),
+            "must be true or false",
+        ),
+    }
 }
 
 fn is_valid_name(s: &str) -> bool {
@@ -1484,9 +1549,49 @@ mod tests {
                 "round_robin",
             ),
             (
-                r#"{"apiTokens": ["a"], "onAllUnavailable": "wait"}"#,
+                r#"{"apiTokens": ["a"], "onAllUnavailable": "hold"}"#,
                 "onAllUnavailable",
-                "earliest",
+                "\"earliest\", \"reject\" or \"wait\"",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "maxWaitMs": 30001}"#,
+                "maxWaitMs",
+                "from 1 to 30000",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "maxWaitMs": 0}"#,
+                "maxWaitMs",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": "x-s"}"#,
+                "affinity",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {}}"#,
+                "affinity.header",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": "bad name"}}"#,
+                "affinity.header",
+                "x-session-id",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": ":path"}}"#,
+                "affinity.header",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": "x", "hash": "ring"}}"#,
+                "affinity.hash",
+                "",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": 1}}"#,
+                "failover.preemptiveCooldown",
+                "true or false",
             ),
             (
                 r#"{"apiTokens": ["a"], "name": "has space"}"#,
@@ -2131,34 +2236,6 @@ mod tests {
         assert_eq!(labels.len(), keys.len(), "{labels:?}");
     }
 
-    /// The fastest of five parses of `n` distinct keys (the fastest, as a loaded machine only
-    /// ever slows a run down).
-    fn parse_time(n: usize) -> std::time::Duration {
-        let tokens: Vec<String> = (0..n)
-            .map(|i| format!("\"sk-scale-{i:05}-abcdefghijklmnopqrstuvwxyz\""))
-            .collect();
-        let json = format!(r#"{{"apiTokens": [{}]}}"#, tokens.join(","));
-        (0..5)
-            .map(|_| {
-                let start = std::time::Instant::now();
-                ok(&json);
-                start.elapsed()
-            })
-            .min()
-            .unwrap()
-    }
-
-    #[test]
-    fn parsing_grows_linearly_with_the_number_of_keys() {
-        // Five times the keys, about five times the time; a pass that compares every key with
-        // every other (as the duplicate check did) took 13 to 38 times as long.
-        let (small, large) = (parse_time(2_000), parse_time(MAX_KEYS_PER_POOL));
-        assert!(
-            large < small * 10,
-            "2,000 keys {small:?}, 10,000 keys {large:?}"
-        );
-    }
-
     #[test]
     fn ten_thousand_keys_get_unique_labels() {
         let tokens: Vec<String> = (0..MAX_KEYS_PER_POOL)
@@ -2168,5 +2245,34 @@ mod tests {
         let labels: std::collections::HashSet<String> =
             c.pools[0].keys.iter().map(|k| k.label()).collect();
         assert_eq!(labels.len(), MAX_KEYS_PER_POOL);
+    }
+
+    #[test]
+    fn affinity_wait_and_preemptive_cooldown_parse_and_rules_inherit_them() {
+        let c = ok(
+            r#"{"apiTokens": ["a"], "affinity": {"header": "X-Session-ID"},
+                      "onAllUnavailable": "wait", "maxWaitMs": 500,
+                      "failover": {"preemptiveCooldown": true},
+                      "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"]},
+                                  {"_match_route_": ["q"], "apiTokens": ["c"], "maxWaitMs": 30000,
+                                   "affinity": {"header": "x-mse-consumer"}}]}"#,
+        );
+        let p = &c.profiles;
+        assert_eq!(p[0].affinity_header.as_deref(), Some("x-session-id"));
+        assert_eq!(p[0].on_all_unavailable, OnAllUnavailable::Wait);
+        assert_eq!(
+            (p[0].max_wait_ms, p[1].max_wait_ms, p[2].max_wait_ms),
+            (500, 500, 30_000)
+        );
+        assert_eq!(p[1].affinity_header.as_deref(), Some("x-session-id"));
+        assert_eq!(p[2].affinity_header.as_deref(), Some("x-mse-consumer"));
+        assert!(p.iter().all(|p| p.failover.preemptive_cooldown));
+        let d = ok(r#"{"apiTokens": ["a"]}"#);
+        assert_eq!(d.profiles[0].affinity_header, None);
+        assert_eq!(d.profiles[0].max_wait_ms, MAX_WAIT_DEFAULT_MS);
+        assert_eq!(
+            d.profiles[0].failover.preemptive_cooldown,
+            PREEMPTIVE_COOLDOWN_DEFAULT
+        );
     }
 }

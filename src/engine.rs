@@ -71,6 +71,20 @@ pub enum Decision {
     Reject {
         retry_after_secs: u64,
     },
+    /// Every key is down and the profile says `wait`: hold the request for up to
+    /// `max_wait_ms` and ask again; `retry_after_secs` is what `reject` would say now.
+    Hold {
+        max_wait_ms: u64,
+        retry_after_secs: u64,
+    },
+}
+
+/// What a request brings to the key choice besides its profile and the keys it already failed
+/// with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// `affinity`: the hash of the session header's value, when the request carries it.
+    pub session: Option<u32>,
 }
 
 pub struct Engine {
@@ -133,7 +147,16 @@ impl Engine {
                 } else {
                     Selection::RoundRobin
                 };
-                PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection)
+                let store = PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection);
+                let affinity = config
+                    .profiles
+                    .iter()
+                    .any(|p| p.pool == i && p.affinity_header.is_some());
+                if affinity {
+                    store.with_affinity()
+                } else {
+                    store
+                }
             })
             .collect();
         let cursors = stores.iter().map(|_| rng.next_u64()).collect();
@@ -509,6 +532,18 @@ impl Engine {
         clock: &Clock,
         avoid: &[(usize, usize)],
     ) -> Decision {
+        self.decide_with(host, profile, clock, avoid, Ask::default())
+    }
+
+    /// `decide`, with what the request brings (its session).
+    pub fn decide_with(
+        &mut self,
+        host: &dyn Host,
+        profile: Option<usize>,
+        clock: &Clock,
+        avoid: &[(usize, usize)],
+        ask: Ask,
+    ) -> Decision {
         let Some((primary, p)) = profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
         else {
             return Decision::Untouched;
@@ -527,7 +562,7 @@ impl Engine {
                     continue;
                 };
                 if let Some((key, sent)) =
-                    self.serve_from(host, profile_idx, clock, avoid, honour_avoid)
+                    self.serve_from(host, profile_idx, clock, avoid, honour_avoid, ask)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
                     self.count(pool, true);
@@ -576,6 +611,14 @@ impl Engine {
                     sent: SentAs::WhileDown,
                 })
             }
+            (OnAllUnavailable::Wait, _) => Decision::Hold {
+                max_wait_ms: self
+                    .config
+                    .profiles
+                    .get(primary)
+                    .map_or(0, |p| p.max_wait_ms),
+                retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+            },
             _ => {
                 self.count(primary_pool, false);
                 Decision::Reject {
@@ -583,6 +626,56 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A held request is answered as `reject` after all (its wait ran out, or the queue is
+    /// full): counted as rejected then, once, not on every look while it was held.
+    pub fn count_rejected(&mut self, profile: usize) {
+        if let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) {
+            self.count(pool, false);
+        }
+    }
+
+    /// `affinity`: the header whose value names a request's session, for this profile.
+    pub fn affinity_header(&self, profile: usize) -> Option<&str> {
+        self.config
+            .profiles
+            .get(profile)?
+            .affinity_header
+            .as_deref()
+    }
+
+    /// A session's key: its own (the owner on the ring of every key) while in rotation, or its
+    /// probe when the key's time out is over; else the next key in rotation on the ring.
+    /// None when no key fits: the request is then served as one without a session.
+    fn serve_session(
+        &mut self,
+        host: &dyn Host,
+        pool: usize,
+        hash: u32,
+        clock: &Clock,
+        avoid: &[usize],
+    ) -> Option<(usize, SentAs)> {
+        let store = self.stores.get(pool)?;
+        let home = store.ring()?.owner(hash)?;
+        if !avoid.contains(&home) {
+            let state = store.state().keys.get(home)?;
+            if state.is_available() {
+                return Some((home, SentAs::Normal));
+            }
+            // Its own sessions bring a key back: nobody else's request is moved to probe it.
+            if state.probe_claimable() {
+                if let Some(claim_ms) = self.claim_probe(host, pool, home, clock.now()) {
+                    return Some((home, SentAs::Probe { claim_ms }));
+                }
+            }
+        }
+        self.stores
+            .get(pool)?
+            .view()
+            .session_key(hash)
+            .filter(|k| !avoid.contains(k))
+            .map(|k| (k, SentAs::Normal))
     }
 
     /// The profile at `position` in `primary`'s chain: itself first, then its fallbacks.
@@ -607,9 +700,11 @@ impl Engine {
         clock: &Clock,
         avoid: &[(usize, usize)],
         honour_avoid: bool,
+        ask: Ask,
     ) -> Option<(usize, SentAs)> {
         let p = self.config.profiles.get(profile)?;
         let (pool, selection) = (p.pool, p.selection);
+        let session = ask.session.filter(|_| p.affinity_header.is_some());
         let avoid_here: Vec<usize> = if honour_avoid {
             avoid
                 .iter()
@@ -620,6 +715,11 @@ impl Engine {
             Vec::new()
         };
         self.refresh_and_advance(host, pool, clock);
+        if let Some(hash) = session {
+            if let Some(found) = self.serve_session(host, pool, hash, clock, &avoid_here) {
+                return Some(found);
+            }
+        }
         // A key whose time out is over is tried by exactly one request: whoever claims it.
         let candidate = self
             .stores
@@ -839,6 +939,34 @@ impl Engine {
         });
     }
 
+    /// `failover.preemptiveCooldown`: the budget headers a success of this profile should be
+    /// read for, or None (off, failover off, or a provider that sends none).
+    pub fn wants_budget(&self, profile: usize) -> Option<crate::budget::Family> {
+        let p = self.config.profiles.get(profile)?;
+        if !(p.failover.enabled && p.failover.preemptive_cooldown) {
+            return None;
+        }
+        crate::budget::family(p.provider)
+    }
+
+    /// A success said the key's budget is used up for `spent_for_ms`: the key rests until the
+    /// reset, clamped to `[minCooldownDuration, maxCooldownDuration]`, with no failure counted.
+    pub fn spend(&mut self, host: &dyn Host, sent: Assignment, spent_for_ms: u64, clock: &Clock) {
+        let Some(p) = self.config.profiles.get(sent.profile) else {
+            return;
+        };
+        let (pool, min, max) = (
+            p.pool,
+            p.failover.min_cooldown_ms,
+            p.failover.max_cooldown_ms,
+        );
+        let now_ms = clock.now();
+        let until_ms = now_ms.saturating_add(spent_for_ms.clamp(min, max.max(min)));
+        self.change(host, pool, now_ms, |s| {
+            s.spend(sent.key, now_ms, until_ms).into_iter().collect()
+        });
+    }
+
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
@@ -975,6 +1103,20 @@ impl Engine {
         let mut went_out = false;
         for event in events {
             match *event {
+                Event::MarkedDown {
+                    key,
+                    class: FailureClass::BudgetSpent,
+                    until_ms,
+                    ..
+                } => {
+                    went_out = true;
+                    log::info!(
+                        "pool {p}: key {} reported its budget used up ({}); rests, {} without a probe",
+                        key_label(key),
+                        FailureClass::BudgetSpent.name(),
+                        back_in(until_ms)
+                    );
+                }
                 Event::MarkedDown {
                     key,
                     status,
@@ -2258,5 +2400,197 @@ mod tests {
             w.checks[0].target().map(|t| t.source),
             Some(AuthoritySource::Learned)
         );
+    }
+
+    #[test]
+    fn a_spent_budget_moves_every_worker_off_the_key_until_the_reset_with_no_probe_or_strike() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"preemptiveCooldown": true}}"#;
+        let mut w1 = engine(cfg, 1);
+        let mut w2 = engine(cfg, 2);
+        w1.start(&host, 0);
+        w2.start(&host, 0);
+        let g = w1.profile_for(&mut NoFacts);
+        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        assert!(w1.wants_budget(p).is_some());
+        w1.record(
+            &host,
+            sent(p, k, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(10),
+        );
+        // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
+        w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
+        for now in [20, 600, 1_009] {
+            for _ in 0..4 {
+                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
+                assert_ne!(k2, k, "at {now}");
+            }
+        }
+        let pool = "ai_key_failover.pool.";
+        let counted = |name: &str| {
+            host.metrics
+                .values
+                .borrow()
+                .iter()
+                .filter(|(n, _)| n.starts_with(pool) && n.ends_with(name))
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        };
+        assert_eq!(counted("class.budget_spent.keys_marked_down"), 1);
+        assert_eq!(counted("class.rate_limit.keys_marked_down"), 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let (_, k2, how) = use_key(w2.decide(&host, g, &Clock::at(1_010), &[]));
+            assert_eq!(
+                how,
+                SentAs::Normal,
+                "back in rotation at the reset: no probe"
+            );
+            seen.insert(k2);
+        }
+        assert!(seen.contains(&k));
+        let key = &w2.stores()[0].state().keys[k];
+        assert_eq!((key.strikes, key.consecutive_failures), (0, 0));
+        assert_eq!(counted("keys_restored"), 1);
+    }
+
+    #[test]
+    fn preemptive_cooldown_is_read_only_when_on_and_the_provider_reports_budgets() {
+        for (cfg, wanted) in [
+            (
+                r#"{"apiTokens": ["a"]}"#,
+                crate::config::PREEMPTIVE_COOLDOWN_DEFAULT,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true}}"#,
+                true,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": false}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "provider": "gemini", "failover": {"preemptiveCooldown": true}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true, "enabled": false}}"#,
+                false,
+            ),
+        ] {
+            let e = engine(cfg, 1);
+            assert_eq!(e.wants_budget(0).is_some(), wanted, "{cfg}");
+        }
+    }
+
+    #[test]
+    fn a_session_keeps_its_key_moves_only_when_it_goes_out_and_returns_with_its_probe() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b", "c", "d"], "affinity": {"header": "x-session-id"},
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let g = w.profile_for(&mut NoFacts);
+        let session = |i: usize| Ask {
+            session: Some(crate::affinity::session_hash(format!("s{i}").as_bytes())),
+        };
+        let pick = |w: &mut Engine, i: usize, now: u64| {
+            use_key(w.decide_with(&host, g, &Clock::at(now), &[], session(i)))
+        };
+        let home: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 0).1).collect();
+        for _ in 0..3 {
+            for (i, &k) in home.iter().enumerate() {
+                assert_eq!(pick(&mut w, i, 0).1, k, "session {i}");
+            }
+        }
+        let used: std::collections::HashSet<_> = home.iter().collect();
+        assert!(used.len() >= 3, "sessions spread over the pool: {used:?}");
+        let out = home[0];
+        let p = g.unwrap();
+        let v = w.verdict(p, 429, false);
+        w.record(
+            &host,
+            sent(p, out, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        let moved: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 20).1).collect();
+        for (i, (&before, &now)) in home.iter().zip(&moved).enumerate() {
+            if before == out {
+                assert_ne!(now, out, "session {i} left the key that went out");
+                assert_eq!(pick(&mut w, i, 30).1, now, "and stays on one other key");
+            } else {
+                assert_eq!(now, before, "session {i} of another key kept it");
+            }
+        }
+        // After the cooldown, the key's own session probes it and its sessions come back.
+        let (_, k, how) = pick(&mut w, 0, 1_200);
+        assert_eq!(k, out);
+        assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
+        w.record(
+            &host,
+            sent(p, out, how),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1_210),
+        );
+        for (i, &k) in home.iter().enumerate() {
+            assert_eq!(pick(&mut w, i, 1_220).1, k, "session {i} is home again");
+        }
+        // A request without the header uses `selection` as before.
+        let plain: std::collections::HashSet<_> = (0..8)
+            .map(|_| use_key(w.decide(&host, g, &Clock::at(1_230), &[])).1)
+            .collect();
+        assert_eq!(plain.len(), 4);
+    }
+
+    #[test]
+    fn wait_mode_holds_without_counting_a_rejection_until_told() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "p", "apiTokens": ["a"], "onAllUnavailable": "wait", "maxWaitMs": 1500,
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let g = w.profile_for(&mut NoFacts);
+        let p = g.unwrap();
+        let v = w.verdict(p, 429, false);
+        w.record(
+            &host,
+            sent(p, 0, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(0),
+        );
+        for now in [10, 500] {
+            assert!(matches!(
+                w.decide_for(&host, p, now),
+                Decision::Hold {
+                    max_wait_ms: 1_500,
+                    retry_after_secs: 1 | 2
+                }
+            ));
+        }
+        w.count_rejected(p);
+        w.tick(&host, 600);
+        assert_eq!(
+            host.metrics.get("ai_key_failover.pool.p.requests_rejected"),
+            1
+        );
+        let (_, _, how) = use_key(w.decide_for(&host, p, 1_200));
+        assert!(
+            matches!(how, SentAs::Probe { .. }),
+            "the first held request to ask after the time out probes: {how:?}"
+        );
+        assert!(matches!(
+            w.decide_for(&host, p, 1_201),
+            Decision::Hold { .. }
+        ));
     }
 }

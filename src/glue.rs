@@ -12,15 +12,18 @@ use std::rc::{Rc, Weak};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
+use crate::affinity;
+use crate::budget;
 use crate::callout::{Callouts, DispatchError, Route};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
 use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::waiting::{self, Served};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -35,6 +38,8 @@ proxy_wasm::main! {{
         Box::new(Root {
             context_id,
             shared: None,
+            waiting: Rc::new(Waiting::default()),
+            last_tick_work_ms: 0,
         })
     });
 }}
@@ -62,6 +67,74 @@ struct Root {
     context_id: u32,
     /// Replaced whole on reconfigure; requests in flight keep the one they started with.
     shared: Option<Rc<Shared>>,
+    /// `onAllUnavailable: wait`: this worker's held requests; outlives a reconfigure, since
+    /// each held request keeps the engine it started with.
+    waiting: Rc<Waiting>,
+    /// When the periodic work last ran: ticks come faster while requests are held.
+    last_tick_work_ms: u64,
+}
+
+/// This worker's held requests and the tick period they need.
+struct Waiting {
+    queue: RefCell<waiting::Queue<std::rc::Weak<Held>>>,
+    /// The period the host ticks at now.
+    tick_ms: std::cell::Cell<u32>,
+    /// The period the engine asks for (the shortest cooldown or check interval, 100 ms to
+    /// 1 s); held requests make the ticks faster than this, never slower.
+    base_ms: std::cell::Cell<u32>,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            queue: RefCell::new(waiting::Queue::default()),
+            tick_ms: std::cell::Cell::new(1_000),
+            base_ms: std::cell::Cell::new(1_000),
+        }
+    }
+}
+
+impl Waiting {
+    /// Sets the tick period the queue needs now, if it changed (a host call only then).
+    fn sync_tick_period(&self) {
+        let wanted = self
+            .queue
+            .try_borrow()
+            .map_or(self.base_ms.get(), |q| q.tick_period_ms(self.base_ms.get()));
+        if wanted != self.tick_ms.get() && host::set_tick_period_ms(wanted) {
+            self.tick_ms.set(wanted);
+        }
+    }
+}
+
+/// What a request's headers said, kept while it is held so that its key can be put on later.
+struct Arrival {
+    profile: Option<usize>,
+    upstream: bool,
+    request_id: Option<String>,
+    avoid: Vec<(usize, usize)>,
+    ask: Ask,
+    end_of_stream: bool,
+    drop_pool_header: bool,
+}
+
+/// What a keyed request remembers for its later callbacks.
+#[derive(Default)]
+struct Keyed {
+    chosen: Option<Assignment>,
+    attempt: Option<Attempt>,
+    retry: Option<RetryState>,
+    rewrite_to: Option<String>,
+}
+
+/// A request held by `onAllUnavailable: wait`. The request owns it; the queue has a weak
+/// reference, so a request whose client hangs up (its context is dropped) is forgotten.
+struct Held {
+    context_id: u32,
+    shared: Rc<Shared>,
+    arrival: Arrival,
+    /// Set by the root when it sends the request on; the request takes it at its next callback.
+    keyed: RefCell<Option<Keyed>>,
 }
 
 impl Context for Root {}
@@ -249,13 +322,57 @@ impl RootContext for Root {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
-        if !host::set_tick_period_ms(tick_ms) {
+        self.waiting.base_ms.set(tick_ms);
+        if host::set_tick_period_ms(tick_ms) {
+            // Requests held across the reload still need their fast ticks.
+            self.waiting.tick_ms.set(tick_ms);
+            self.waiting.sync_tick_period();
+        } else {
             log::warn!("could not set the tick period; keys return only on traffic");
         }
         true
     }
 
     fn on_tick(&mut self) {
+        let now = host::now_ms();
+        // Ticks come every HELD_TICK_MS while requests are held; the periodic work keeps the
+        // engine's pace.
+        if now.saturating_sub(self.last_tick_work_ms) + u64::from(waiting::HELD_TICK_MS)
+            >= u64::from(self.waiting.base_ms.get())
+        {
+            self.last_tick_work_ms = now;
+            self.tick_work(now);
+        }
+        // Last: it makes held requests' contexts the effective one, then gives it back.
+        if self.waiting.queue.try_borrow().is_ok_and(|q| !q.is_empty()) {
+            run_held(&self.waiting, now);
+            host::set_effective_context(self.context_id);
+        }
+        self.waiting.sync_tick_period();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
+            context_id,
+            shared: self.shared.clone(),
+            chosen: None,
+            attempt: None,
+            reading_error: None,
+            retry: None,
+            rewrite_to: None,
+            waiting: self.waiting.clone(),
+            held: None,
+        })))))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// The periodic work: the engine's tick (time outs, stats) and health checks.
+    fn tick_work(&mut self, now: u64) {
         host::sync_log_level();
         let Some(shared) = &self.shared else {
             return;
@@ -263,7 +380,6 @@ impl RootContext for Root {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        let now = host::now_ms();
         engine.tick(&HostShared, now);
         for check in engine.health_checks_due(&HostShared, now) {
             let headers: Vec<(&str, &[u8])> = check
@@ -292,22 +408,71 @@ impl RootContext for Root {
             }
         }
     }
+}
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
-            context_id,
-            shared: self.shared.clone(),
-            chosen: None,
-            attempt: None,
-            reading_error: None,
-            retry: None,
-            rewrite_to: None,
-        })))))
-    }
+/// One pass over the held requests, in arrival order: each is sent on if a key can take it
+/// now; one whose wait is over gets the `reject` answer.
+fn run_held(waiting: &Waiting, now: u64) {
+    let Ok(mut queue) = waiting.queue.try_borrow_mut() else {
+        return;
+    };
+    queue.run(
+        now,
+        |held| held.upgrade().is_none(),
+        |held| match held.upgrade() {
+            Some(held) => release_held(&held, now, false),
+            None => Served::Yes,
+        },
+        |held| {
+            if let Some(held) = held.upgrade() {
+                release_held(&held, now, true);
+            }
+        },
+    );
+}
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+/// Asks the held request's engine again. A key: it is put on the request, which goes on. No key
+/// yet: it stays, unless its wait is `over`, when it gets what `reject` gives.
+fn release_held(held: &Held, now: u64, over: bool) -> Served {
+    // Header writes, the reply and the resume below act on the held request. A host that no
+    // longer knows the context has dropped the request: nothing to do.
+    if !host::set_effective_context(held.context_id) {
+        return Served::Yes;
     }
+    // The engine is borrowed only to decide: resuming runs the request's own callbacks (its
+    // buffered body) at once, and they need the engine too.
+    let (keyed, reject) = {
+        let Ok(mut engine) = held.shared.engine.try_borrow_mut() else {
+            return Served::NotYet;
+        };
+        let a = &held.arrival;
+        let clock = Clock::at(now);
+        match engine.decide_with(&HostShared, a.profile, &clock, &a.avoid, a.ask) {
+            Decision::Hold {
+                retry_after_secs, ..
+            } => {
+                if !over {
+                    return Served::NotYet;
+                }
+                if let Some(profile) = a.profile {
+                    engine.count_rejected(profile);
+                }
+                (None, Some(retry_after_secs))
+            }
+            Decision::Reject { retry_after_secs } => (None, Some(retry_after_secs)),
+            Decision::Untouched => (Some(Keyed::default()), None),
+            Decision::UseKey(assignment) => (Some(put_key(&mut engine, a, assignment)), None),
+        }
+    };
+    if let Some(retry_after_secs) = reject {
+        send_reject(retry_after_secs);
+        return Served::Yes;
+    }
+    if let Ok(mut slot) = held.keyed.try_borrow_mut() {
+        *slot = keyed;
+    }
+    host::resume_request();
+    Served::Yes
 }
 
 fn random_seed() -> u64 {
@@ -419,6 +584,10 @@ struct Request {
     retry: Option<RetryState>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
+    waiting: Rc<Waiting>,
+    /// Set while `onAllUnavailable: wait` holds this request, until it adopts what it was sent
+    /// on with.
+    held: Option<Rc<Held>>,
 }
 
 struct ErrorResponse {
@@ -467,6 +636,9 @@ impl Context for Request {
         let status = match status {
             Some(status) if from_upstream => {
                 judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
+                if (200..300).contains(&status) {
+                    note_budget(&mut engine, sent, &Clock::at(now), Some(&headers));
+                }
                 if retriable(&engine, sent.profile, status) {
                     retry.tried.push(tried_pair(&engine, sent));
                     if send_retry(&mut engine, retry) {
@@ -645,21 +817,81 @@ impl Request {
     }
 
     fn reject(&self, retry_after_secs: u64) {
-        let retry_after = retry_after_secs.to_string();
-        let body = format!(
-            "{{\"error\":{{\"message\":\"Every upstream API key of this route is cooling down after rate limits or errors; retry after {retry_after_secs} s.\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"all_keys_unavailable\"}}}}"
-        );
-        host::send_local_response(
-            429,
-            "ai_key_failover_all_keys_down",
-            &[
-                ("retry-after", retry_after.as_bytes()),
-                ("content-type", b"application/json"),
-            ],
-            body.as_bytes(),
-        );
+        send_reject(retry_after_secs);
     }
 
+    /// A held request that was sent on takes what the root put on it: its key and the rest.
+    fn adopt_released(&mut self) {
+        let Some(held) = &self.held else {
+            return;
+        };
+        // None: still waiting.
+        let keyed = held.keyed.try_borrow_mut().ok().and_then(|mut k| k.take());
+        if let Some(keyed) = keyed {
+            self.held = None;
+            self.adopt(keyed);
+        }
+    }
+
+    fn adopt(&mut self, keyed: Keyed) {
+        self.chosen = keyed.chosen;
+        self.attempt = keyed.attempt;
+        self.retry = keyed.retry;
+        self.rewrite_to = keyed.rewrite_to;
+    }
+
+    /// Holds the request (`onAllUnavailable: wait`) until a key returns or `max_wait_ms` ends;
+    /// with the worker's queue full, it gets the `reject` answer now.
+    fn hold(
+        &mut self,
+        engine: &mut Engine,
+        shared: &Rc<Shared>,
+        arrival: Arrival,
+        max_wait_ms: u64,
+        retry_after_secs: u64,
+    ) -> Action {
+        let group = arrival.profile.unwrap_or(usize::MAX);
+        let held = Rc::new(Held {
+            context_id: self.context_id,
+            shared: shared.clone(),
+            arrival,
+            keyed: RefCell::new(None),
+        });
+        let deadline = host::now_ms().saturating_add(max_wait_ms);
+        let pushed = self
+            .waiting
+            .queue
+            .try_borrow_mut()
+            .is_ok_and(|mut q| q.push(Rc::downgrade(&held), group, deadline).is_ok());
+        if !pushed {
+            engine.count_rejected(group);
+            self.reject(retry_after_secs);
+            return Action::Pause;
+        }
+        self.held = Some(held);
+        self.waiting.sync_tick_period();
+        Action::Pause
+    }
+}
+
+/// `onAllUnavailable: reject`'s answer: 429, `retry-after`, and an OpenAI-style error body.
+fn send_reject(retry_after_secs: u64) {
+    let retry_after = retry_after_secs.to_string();
+    let body = format!(
+        "{{\"error\":{{\"message\":\"Every upstream API key of this route is cooling down after rate limits or errors; retry after {retry_after_secs} s.\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"all_keys_unavailable\"}}}}"
+    );
+    host::send_local_response(
+        429,
+        "ai_key_failover_all_keys_down",
+        &[
+            ("retry-after", retry_after.as_bytes()),
+            ("content-type", b"application/json"),
+        ],
+        body.as_bytes(),
+    );
+}
+
+impl Request {
     /// The stream ended: judge an error body read so far, or give back an unanswered probe,
     /// whichever attempt holds it: the request's own, or a `retryOnFailure` re-send still in
     /// flight (the client hung up while it ran; Envoy cancels the call, so no answer will come).
@@ -739,8 +971,35 @@ impl HttpContext for Request {
             .as_deref()
             .map(|id| engine.failed_for(id))
             .unwrap_or_default();
+        // One header read, only where `affinity` is configured; the value is only hashed.
+        let session = profile
+            .and_then(|p| engine.affinity_header(p))
+            .and_then(host::request_header)
+            .map(|value| affinity::session_hash(&value));
+        let arrival = Arrival {
+            profile,
+            upstream,
+            request_id,
+            avoid,
+            ask: Ask { session },
+            end_of_stream,
+            drop_pool_header,
+        };
+        // Arrival order: while requests of this profile are held, a new one waits behind them.
+        if let Some(p) = profile {
+            let queued = self
+                .waiting
+                .queue
+                .try_borrow()
+                .is_ok_and(|q| !q.is_empty() && q.has_room() && q.holds_group(p));
+            if queued {
+                let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
+                // The queue has room, so the reject answer's wait is never used here.
+                return self.hold(&mut engine, &shared, arrival, max_wait_ms, 1);
+            }
+        }
         let clock = Clock::new(&host::now_ms);
-        match engine.decide(&HostShared, profile, &clock, &avoid) {
+        match engine.decide_with(&HostShared, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
                 if drop_pool_header {
                     drop_client_pool_header();
@@ -751,95 +1010,20 @@ impl HttpContext for Request {
                 self.reject(retry_after_secs);
                 Action::Pause
             }
+            Decision::Hold {
+                max_wait_ms,
+                retry_after_secs,
+            } => self.hold(&mut engine, &shared, arrival, max_wait_ms, retry_after_secs),
             Decision::UseKey(assignment) => {
-                let Some((auth_name, auth_value)) =
-                    engine.key_header(assignment.profile, assignment.key)
-                else {
-                    if drop_pool_header {
-                        drop_client_pool_header();
-                    }
-                    return Action::Continue;
-                };
-                for name in CLIENT_CREDENTIAL_HEADERS {
-                    if name != auth_name {
-                        host::remove_request_header(name);
-                    }
-                }
-                if !host::set_request_header(auth_name, auth_value.as_bytes()) {
-                    log::warn!("could not set the {auth_name} header");
-                }
-                let primary = profile.and_then(|p| engine.profile(p));
-                let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
-                if has_chain {
-                    // The operator's route on this header sends a fallback pool to its provider;
-                    // the primary's name is set too, so a client cannot pick a route itself.
-                    if let Some((_, label)) = engine.pool_of(assignment.profile) {
-                        host::set_request_header(POOL_HEADER, label.as_bytes());
-                    }
-                } else if drop_pool_header {
-                    // Unread: the key header's write already made Envoy select the route again,
-                    // so a removal costs no more than a read would.
-                    host::remove_request_header(POOL_HEADER);
-                }
-                let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
-                let used = engine.profile(assignment.profile);
-                if used.is_some_and(|p| p.provider == Provider::Gemini) {
-                    strip_gemini_query_key();
-                }
-                if let Some(model) = used.and_then(|p| p.model.clone()) {
-                    if !end_of_stream {
-                        // The body grows or shrinks: let Envoy frame it anew.
-                        host::remove_request_header("content-length");
-                        self.rewrite_to = Some(model);
-                    }
-                }
-                if engine.wants_target(assignment.profile) {
-                    // Learned once per VM and pool (after the pool header re-selected the
-                    // route), so health checks and retries into this pool know its cluster.
-                    let authority = host::request_header(":authority")
-                        .map(into_text)
-                        .unwrap_or_default();
-                    if let Some(cluster) = cluster_name() {
-                        engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
-                    }
-                }
-                if upstream {
-                    if !avoid.is_empty() {
-                        engine.count_retry(assignment.profile, RetryOutcome::Started);
-                    }
-                    self.attempt = Some(Attempt {
-                        is_retry: !avoid.is_empty(),
-                        request_id,
-                    });
-                } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-                    let auth = engine
-                        .profile(assignment.profile)
-                        .map_or("", |p| p.auth.name.as_str());
-                    let headers = host::request_headers()
-                        .into_iter()
-                        .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
-                        .collect();
-                    self.retry = Some(RetryState {
-                        profile: primary_profile,
-                        headers,
-                        body: Vec::new(),
-                        body_complete: end_of_stream,
-                        body_too_large: false,
-                        tried: Vec::new(),
-                        first_pool: engine
-                            .pool_of(assignment.profile)
-                            .map_or(usize::MAX, |(p, _)| p),
-                        retries_done: 0,
-                        in_flight: None,
-                    });
-                }
-                self.chosen = Some(assignment);
+                let keyed = put_key(&mut engine, &arrival, assignment);
+                self.adopt(keyed);
                 Action::Continue
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.adopt_released();
         if self.rewrite_to.is_some() {
             // Held (Envoy buffers it) until complete, then rewritten whole.
             if !end_of_stream {
@@ -887,6 +1071,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.adopt_released();
         let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
             return Action::Continue;
         };
@@ -968,6 +1153,9 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         record_live_answer(&mut engine, sent, status, first_look, &clock);
+        if first_look == Verdict::Success {
+            note_budget(&mut engine, sent, &clock, None);
+        }
         Action::Continue
     }
 
@@ -1046,11 +1234,108 @@ impl HttpContext for RequestHandle {
     }
 }
 
+/// Puts the chosen key on the request (of the effective context) and returns what the request
+/// must remember: credentials replaced, the pool header, Gemini's query key, a fallback's model
+/// rewrite, the cluster learned, and the retry bookkeeping of either mode.
+fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Keyed {
+    let (profile, end_of_stream, drop_pool_header) = (
+        arrival.profile,
+        arrival.end_of_stream,
+        arrival.drop_pool_header,
+    );
+    let mut keyed = Keyed::default();
+    let Some((auth_name, auth_value)) = engine.key_header(assignment.profile, assignment.key)
+    else {
+        if drop_pool_header {
+            drop_client_pool_header();
+        }
+        return keyed;
+    };
+    for name in CLIENT_CREDENTIAL_HEADERS {
+        if name != auth_name {
+            host::remove_request_header(name);
+        }
+    }
+    if !host::set_request_header(auth_name, auth_value.as_bytes()) {
+        log::warn!("could not set the {auth_name} header");
+    }
+    let primary = profile.and_then(|p| engine.profile(p));
+    let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
+    if has_chain {
+        // The operator's route on this header sends a fallback pool to its provider;
+        // the primary's name is set too, so a client cannot pick a route itself.
+        if let Some((_, label)) = engine.pool_of(assignment.profile) {
+            host::set_request_header(POOL_HEADER, label.as_bytes());
+        }
+    } else if drop_pool_header {
+        // Unread: the key header's write already made Envoy select the route again,
+        // so a removal costs no more than a read would.
+        host::remove_request_header(POOL_HEADER);
+    }
+    let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
+    let used = engine.profile(assignment.profile);
+    if used.is_some_and(|p| p.provider == Provider::Gemini) {
+        strip_gemini_query_key();
+    }
+    if let Some(model) = used.and_then(|p| p.model.clone()) {
+        if !end_of_stream {
+            // The body grows or shrinks: let Envoy frame it anew.
+            host::remove_request_header("content-length");
+            keyed.rewrite_to = Some(model);
+        }
+    }
+    if engine.wants_target(assignment.profile) {
+        // Learned once per VM and pool (after the pool header re-selected the
+        // route), so health checks and retries into this pool know its cluster.
+        let authority = host::request_header(":authority")
+            .map(into_text)
+            .unwrap_or_default();
+        if let Some(cluster) = cluster_name() {
+            engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+        }
+    }
+    if arrival.upstream {
+        let is_retry = !arrival.avoid.is_empty();
+        if is_retry {
+            engine.count_retry(assignment.profile, RetryOutcome::Started);
+        }
+        keyed.attempt = Some(Attempt {
+            is_retry,
+            request_id: arrival.request_id.clone(),
+        });
+    } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
+        let auth = engine
+            .profile(assignment.profile)
+            .map_or("", |p| p.auth.name.as_str());
+        let headers = host::request_headers()
+            .into_iter()
+            .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
+            .collect();
+        keyed.retry = Some(RetryState {
+            profile: primary_profile,
+            headers,
+            body: Vec::new(),
+            body_complete: end_of_stream,
+            body_too_large: false,
+            tried: Vec::new(),
+            first_pool: engine
+                .pool_of(assignment.profile)
+                .map_or(usize::MAX, |(p, _)| p),
+            retries_done: 0,
+            in_flight: None,
+        });
+    }
+    keyed.chosen = Some(assignment);
+    keyed
+}
+
 /// The last word on a request, however it ended (answered, reset, client gone): the SDK drops
 /// the context on `proxy_on_delete`. The build does not export `proxy_on_done` or
 /// `proxy_on_log`, so Envoy makes two VM calls fewer per request (see `scripts/wasm-exports.json`).
 impl Drop for Request {
     fn drop(&mut self) {
+        // A held request that was sent on but never got further still holds its key's probe.
+        self.adopt_released();
         self.finish();
     }
 }
@@ -1106,6 +1391,33 @@ fn record_answer(
         None
     };
     engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
+}
+
+/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
+/// the reset. `headers`: the answer's headers when already read (a re-send's); otherwise only
+/// the remaining counts are read from the host, and a reset only for a count that is 0.
+fn note_budget(
+    engine: &mut Engine,
+    sent: Assignment,
+    clock: &Clock,
+    headers: Option<&[(String, Vec<u8>)]>,
+) {
+    let Some(family) = engine.wants_budget(sent.profile) else {
+        return;
+    };
+    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
+    let now_ms = if family == budget::Family::Anthropic {
+        clock.now()
+    } else {
+        0
+    };
+    let spent_for = match headers {
+        Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
+        None => budget::spent_for_ms(family, now_ms, host::response_header),
+    };
+    if let Some(ms) = spent_for {
+        engine.spend(&HostShared, sent, ms, clock);
+    }
 }
 
 fn from_upstream() -> bool {

@@ -92,7 +92,8 @@ impl PoolChecks {
             .keys
             .iter()
             .enumerate()
-            .filter(|(_, k)| !k.is_available())
+            // A spent key returns by itself at its reset; a check would only spend more.
+            .filter(|(_, k)| !k.is_available() && k.health != crate::pool::Health::Spent)
             .filter(|(i, k)| {
                 !self.in_flight.get(*i).copied().unwrap_or(true)
                     && now_ms >= k.down_since_ms.saturating_add(min_cooldown_ms)

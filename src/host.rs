@@ -399,10 +399,17 @@ pub fn dispatch_http_call(
 }
 
 /// Makes `context_id` the context later host calls act on (as the SDK does before it hands a
-/// context an answer); false when the host knows no such context (it is gone).
+/// context an answer, and from a root callback to resume or answer a held request); false when
+/// the host knows no such context (it is gone: a client that hung up).
 pub fn set_effective_context(context_id: u32) -> bool {
     // SAFETY: plain value argument.
     unsafe { proxy_set_effective_context(context_id) == 0 }
+}
+
+/// Lets a held request continue upstream.
+pub fn resume_request() -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest) == Status::Ok }
 }
 
 /// Lets a held response continue to the client.

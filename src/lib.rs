@@ -6,7 +6,9 @@
 //! Everything but `glue` is plain Rust, testable on the host with injected time.
 
 pub mod abi;
+pub mod affinity;
 pub mod attempts;
+pub mod budget;
 pub mod callout;
 pub mod codec;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod schedule;
 pub mod select;
 pub mod status;
 pub mod store;
+pub mod waiting;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

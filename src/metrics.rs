@@ -31,6 +31,7 @@ fn class_index(class: FailureClass) -> usize {
         FailureClass::ServerError => 1,
         FailureClass::KeyRefused => 2,
         FailureClass::Other => 3,
+        FailureClass::BudgetSpent => 4,
     }
 }
 
@@ -87,7 +88,7 @@ pub struct PoolMetrics {
     retries_succeeded: Option<u32>,
     retries_failed: Option<u32>,
     health_checks: [Option<u32>; 3],
-    marked_down: [Option<u32>; 4],
+    marked_down: [Option<u32>; FailureClass::ALL.len()],
     keys: Vec<KeyMetrics>,
     recorded_available: Option<u64>,
     pending_keyed: u64,
@@ -113,7 +114,7 @@ impl PoolMetrics {
         if let Some(id) = pool_metric(Gauge, "keys_configured") {
             host.record(id, key_labels.len() as u64);
         }
-        let mut marked_down = [None; 4];
+        let mut marked_down = [None; FailureClass::ALL.len()];
         for class in FailureClass::ALL {
             if let Some(slot) = marked_down.get_mut(class_index(class)) {
                 *slot = host.define(

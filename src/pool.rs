@@ -2,9 +2,10 @@
 //! Nothing here talks to the host; `store` persists the state and `engine` feeds in the events.
 //!
 //! A key is Available, CoolingDown (until a time), Disabled (refused by the provider: until a
-//! time, or until a health check or config change), or Probing: its time out is over and exactly
-//! one request, across all workers, may try it. That probe's success makes it Available; its
-//! failure sends it back down for longer.
+//! time, or until a health check or config change), Probing: its time out is over and exactly
+//! one request, across all workers, may try it (that probe's success makes it Available; its
+//! failure sends it back down for longer), or Spent: a success said its budget is used up, so it
+//! rests until the provider's reset and is Available again then, with no probe.
 
 use crate::status::FailureClass;
 
@@ -18,6 +19,9 @@ pub enum Health {
     CoolingDown,
     Disabled,
     Probing,
+    /// The provider said on a success that the key's budget is used up (`preemptiveCooldown`):
+    /// out until `down_until_ms`, then Available at once. Not a failure: no strike, no probe.
+    Spent,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +68,7 @@ impl KeyState {
     /// When this key's state next changes by itself, if ever.
     pub fn next_change_ms(&self) -> Option<u64> {
         match self.health {
-            Health::CoolingDown => Some(self.down_until_ms),
+            Health::CoolingDown | Health::Spent => Some(self.down_until_ms),
             Health::Disabled if self.down_until_ms != FOREVER => Some(self.down_until_ms),
             Health::Probing if self.probe_until_ms != 0 => Some(self.probe_until_ms),
             _ => None,
@@ -290,7 +294,9 @@ impl PoolState {
             return Self::refuse(key, state, failure.status, now_ms, policy);
         }
         match state.health {
-            Health::CoolingDown | Health::Disabled => {
+            // A spent key's in-flight requests meeting the limit it already reported say
+            // nothing new: its rest may only grow longer, and it still needs no probe.
+            Health::CoolingDown | Health::Disabled | Health::Spent => {
                 // Never shorten a time out: a late failure only pushes the return further out.
                 let until_ms =
                     now_ms.saturating_add(policy.cooldown_ms(state.strikes.max(1), failure));
@@ -410,6 +416,33 @@ impl PoolState {
         }
     }
 
+    /// A success said the key's budget is used up until `until_ms` (already clamped): it rests
+    /// until then. Only an available key starts a rest; a resting key's rest only grows. The
+    /// key's failure count and strikes are left as the success left them: no backoff.
+    pub fn spend(&mut self, key: usize, now_ms: u64, until_ms: u64) -> Option<Event> {
+        let state = self.keys.get_mut(key)?;
+        match state.health {
+            Health::Available => {
+                state.health = Health::Spent;
+                state.down_since_ms = now_ms;
+                state.down_until_ms = until_ms;
+                Some(Event::MarkedDown {
+                    key,
+                    status: 200,
+                    class: FailureClass::BudgetSpent,
+                    until_ms,
+                    strikes: state.strikes,
+                    outage_began: true,
+                })
+            }
+            Health::Spent if until_ms > state.down_until_ms => {
+                state.down_until_ms = until_ms;
+                Some(Event::CooldownExtended { key, until_ms })
+            }
+            _ => None,
+        }
+    }
+
     /// Ends time outs that are over (the key becomes a probe candidate) and lapsed probe claims.
     pub fn advance(&mut self, now_ms: u64) -> Vec<Event> {
         let mut events = Vec::new();
@@ -420,6 +453,16 @@ impl PoolState {
                     state.consecutive_failures = 0;
                     state.probe_until_ms = 0;
                     events.push(Event::ProbeReady { key });
+                }
+                // The provider's budget window is over: nothing failed, so nothing to probe.
+                Health::Spent if state.down_until_ms <= now_ms => {
+                    *state = KeyState {
+                        health: Health::Available,
+                        down_since_ms: 0,
+                        down_until_ms: 0,
+                        ..state.clone()
+                    };
+                    events.push(Event::Restored { key });
                 }
                 Health::Probing if state.probe_until_ms != 0 && state.probe_until_ms <= now_ms => {
                     state.probe_until_ms = 0;
@@ -1027,5 +1070,57 @@ mod tests {
         );
         assert!(s.keys[0].down_until_ms > until);
         assert_eq!(s.keys[0].strikes, 2);
+    }
+
+    #[test]
+    fn a_spent_budget_rests_the_key_until_the_reset_then_it_is_back_without_a_probe() {
+        let mut s = PoolState::fresh(&[1, 2]);
+        s.keys[0].strikes = 2;
+        assert_eq!(
+            s.spend(0, 1_000, 3_000),
+            Some(Event::MarkedDown {
+                key: 0,
+                status: 200,
+                class: FailureClass::BudgetSpent,
+                until_ms: 3_000,
+                strikes: 2,
+                outage_began: true
+            })
+        );
+        assert_eq!(s.keys[0].health, Health::Spent);
+        assert_eq!(s.available_count(), 1);
+        assert_eq!(s.next_change_ms(), Some(3_000));
+        // Requests already in flight meet the limit: the rest only grows, still with no probe.
+        assert_eq!(
+            s.record_failure(0, &rate_limit(Some(2_500)), 1_100, &POLICY),
+            Some(Event::CooldownExtended {
+                key: 0,
+                until_ms: 3_600
+            })
+        );
+        assert_eq!(s.keys[0].health, Health::Spent);
+        assert_eq!(s.keys[0].strikes, 2, "no strike: nothing failed");
+        assert_eq!(s.spend(0, 1_200, 2_000), None, "a rest never shortens");
+        assert!(s.advance(3_599).is_empty());
+        assert_eq!(s.advance(3_600), vec![Event::Restored { key: 0 }]);
+        assert!(
+            s.keys[0].is_available(),
+            "back at the reset, not a probe candidate"
+        );
+        assert_eq!(s.keys[0].down_until_ms, 0);
+    }
+
+    #[test]
+    fn only_an_available_key_starts_a_rest() {
+        let mut s = PoolState::fresh(&[1, 2, 3]);
+        s.record_failure(0, &SERVER, 0, &POLICY);
+        s.record_failure(1, &REFUSED, 0, &POLICY);
+        s.record_failure(2, &SERVER, 0, &POLICY);
+        s.advance(61_000);
+        let before = s.clone();
+        for key in 0..3 {
+            assert_eq!(s.spend(key, 500, 5_000), None);
+        }
+        assert_eq!(s, before);
     }
 }

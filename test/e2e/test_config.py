@@ -23,7 +23,7 @@ INVALID = [
     ({"apiTokens": [K], "failover": {"failureThreshold": 0}}, "failover.failureThreshold", "whole number from 1"),
     ({"apiTokens": [K], "failover": {"cooldownDuration": 0}}, "failover.cooldownDuration", "whole number from 1"),
     ({"apiTokens": [K], "failover": {"failoverOnStatus": ["5*"]}}, "failover.failoverOnStatus[0]", "not a status pattern"),
-    ({"apiTokens": [K], "onAllUnavailable": "wait"}, "onAllUnavailable", "\"earliest\" or \"reject\""),
+    ({"apiTokens": [K], "onAllUnavailable": "hold"}, "onAllUnavailable", "\"earliest\", \"reject\" or \"wait\""),
     ({"apiTokens": [K], "cooldown": 5}, "cooldown", "unknown field"),
     ({"apiTokens": [K], "failover": {"cooldown": 5}}, "failover.cooldown", "unknown field"),
     ({"apiTokens": [K], "_rules_": [{"apiTokens": [K]}]}, "_rules_[0]", "no match key"),

@@ -88,7 +88,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     assert "pool main: 2/3 keys available" in out
     assert "pool emb: 1/1 keys available" in out
     assert "requests keyed 6, rejected 0; keys restored 0" in out
-    assert "keys marked down: rate_limit 1, server_error 0, key_refused 0, other 0 (total 1)" in out
+    assert "keys marked down: rate_limit 1, server_error 0, key_refused 0, other 0, budget_spent 0 (total 1)" in out
 
     rows = key_rows(out)
     main = rows["main"]
@@ -109,7 +109,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     assert set(pools) == {"main", "emb"}
     p = pools["main"]
     assert (p["keys_configured"], p["keys_available"], p["requests_keyed"], p["requests_rejected"]) == (3, 2, 6, 0)
-    assert p["keys_marked_down"] == {"rate_limit": 1, "server_error": 0, "key_refused": 0, "other": 0}
+    assert p["keys_marked_down"] == {"rate_limit": 1, "server_error": 0, "key_refused": 0, "other": 0, "budget_spent": 0}
     assert p["keys_restored"] == 0
     keys = {k["name"]: k for k in p["keys"]}
     alpha = keys.pop("alpha")
