@@ -15,6 +15,7 @@ pub mod health;
 pub mod hints;
 pub mod metrics;
 pub mod pool;
+pub mod reply;
 pub mod rewrite;
 pub mod rules;
 pub mod select;
