@@ -22,6 +22,9 @@ pub mod select;
 pub mod status;
 pub mod store;
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
+
 #[cfg(target_arch = "wasm32")]
 mod glue;
 #[cfg(target_arch = "wasm32")]
