@@ -48,6 +48,7 @@ def shipped_config(name: str, mock_port: int) -> dict:
     return config
 
 
+@pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
 def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_factory):
     mock = mock_factory.start(demo=True)
     envoy = envoy_factory.start(raw_config=shipped_config("envoy.yaml", mock.port), mock=mock)
@@ -60,6 +61,7 @@ def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_fact
     envoy.wait_log(r"key demo-1 marked down after status 429", plugin_only=True)
 
 
+@pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
 def test_upstream_retry_example_hides_rate_limits_from_clients(envoy_factory, mock_factory):
     """examples/envoy-upstream-retry.yaml against the demo mock: demo-key-1 allows 3 requests per
     10 s and demo-key-2 five, yet every client request succeeds, streamed ones included."""
@@ -99,6 +101,7 @@ def wasm_exports(module: bytes) -> list[str]:
     return []
 
 
+@pytest.mark.wasm_only("the wasm module's exports; the native module's symbols: test_native.py")
 def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
     """Envoy calls into the VM for every exported callback; the plugin does its end-of-request
     work when the SDK drops the context, so per request it needs no proxy_on_done or proxy_on_log."""

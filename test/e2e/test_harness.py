@@ -96,6 +96,7 @@ def test_collect_keys_walks_everything():
     assert {k for _, k in collect_keys(raw)} == {"raw-1", "raw-2"}
 
 
+@pytest.mark.wasm_only("the wasm logger's records")
 def test_plugin_log_text_keeps_only_wasm_records():
     log = (
         "[2025-01-01 00:00:00.000][12][debug][router] [source/common/router/router.cc:1] router decoding headers:\n"
@@ -109,6 +110,7 @@ def test_plugin_log_text_keeps_only_wasm_records():
     assert "secret-in-router" not in text and "second line" in text
 
 
+@pytest.mark.wasm_only("the generated wasm filter config")
 def test_generated_config_shape():
     cfg = envoy_config(upstream_port=1234, plugin_config={"apiTokens": ["a"]}, cluster_name="outbound|80||x")
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
