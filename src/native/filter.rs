@@ -417,8 +417,10 @@ impl<'c> Filter<'c> {
                     }
                     return CONTINUE;
                 };
-                for name in CLIENT_CREDENTIAL_HEADERS {
-                    if name != auth_name {
+                // One look at the map, then a removal only for what a client actually sent.
+                let present = s.request_has(CLIENT_CREDENTIAL_HEADERS);
+                for (name, here) in CLIENT_CREDENTIAL_HEADERS.into_iter().zip(present) {
+                    if here && name != auth_name {
                         s.remove_request_header(name);
                     }
                 }
