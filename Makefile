@@ -133,9 +133,11 @@ e2e: deps build build-native mock corrupt-writer
 
 test: deps lint unit build build-native mock e2e
 
-validate: deps build
+# examples/envoy-native.yaml loads the native module, from $(NATIVE_DIR).
+validate: deps build build-native
 	@set -e; for f in envoy.yaml $(wildcard examples/*.yaml); do \
-		echo "validate $$f"; $(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
+		echo "validate $$f"; ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$(NATIVE_DIR) \
+		$(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
 
 run: deps build mock
 	VENV=$(VENV) ENVOY=$(ENVOY) MOCK=$(MOCK) WASM=$(WASM) scripts/run.sh

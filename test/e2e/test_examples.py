@@ -10,15 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import REPO, WASM_PATH, envoy_binary
+import os
+
+from harness import NATIVE_DIR, NATIVE_PATH, REPO, WASM_PATH, envoy_binary
 
 SHIPPED = [REPO / "envoy.yaml", *sorted((REPO / "examples").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_shipped_envoy_config_validates(path: Path):
+    if "envoy.filters.http.dynamic_modules" in path.read_text():
+        assert NATIVE_PATH.is_file(), f"{path.name} loads the native module: run `make build-native`"
+    # Envoy loads a dynamic module while it validates, from this search path.
+    env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR))
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -59,6 +65,20 @@ def test_demo_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_fact
     # demo-key-1 allows 3 requests per 10 s: it hits its limit, fails over, and the rest succeed.
     assert statuses.count(200) >= 10, statuses
     envoy.wait_log(r"key demo-1 marked down after status 429", plugin_only=True)
+
+
+def test_native_example_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_factory):
+    """examples/envoy-native.yaml: the demo gateway with the native module (on either host's run:
+    the config names its filter)."""
+    mock = mock_factory.start(demo=True)
+    envoy = envoy_factory.start(raw_config=shipped_config("examples/envoy-native.yaml", mock.port), mock=mock)
+    statuses = [envoy.chat(headers={"authorization": "Bearer not-a-pool-key"}).status for _ in range(12)]
+    received = Counter(mock.keys_received())
+    assert set(received) <= {"demo-key-1", "demo-key-2", "demo-key-3"}, received
+    assert len(received) == 3
+    assert statuses.count(200) >= 10, statuses
+    envoy.wait_log(r"Dynamic module ABI version v0\.2\.0 matched")
+    envoy.wait_log(r"key demo-1 marked down after status 429")
 
 
 @pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
