@@ -16,12 +16,12 @@ use proxy_wasm::types::{Action, ContextType};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::hints;
 use crate::host::{self, HostShared};
 use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
+use crate::resend::{self, CallAnswer, Next, Outcome, Resend, RetryState};
 use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
-use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::status::Verdict;
 
 /// Ends time outs during quiet periods; under traffic, requests do it themselves.
 const TICK_PERIOD_MS: u32 = 1000;
@@ -247,23 +247,6 @@ fn into_text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// Downstream `retryOnFailure`: what is needed to send the request again.
-struct RetryState {
-    profile: usize,
-    /// The request as it went upstream, minus the key header (set per attempt).
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-    body_complete: bool,
-    body_too_large: bool,
-    /// (pool, key) pairs that failed for this request, in order.
-    tried: Vec<(usize, usize)>,
-    /// The pool of the first attempt, which went to the request's own cluster.
-    first_pool: usize,
-    retries_done: u32,
-    /// The attempt in flight as a `dispatch_http_call`.
-    in_flight: Option<(u32, Assignment)>,
-}
-
 struct Request {
     shared: Option<Rc<Shared>>,
     /// The key this request (or attempt) went out with, until its response is judged.
@@ -309,7 +292,7 @@ impl Context for Request {
             host::resume_response();
             return;
         };
-        if token != token_id {
+        if token != u64::from(token_id) {
             retry.in_flight = Some((token, sent));
             return;
         }
@@ -320,170 +303,60 @@ impl Context for Request {
             body,
         } = CallResponse::read(body_size);
         let now = host::now_ms();
-        let status = match status {
-            Some(status) if from_upstream => {
-                judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
-                if retriable(&engine, sent.profile, status) {
-                    retry.tried.push(tried_pair(&engine, sent));
-                    if send_retry(&mut engine, retry) {
-                        engine.count_retry(sent.profile, RetryOutcome::Failed);
+        let answer = match status {
+            Some(status) if from_upstream => CallAnswer::Upstream {
+                status,
+                headers: &headers,
+                body: &body,
+            },
+            local => CallAnswer::Local(local),
+        };
+        let cluster = &mut cluster_name;
+        let outcome =
+            match resend::on_answer(&mut engine, &HostShared, retry, sent, answer, now, cluster) {
+                Next::Resend {
+                    resend: next,
+                    otherwise,
+                } => match dispatch(&next) {
+                    Some(id) => {
+                        resend::resent(&mut engine, retry, id, next.sent, sent);
                         return;
                     }
-                }
-                status
-            }
-            local => {
-                engine.record(
-                    &HostShared,
-                    sent,
-                    Verdict::Neutral,
-                    0,
-                    None,
-                    &Clock::at(now),
-                );
-                retry.tried.push(tried_pair(&engine, sent));
-                if send_retry(&mut engine, retry) {
-                    engine.count_retry(sent.profile, RetryOutcome::Failed);
-                    return;
-                }
-                let Some(status) = local else {
-                    engine.count_retry(sent.profile, RetryOutcome::Failed);
-                    let reply = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
-                    if !host::send_local_response(
-                        502,
-                        "ai_key_failover_retry_failed",
-                        &[("content-type", b"application/json")],
-                        reply,
-                    ) {
-                        host::resume_response();
+                    None => {
+                        engine.abandon(&HostShared, next.sent, now);
+                        otherwise
                     }
-                    return;
-                };
-                status
+                },
+                Next::Done(outcome) => outcome,
+            };
+        let sent_ok = match resend::conclude(&mut engine, sent, outcome) {
+            Outcome::NoAnswer => host::send_local_response(
+                502,
+                resend::NO_ANSWER_DETAILS,
+                &[("content-type", b"application/json")],
+                resend::NO_ANSWER_BODY,
+            ),
+            Outcome::Reply(status) => {
+                let label = resend::reply_label(&engine, sent);
+                let reply = resend::reply_headers(&headers, label.as_deref());
+                host::send_local_response(u32::from(status), resend::REPLY_DETAILS, &reply, &body)
             }
         };
-        let outcome = if (200..300).contains(&status) {
-            RetryOutcome::Succeeded
-        } else {
-            RetryOutcome::Failed
-        };
-        engine.count_retry(sent.profile, outcome);
-        let label = engine
-            .profile(sent.profile)
-            .filter(|p| p.expose_key_name)
-            .and_then(|_| engine.key_label(sent.profile, sent.key));
-        let mut reply: Vec<(&str, &[u8])> = headers
-            .iter()
-            .filter(|(n, _)| !n.starts_with(':') && !is_hop_by_hop(n) && n != "content-length")
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        if let Some(label) = &label {
-            reply.push((KEY_NAME_HEADER, label.as_bytes()));
-        }
-        if !host::send_local_response(u32::from(status), "ai_key_failover_retried", &reply, &body) {
+        if !sent_ok {
             host::resume_response();
         }
     }
 }
 
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "te"
-            | "trailer"
+/// Sends a re-send as a `dispatch_http_call`; its id, if it went out.
+fn dispatch(next: &Resend) -> Option<u64> {
+    host::dispatch_http_call(
+        &next.cluster,
+        &next.header_refs(),
+        &next.body,
+        next.timeout_ms,
     )
-}
-
-/// Whether `retryOnFailure` re-sends after this status.
-fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
-    engine.profile(profile).is_some_and(|p| {
-        p.retry.enabled
-            && !NEVER_THE_KEYS_FAULT.contains(&status)
-            && p.retry.on_status.iter().any(|s| s.matches(status))
-    })
-}
-
-fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
-    (
-        engine
-            .pool_of(sent.profile)
-            .map_or(usize::MAX, |(pool, _)| pool),
-        sent.key,
-    )
-}
-
-/// Sends the request again with a key it has not tried, if the budget and the pools allow:
-/// first the other keys of its pool, then its fallback pools in order.
-fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
-    let profile = retry.profile;
-    let Some(p) = engine.profile(profile) else {
-        return false;
-    };
-    let (max_retries, timeout_ms) = (p.retry.max_retries, p.retry.timeout_ms);
-    if retry.retries_done >= max_retries || !retry.body_complete || retry.body_too_large {
-        return false;
-    }
-    let now = host::now_ms();
-    let tried = retry.tried.clone();
-    let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
-        Decision::UseKey(a) if !tried.contains(&tried_pair(engine, a)) => a,
-        // No key left that this request has not failed with: the client gets the failure.
-        Decision::UseKey(a) => {
-            engine.abandon(&HostShared, a, now);
-            return false;
-        }
-        _ => return false,
-    };
-    // The first attempt's pool is reached through the request's own cluster; a fallback pool
-    // through its configured cluster, or the one its traffic was seen to take.
-    let same_pool = engine.pool_of(sent.profile).map(|(pool, _)| pool) == Some(retry.first_pool);
-    let cluster = if same_pool {
-        cluster_name()
-    } else {
-        engine.cluster_for(&HostShared, sent.profile)
-    };
-    let Some(cluster) = cluster else {
-        log::debug!("no known cluster for a fallback pool; not retrying there");
-        engine.abandon(&HostShared, sent, now);
-        return false;
-    };
-    let Some((auth_name, auth_value)) = engine.key_header(sent.profile, sent.key) else {
-        return false;
-    };
-    let pool_label = engine
-        .pool_of(sent.profile)
-        .map(|(_, l)| l.to_string())
-        .unwrap_or_default();
-    let mut headers: Vec<(&str, &[u8])> = retry
-        .headers
-        .iter()
-        .filter(|(n, _)| n != POOL_HEADER)
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    headers.push((auth_name, auth_value.as_bytes()));
-    headers.push((POOL_HEADER, pool_label.as_bytes()));
-    let rewritten = engine
-        .profile(sent.profile)
-        .and_then(|p| p.model.as_deref())
-        .and_then(|model| rewrite_model(&retry.body, model));
-    let body = rewritten.as_deref().unwrap_or(&retry.body);
-    match host::dispatch_http_call(&cluster, &headers, body, timeout_ms) {
-        Some(token) => {
-            retry.retries_done += 1;
-            retry.in_flight = Some((token, sent));
-            engine.count_retry(profile, RetryOutcome::Started);
-            true
-        }
-        None => {
-            engine.abandon(&HostShared, sent, now);
-            false
-        }
-    }
+    .map(u64::from)
 }
 
 impl Request {
@@ -547,8 +420,9 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        judge_with_body(
+        resend::judge_with_body(
             &mut engine,
+            &HostShared,
             reading.sent,
             reading.status,
             &reading.headers,
@@ -665,26 +539,13 @@ impl HttpContext for Request {
                         request_id,
                     });
                 } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-                    let auth = engine
-                        .profile(assignment.profile)
-                        .map_or("", |p| p.auth.name.as_str());
-                    let headers = host::request_headers()
-                        .into_iter()
-                        .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
-                        .collect();
-                    self.retry = Some(RetryState {
-                        profile: primary_profile,
-                        headers,
-                        body: Vec::new(),
-                        body_complete: end_of_stream,
-                        body_too_large: false,
-                        tried: Vec::new(),
-                        first_pool: engine
-                            .pool_of(assignment.profile)
-                            .map_or(usize::MAX, |(p, _)| p),
-                        retries_done: 0,
-                        in_flight: None,
-                    });
+                    self.retry = Some(RetryState::new(
+                        &engine,
+                        primary_profile,
+                        assignment,
+                        host::request_headers(),
+                        end_of_stream,
+                    ));
                 }
                 self.chosen = Some(assignment);
                 Action::Continue
@@ -797,12 +658,21 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && retriable(&engine, sent.profile, status) {
+            if via_upstream && resend::retriable(&engine, sent.profile, status) {
                 record_live_answer(&mut engine, sent, status, first_look, &clock);
-                retry.tried.push(tried_pair(&engine, sent));
-                if send_retry(&mut engine, retry) {
-                    // Hold this answer back; the retry's answer replaces it.
-                    return Action::Pause;
+                retry.tried.push(resend::tried_pair(&engine, sent));
+                let now = host::now_ms();
+                if let Some(next) =
+                    resend::plan(&mut engine, &HostShared, retry, now, &mut cluster_name)
+                {
+                    match dispatch(&next) {
+                        Some(id) => {
+                            resend::started(&mut engine, retry, id, next.sent);
+                            // Hold this answer back; the retry's answer replaces it.
+                            return Action::Pause;
+                        }
+                        None => engine.abandon(&HostShared, next.sent, now),
+                    }
                 }
                 return Action::Continue;
             }
@@ -850,19 +720,6 @@ impl Drop for Request {
     }
 }
 
-/// Classifies an upstream response with the error body that was read, and records it.
-fn judge_with_body(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    headers: &[(String, Vec<u8>)],
-    body: &[u8],
-    clock: &Clock,
-) {
-    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
-    record_answer(engine, sent, status, verdict, headers, Some(body), clock);
-}
-
 /// Records a response whose headers are still the host's to read: they are read only when the
 /// verdict takes retry hints, as reading them all costs more than any other host call.
 fn record_live_answer(
@@ -877,30 +734,16 @@ fn record_live_answer(
     } else {
         Vec::new()
     };
-    record_answer(engine, sent, status, verdict, &headers, None, clock);
-}
-
-/// Records what an upstream response says about its key; `headers` are needed only when the
-/// verdict takes retry hints.
-fn record_answer(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    headers: &[(String, Vec<u8>)],
-    body: Option<&[u8]>,
-    clock: &Clock,
-) {
-    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
-        let pairs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        hints::retry_hint_ms(&pairs, body, clock.now())
-    } else {
-        None
-    };
-    engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
+    resend::record_answer(
+        engine,
+        &HostShared,
+        sent,
+        status,
+        verdict,
+        &headers,
+        None,
+        clock,
+    );
 }
 
 fn from_upstream() -> bool {
