@@ -26,7 +26,7 @@ E2E_WORKERS ?= 2
 PYTEST_ARGS ?=
 ADMIN_URL ?= http://127.0.0.1:$(or $(ADMIN_PORT),9901)
 
-.PHONY: help deps rust-deps py-deps build build-native wasm-opt-tool mock lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
+.PHONY: help deps rust-deps py-deps build build-native wasm-opt-tool mock node lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
 
 help:
 	@echo "make deps      install wasm target, clippy, and the Python venv with Envoy $(ENVOY_VERSION) ($(VENV))"
@@ -81,14 +81,18 @@ WASM_OPT_FLAGS = -Oz -ocimfs 100 $(WASM_FEATURES)
 # list, and the code only they reached. The SDK exports all proxy-wasm callbacks; Envoy skips a
 # callback the module does not export, so per request it makes no proxy_on_done or proxy_on_log
 # call into the VM, and the network-filter and gRPC callbacks are not compiled at all.
+# Before that, scripts/wasm-export-swap.py gives the plugin's own answer handler the name
+# proxy_on_http_call_response, which the SDK's (it panics on a call the SDK did not send) had:
+# see src/callout.rs. wasm-metadce then drops the SDK's handler with the other unused code.
 # cargo hard-links its artifact to $(WASM) on every build, so the optimized module is written
 # anew each time, from cargo's own copy in deps/, to a new file (never through the hard link).
 build: wasm-opt-tool
 	cargo build --release --target $(WASM_TARGET) -p ai-key-failover
-	wasm-metadce $(WASM_FEATURES) -f scripts/wasm-exports.json \
-		target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm -o $(WASM).dce >/dev/null
+	$(PYTHON) scripts/wasm-export-swap.py target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm \
+		$(WASM).swapped proxy_on_http_call_response=ai_key_failover_on_http_call_response
+	wasm-metadce $(WASM_FEATURES) -f scripts/wasm-exports.json $(WASM).swapped -o $(WASM).dce >/dev/null
 	wasm-opt $(WASM_OPT_FLAGS) $(WASM).dce -o $(WASM).tmp
-	@rm -f $(WASM).dce
+	@rm -f $(WASM).swapped $(WASM).dce
 	@mv $(WASM).tmp $(WASM)
 	@ls -l $(WASM)
 
@@ -106,6 +110,13 @@ build-native:
 
 mock:
 	cargo build -p mock-provider
+
+# test_module.py runs the built module in Node.js's V8 with a fake proxy-wasm host.
+node:
+	@command -v node >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "node is missing: install Node.js" >&2; exit 1; }; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing nodejs (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nodejs; }
 
 CORRUPT_WRITER_DIR = target/corrupt-writer
 
@@ -127,16 +138,20 @@ unit:
 
 # One pytest run per host, with the same tests and assertions (harness.py: AKF_HOST). On native,
 # tests marked wasm_only or native_missing are skipped and listed with their reasons.
-e2e: deps build build-native mock corrupt-writer
+e2e: deps build build-native mock corrupt-writer node
 	@set -e; for h in $(AKF_HOSTS); do echo "e2e on the $$h host"; \
 		AKF_HOST=$$h $(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS); done
 
 test: deps lint unit build build-native mock e2e
 
+# Validation runs the plugin's on_configure, which reads the keys of envoy.yaml and the examples
+# from OPENAI_API_KEYS (fromEnv): the mock's demo keys stand in for real ones.
 # examples/envoy-native.yaml loads the native module, from $(NATIVE_DIR).
+VALIDATE_KEYS = demo-key-1,demo-key-2,demo-key-3
+
 validate: deps build build-native
 	@set -e; for f in envoy.yaml $(wildcard examples/*.yaml); do \
-		echo "validate $$f"; ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$(NATIVE_DIR) \
+		echo "validate $$f"; OPENAI_API_KEYS=$(VALIDATE_KEYS) ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$(NATIVE_DIR) \
 		$(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
 
 run: deps build mock

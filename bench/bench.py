@@ -102,6 +102,13 @@ def listener(port: int, routes: list, http_filters: list) -> dict:
     }
 
 
+OPENAI_BUDGET_HEADERS = [
+    ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-limit-tokens", "30000000"),
+    ("x-ratelimit-remaining-tokens", "29999980"), ("x-ratelimit-reset-tokens", "0s"),
+]
+
+
 def upstream_config(port: int, admin_port: int) -> dict:
     """The fake provider: Envoy's direct responses; BAD_KEY always gets 429."""
     json_ct = [{"header": {"key": "content-type", "value": "application/json"}}]
@@ -114,7 +121,9 @@ def upstream_config(port: int, admin_port: int) -> dict:
         {"name": "ok",
          "match": {"prefix": "/"},
          "direct_response": {"status": 200, "body": {"inline_string": CHAT_BODY}},
-         "response_headers_to_add": json_ct},
+         # What OpenAI sends on every answer: the key's remaining budget per limit.
+         "response_headers_to_add": json_ct + [
+             {"header": {"key": k, "value": v}} for k, v in OPENAI_BUDGET_HEADERS]},
     ]
     return {"admin": admin(admin_port),
             "static_resources": {"listeners": [listener(port, routes, [])]}}
@@ -360,9 +369,9 @@ def post_once(port: int) -> int:
         return e.code
 
 
-def run_wrk(port: int, seconds: float, connections: int, cpus: str) -> dict:
+def run_wrk(port: int, seconds: float, connections: int, cpus: str, lua: Path = LUA) -> dict:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
-           "-s", str(LUA), f"http://127.0.0.1:{port}/v1/chat/completions"]
+           "-s", str(lua), f"http://127.0.0.1:{port}/v1/chat/completions"]
     cmd = pinned(cmd, cpus)
     proc = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True,
                           preexec_fn=raise_priority)
@@ -385,7 +394,8 @@ def run_wrk(port: int, seconds: float, connections: int, cpus: str) -> dict:
 # per request hardly does: callgrind counts them, and repeated runs agree within about 2% (the
 # idle work of each second is spread over the 100 or so requests valgrind lets through).
 
-# (label, mode, keys, retry policy, module: None | "plugin" | "floor" | "native")
+# (label, mode, keys, retry policy, module: None | "plugin" | "floor" | "keyed-floor" | "native"
+#  [, plugin config extra, wrk script])
 INSTRUCTION_FRONTS = [
     ("no filter", "none", 0, False, None),
     ("empty Rust proxy-wasm filter", "downstream", 0, False, "floor"),
@@ -399,6 +409,21 @@ INSTRUCTION_FRONTS = [
     ("native downstream", "downstream", 1000, False, "native"),
     ("native upstream + retry", "upstream", 2, True, "native"),
     ("native upstream + retry", "upstream", 1000, True, "native"),
+    # The upstream reports OpenAI's remaining budget on every answer, so these read it as they
+    # would from a real provider.
+    ("plugin downstream + preemptiveCooldown off", "downstream", 2, False, "plugin",
+     {"failover": {"preemptiveCooldown": False}}),
+    ("plugin downstream + preemptiveCooldown on", "downstream", 2, False, "plugin",
+     {"failover": {"preemptiveCooldown": True}}),
+    # Every request carries one of 1,000 session ids (post-session.lua); "no affinity" is the
+    # same load without `affinity` configured.
+    ("plugin downstream + no affinity", "downstream", 2, False, "plugin", {}, "post-session.lua"),
+    ("plugin downstream + affinity", "downstream", 2, False, "plugin",
+     {"affinity": {"header": "x-session-id"}}, "post-session.lua"),
+    ("plugin downstream + no affinity", "downstream", 1000, False, "plugin", {},
+     "post-session.lua"),
+    ("plugin downstream + affinity", "downstream", 1000, False, "plugin",
+     {"affinity": {"header": "x-session-id"}}, "post-session.lua"),
 ]
 
 
@@ -425,7 +450,7 @@ def callgrind_total(path: Path) -> int | None:
 
 
 def count_instructions(envoy_bin: str, config: dict, workdir: Path, name: str,
-                       seconds: float) -> dict:
+                       seconds: float, lua: Path = LUA) -> dict:
     """Runs one front under callgrind and counts what it executes while wrk drives it."""
     cfg_path = workdir / f"{name}.json"
     cfg_path.write_text(json.dumps(config, indent=1))
@@ -443,10 +468,10 @@ def count_instructions(envoy_bin: str, config: dict, workdir: Path, name: str,
                               cwd=REPO, start_new_session=True)
     try:
         e.wait_ready(timeout=600)
-        run_wrk(e.port, 2, 4, "")  # V8 compiles and tiers up before counting starts
+        run_wrk(e.port, 2, 4, "", lua)  # V8 compiles and tiers up before counting starts
         subprocess.run(["callgrind_control", "-i", "on", str(e.proc.pid)], capture_output=True,
                        check=True)
-        r = run_wrk(e.port, seconds, 4, "")
+        r = run_wrk(e.port, seconds, 4, "", lua)
         subprocess.run(["callgrind_control", "-d", str(e.proc.pid)], capture_output=True,
                        check=True)
     finally:
@@ -471,20 +496,22 @@ def measure_instructions(args, wasm: Path, floor: Path | None, workdir: Path) ->
     upstream.start(args.envoy)
     jobs = []
     wanted = {s.strip() for s in args.only.split(",")} if args.only else None
-    for label, mode, n, retry, module in INSTRUCTION_FRONTS:
+    for label, mode, n, retry, module, *more in INSTRUCTION_FRONTS:
         if module in ("floor", "keyed-floor") and not floor:
             continue
         if module == "native" and not args.native_ready:
             continue
-        if wanted and label not in wanted and mode != "none":
+        if wanted is not None and label not in wanted and mode != "none":
             continue
+        extra = more[0] if more else {}
+        lua = BENCH_DIR / more[1] if len(more) > 1 else LUA
         code = floor if module in ("floor", "keyed-floor") else (NATIVE if module == "native" else wasm)
         # The floor filter takes a JSON string as the key to set (bench/floor-filter/lib.rs).
-        plugin = {"floor": {}, "keyed-floor": "sk-bench-floor"}.get(module, plugin_cfg(n) if n else None)
+        plugin = {"floor": {}, "keyed-floor": "sk-bench-floor"}.get(module, plugin_cfg(n, **extra) if n else None)
         name = "ir-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") + f"-{n}"
         config = front_config(free_port(), free_port(), upstream.port, mode, plugin, code, retry)
         jobs.append(({"label": label, "mode": mode, "keys": n, "retry": retry, "module": module},
-                     config, name))
+                     config, name, lua))
     print(f"instructions per request: {len(jobs)} fronts under callgrind, "
           f"{args.instruction_seconds:g} s of load each", flush=True)
     results = []
@@ -494,8 +521,8 @@ def measure_instructions(args, wasm: Path, floor: Path | None, workdir: Path) ->
         # Counts do not depend on timing, so two fronts at once is as exact as one.
         with ThreadPoolExecutor(max_workers=2) as pool:
             futures = [(meta, pool.submit(count_instructions, envoy_bin, config, workdir, name,
-                                          args.instruction_seconds))
-                       for meta, config, name in jobs]
+                                          args.instruction_seconds, lua))
+                       for meta, config, name, lua in jobs]
             for meta, fut in futures:
                 counted = fut.result()
                 print(f"  {meta['label']:<32} {meta['keys'] or '':>5} "
@@ -507,7 +534,7 @@ def measure_instructions(args, wasm: Path, floor: Path | None, workdir: Path) ->
     base = {r["retry"]: r["per_request"] for r in results if r["mode"] == "none"}
     floor_ir = next((r["per_request"] for r in results if r["module"] == "floor"), None)
     keyed_floor_ir = next((r["per_request"] for r in results if r["module"] == "keyed-floor"), None)
-    two = {(r["mode"], r["module"]): r["per_request"] for r in results if r["keys"] == 2}
+    two = {r["label"]: r["per_request"] for r in results if r["keys"] == 2}
     for r in results:
         ref = base.get(r["retry"])
         r["ratio"] = ref / r["per_request"] if ref else None
@@ -524,8 +551,8 @@ def measure_instructions(args, wasm: Path, floor: Path | None, workdir: Path) ->
             want = MIN_NATIVE_UPSTREAM_RATIO if r["mode"] == "upstream" else MIN_NATIVE_RATIO
             r["target"] = f"≥ {want} × no filter"
             r["target_met"] = r["ratio"] >= want
-        if r["keys"] == 1000 and (r["mode"], r["module"]) in two:
-            r["vs_2_keys"] = two[(r["mode"], r["module"])] / r["per_request"]
+        if r["keys"] == 1000 and r["label"] in two:
+            r["vs_2_keys"] = two[r["label"]] / r["per_request"]
     return results
 
 

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Demo: the mock provider (--demo keys) on :8081 and Envoy with envoy.yaml (the ai-key-failover
-# plugin) on :10000, admin :9901. Ctrl-C stops both. Called by `make run` (which builds first).
+# plugin) on :10000, admin :9901. It sends twenty requests (scripts/demo.py) and prints how many
+# 429s the gateway absorbed, then keeps both running until Ctrl-C. Called by `make run` (which
+# builds first). With --demo-only it exits after the twenty requests: 0 if all answered 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+DEMO_ONLY=0
+case "${1:-}" in
+  --demo-only) DEMO_ONLY=1 ;;
+  "") ;;
+  *) echo "usage: scripts/run.sh [--demo-only]" >&2; exit 2 ;;
+esac
 
 VENV=${VENV:-.venv}
 ENVOY=${ENVOY:-$VENV/bin/envoy}
@@ -14,7 +23,10 @@ PYTHON=${PYTHON:-$VENV/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 # Ports can be moved (e.g. MOCK_PORT=18081 make run) if something else holds the defaults.
 MOCK_PORT=${MOCK_PORT:-8081} GATEWAY_PORT=${GATEWAY_PORT:-10000} ADMIN_PORT=${ADMIN_PORT:-9901}
-LOGDIR=run
+LOGDIR=${LOGDIR:-run}
+# The pool's keys reach the plugin through the environment (envoy.yaml: fromEnv and
+# host_env_keys), never through the configuration: here the mock's three demo keys.
+DEMO_KEYS=demo-key-1,demo-key-2,demo-key-3
 
 for f in "$ENVOY" "$MOCK" "$WASM"; do
   [ -e "$f" ] || { echo "run: $f is missing (run: make deps build mock)" >&2; exit 1; }
@@ -67,7 +79,7 @@ trap 'cleanup' EXIT
 MOCK_PID=$!
 # The log is written out every 100 ms, not Envoy's default 10 s, so that a grep right after a
 # request finds its line.
-"$ENVOY" -c "$CONFIG" -l "$LOG_LEVEL" --log-path "$LOGDIR/envoy.log" --use-dynamic-base-id \
+OPENAI_API_KEYS=$DEMO_KEYS "$ENVOY" -c "$CONFIG" -l "$LOG_LEVEL" --log-path "$LOGDIR/envoy.log" --use-dynamic-base-id \
   --file-flush-interval-msec 100 >"$LOGDIR/envoy.stdout" 2>&1 &
 ENVOY_PID=$!
 
@@ -89,6 +101,15 @@ wait_up mock "$MOCK_PID" "http://127.0.0.1:$MOCK_PORT/_mock/health"
 wait_up envoy "$ENVOY_PID" "http://127.0.0.1:$ADMIN_PORT/ready" LIVE
 port_busy "$GATEWAY_PORT" || { echo "run: envoy listener :$GATEWAY_PORT not accepting" >&2; exit 1; }
 
+echo
+echo "  ai-key-failover demo: the mock's demo keys allow 3, 5 and 20 requests per 10 s."
+demo_rc=0
+"$PYTHON" scripts/demo.py --gateway "http://127.0.0.1:$GATEWAY_PORT" --admin "http://127.0.0.1:$ADMIN_PORT" \
+  --mock "http://127.0.0.1:$MOCK_PORT" || demo_rc=$?
+if [ "$DEMO_ONLY" = 1 ]; then
+  exit "$demo_rc"
+fi
+
 cat <<EOF
 
   ai-key-failover demo is up
@@ -102,15 +123,16 @@ cat <<EOF
        -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'
      curl -s localhost:$MOCK_PORT/_mock/requests    # "key" = the key the provider received
 
-  2) Twenty requests: keys rotate until demo-1 and demo-2 run into their limits. Each 429 takes
-     its key out for 10 s, and the requests after it go to the keys still in.
+  2) Twenty more: keys rotate, demo-1 and demo-2 run into their limits again, each 429 takes its
+     key out for 10 s and Envoy retries that request with a key still in; clients see only 200s.
      for i in \$(seq 20); do curl -s -o /dev/null -w '%{http_code}\n' localhost:$GATEWAY_PORT/v1/chat/completions \\
        -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'; done
      curl -s localhost:$MOCK_PORT/_mock/stats       # requests and statuses per key
      grep -E 'marked down|restored' $LOGDIR/envoy.log  # the plugin's transitions, keys by name
 
   3) Envoy's side: http://localhost:$ADMIN_PORT  and
-     curl -s localhost:$ADMIN_PORT/stats | grep wasm
+     curl -s localhost:$ADMIN_PORT/stats | grep -E 'wasmcustom|upstream_rq_retry'
+     make status ADMIN_PORT=$ADMIN_PORT                # pools and keys, by name
 
   Ctrl-C stops both.
 EOF

@@ -4,8 +4,9 @@
     scripts/status.py [--admin URL] [--json] [--watch N]
 
 Prints each pool (keys available/configured, requests keyed and rejected, keys marked down by
-failure class, keys restored) and one row per key: its name or short hash, available or DOWN,
-consecutive failures, seconds of cooldown left, marked-down and restored counts.
+failure class, keys restored) and one row per key: its name or short hash, available, DOWN or
+DISABLED (refused by the provider), consecutive failures, seconds of cooldown left, marked-down and
+restored counts.
 
 It reads only GET <admin>/stats?filter=^(wasmcustom|dynamicmodulescustom)\\.ai_key_failover\\.
 (the wasm filter's and the native module's stats: Envoy prefixes them differently) and prints only what
@@ -39,13 +40,13 @@ HOST_PREFIXES = ("wasmcustom.", "dynamicmodulescustom.")
 # `cluster.<name>.`: those count too.
 STATS_FILTER = r"^(cluster\.[^.]+\.)?(wasmcustom|dynamicmodulescustom)\.ai_key_failover\."
 _CLUSTER_SCOPE = re.compile(r"^cluster\.[^.]+\.")
-CLASSES = ("rate_limit", "server_error", "key_refused", "other")
+CLASSES = ("rate_limit", "server_error", "key_refused", "other", "budget_spent")
 TIMEOUT_S = 3.0
 
 # Pool and key labels are configured names ([A-Za-z0-9_-]{1,64}) or short hashes; a stat whose
 # name does not fit these shapes is not one of the plugin's and is ignored.
 _L = r"[A-Za-z0-9_-]+"
-_KEY_STAT = re.compile(rf"pool\.({_L})\.key\.({_L})\.key_(available|consecutive_failures|down_until_seconds|marked_down|restored)")
+_KEY_STAT = re.compile(rf"pool\.({_L})\.key\.({_L})\.key_(available|consecutive_failures|down_until_seconds|disabled|marked_down|restored)")
 _CLASS_STAT = re.compile(rf"pool\.({_L})\.class\.({_L})\.keys_marked_down")
 _POOL_STAT = re.compile(rf"pool\.({_L})\.(keys_configured|keys_available|requests_keyed|requests_rejected|keys_restored|cas_gave_up)")
 
@@ -137,6 +138,10 @@ def build_status(pools: dict[str, dict[str, Any]], now: float) -> list[dict[str,
             down_until = k.get("down_until_seconds", 0)
             if available:
                 state, left = "available", None
+            elif k.get("disabled", 0) == 1:
+                # Refused by the provider; no end time (0) when disabled until a health check
+                # passes or the configuration is loaded again (disableDuration 0).
+                state, left = "DISABLED", max(0, int(down_until - now)) if down_until else None
             elif down_until == 0:
                 # A down key always has a cooldown end; all zeros means the plugin has not
                 # published this key's gauges yet (they are refreshed once per second).

@@ -79,6 +79,7 @@ pub fn encode(state: &PoolState) -> Vec<u8> {
             Health::CoolingDown => 1,
             Health::Disabled => 2,
             Health::Probing => 3,
+            Health::Spent => 4,
         });
         out.extend_from_slice(&key.consecutive_failures.to_le_bytes());
         out.extend_from_slice(&key.strikes.to_le_bytes());
@@ -162,6 +163,7 @@ fn decode_version(bytes: &[u8], expected: u8) -> Result<PoolState, DecodeError> 
             1 => Health::CoolingDown,
             2 => Health::Disabled,
             3 => Health::Probing,
+            4 => Health::Spent,
             other => return Err(DecodeError::BadHealth(other)),
         };
         keys.push(KeyState {
@@ -194,6 +196,8 @@ mod tests {
         s.keys[2].down_until_ms = crate::pool::FOREVER;
         s.keys[3].health = Health::Probing;
         s.keys[3].probe_until_ms = 99;
+        s.keys[0].health = Health::Spent;
+        s.keys[0].down_until_ms = 1_700_000_001_000;
         s.written_at_ms = 1_700_000_000_123;
         s
     }

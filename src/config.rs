@@ -4,10 +4,12 @@
 //! cooldownDuration`) and says how to fix it, unknown fields are refused, and keys starting with
 //! `_` (Higress's) pass. No error or warning ever contains a configured key.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::env_keys::{self, EnvLookup};
 use crate::rules::{DomainPattern, Matcher};
 use crate::select::{OnAllUnavailable, Selection};
 use crate::status::{shadowed_codes, StatusPattern};
@@ -17,6 +19,12 @@ const MAX_TOKEN_LEN: usize = 4096;
 const MAX_WEIGHT: u64 = 1000;
 /// 30 days: longer than any provider window; beyond it a typo is likelier than intent.
 const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// `minCooldownDuration` when neither it nor a shorter `cooldownDuration` is set.
+const DEFAULT_MIN_COOLDOWN_MS: u64 = 1_000;
+/// `retryOnFailure.maxBodyBytes`: a VM's linear memory never shrinks, and one worker can hold
+/// hundreds of requests at once, each with its own copy. 256 KiB is a chat request of about
+/// 60,000 tokens of text; 200 such requests in flight on one worker keep at most 50 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -77,20 +85,67 @@ pub struct KeyConfig {
     pub name: Option<String>,
     pub weight: u32,
     pub fingerprint: u64,
+    /// How logs and stats name the key, unique in its pool (see `unique_labels`).
+    label: String,
 }
 
 impl KeyConfig {
     /// How logs and metrics name the key: its configured name, else a short hash.
     pub fn label(&self) -> String {
-        match &self.name {
-            Some(name) => name.clone(),
-            None => short_hash("key", self.fingerprint),
-        }
+        self.label.clone()
     }
 }
 
 pub fn short_hash(kind: &str, fingerprint: u64) -> String {
     format!("{kind}-{:08x}", fingerprint >> 32)
+}
+
+/// The whole fingerprint: the label of an unnamed key whose short hash another key's label
+/// already has.
+fn long_hash(kind: &str, fingerprint: u64) -> String {
+    format!("{kind}-{fingerprint:016x}")
+}
+
+/// Gives every key of a pool a label no other key of the pool has, so no two keys share a log
+/// name or a stat. A short hash is 32 bits: among 10,000 keys two share one with a chance of about
+/// 1 in 90, and a configured name may look like a short hash. Names are kept as configured (they
+/// are unique already); an unnamed key whose short hash is taken, or shared, gets the whole 64-bit
+/// fingerprint instead, and a numeric suffix should even that be taken. Deterministic: the same
+/// key list always gets the same labels. O(n) with a hash set.
+fn unique_labels(keys: &mut [KeyConfig], short: impl Fn(u64) -> String) {
+    use std::collections::HashSet;
+    let mut short_count: HashMap<String, usize> = HashMap::with_capacity(keys.len());
+    for k in keys.iter() {
+        let label = k.name.clone().unwrap_or_else(|| short(k.fingerprint));
+        *short_count.entry(label).or_insert(0) += 1;
+    }
+    let mut taken: HashSet<String> = keys.iter().filter_map(|k| k.name.clone()).collect();
+    // Unique short hashes are settled first, so a lengthened label never takes one of theirs.
+    for k in keys.iter_mut().filter(|k| k.name.is_none()) {
+        let label = short(k.fingerprint);
+        if short_count.get(&label) == Some(&1) {
+            taken.insert(label.clone());
+            k.label = label;
+        }
+    }
+    for k in keys.iter_mut() {
+        if let Some(name) = &k.name {
+            k.label = name.clone();
+            continue;
+        }
+        if !k.label.is_empty() {
+            continue;
+        }
+        let long = long_hash("key", k.fingerprint);
+        let mut label = long.clone();
+        let mut n = 2u32;
+        while taken.contains(&label) {
+            label = format!("{long}-{n}");
+            n = n.saturating_add(1);
+        }
+        taken.insert(label.clone());
+        k.label = label;
+    }
 }
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -117,7 +172,12 @@ pub struct Failover {
     pub backoff_permille: u32,
     /// Active health checks, when `healthCheckModel` is set.
     pub health_check: Option<HealthCheck>,
+    /// A success that says the key's budget is used up rests the key until the reset.
+    pub preemptive_cooldown: bool,
 }
+
+/// `failover.preemptiveCooldown`'s default, chosen by `make bench` (see the README).
+pub const PREEMPTIVE_COOLDOWN_DEFAULT: bool = false;
 
 /// Higress ai-proxy's active health checks: a minimal real request with each down key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +190,8 @@ pub struct HealthCheck {
     pub path: Option<String>,
     /// None: the cluster that served the pool's traffic, learned from live requests.
     pub cluster: Option<String>,
+    /// None: the `:authority` of the pool's live traffic, else the cluster name.
+    pub authority: Option<String>,
 }
 
 impl Failover {
@@ -181,6 +243,10 @@ pub struct Profile {
     pub model: Option<String>,
     /// For a fallback: the cluster that reaches its provider, when set.
     pub cluster: Option<String>,
+    /// `affinity.header`, lowercase: requests with the same value get the same key.
+    pub affinity_header: Option<String>,
+    /// `maxWaitMs`: how long `onAllUnavailable: wait` holds a request.
+    pub max_wait_ms: u64,
 }
 
 /// Higress ai-proxy's `retryOnFailure`: the plugin itself re-sends a failed request with another
@@ -224,6 +290,8 @@ const CONFIG_FIELDS: &[&str] = &[
     "exposeKeyName",
     "retryOnFailure",
     "fallbacks",
+    "affinity",
+    "maxWaitMs",
 ];
 /// A fallback pool sets its own keys and provider; other settings come from the pool it backs.
 const FALLBACK_FIELDS: &[&str] = &[
@@ -260,9 +328,17 @@ const FAILOVER_FIELDS: &[&str] = &[
     "successThreshold",
     "healthCheckPath",
     "healthCheckCluster",
+    "healthCheckAuthority",
+    "preemptiveCooldown",
 ];
 
+/// Parses the configuration, reading `fromEnv` keys from the VM's environment.
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
+    parse_with_env(text, &env_keys::process_env)
+}
+
+/// Parses the configuration; `env` answers the `fromEnv` entries of `apiTokens`.
+pub fn parse_with_env(text: &[u8], env: EnvLookup) -> Result<PluginConfig, ConfigError> {
     let root: Value = serde_json::from_slice(text).map_err(|e| ConfigError {
         field: String::new(),
         message: format!(
@@ -278,13 +354,13 @@ pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
         Some(_) => return err("_rules_", "must be a list of rule objects"),
     };
 
-    let mut builder = Builder::default();
+    let mut builder = Builder::new(env);
     let global_fields = without_private_keys(&root);
     let global = if global_fields.contains_key("apiTokens") || rules_raw.is_empty() {
         Some(builder.profile(&global_fields, "")?)
     } else {
         // Higress may send only rules; still check the global part's own fields.
-        check_fields_without_keys(&global_fields)?;
+        check_fields_without_keys(&global_fields, env)?;
         None
     };
 
@@ -360,8 +436,8 @@ fn check_unknown(
     Ok(())
 }
 
-fn check_fields_without_keys(obj: &Map<String, Value>) -> Result<(), ConfigError> {
-    let mut scratch = Builder::default();
+fn check_fields_without_keys(obj: &Map<String, Value>, env: EnvLookup) -> Result<(), ConfigError> {
+    let mut scratch = Builder::new(env);
     let mut with_placeholder = obj.clone();
     with_placeholder.insert(
         "apiTokens".into(),
@@ -433,19 +509,28 @@ fn string_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, ConfigErro
 // TurboFan at load, and its scratch memory grows faster than the function; the allocator keeps
 // that memory. Split into parts, the same code costs Envoy about 1 MiB less resident memory
 // (bench/README.md). None of it runs per request.
-#[derive(Default)]
-struct Builder {
+struct Builder<'a> {
+    env: EnvLookup<'a>,
     pools: Vec<PoolKeys>,
     profiles: Vec<Profile>,
     warnings: Vec<String>,
 }
 
-impl Builder {
+impl<'a> Builder<'a> {
+    fn new(env: EnvLookup<'a>) -> Self {
+        Builder {
+            env,
+            pools: Vec::new(),
+            profiles: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     fn profile(&mut self, obj: &Map<String, Value>, prefix: &str) -> Result<usize, ConfigError> {
         check_unknown(obj, CONFIG_FIELDS, prefix)?;
         let field = |name: &str| format!("{prefix}{name}");
 
-        let keys = parse_keys(obj.get("apiTokens"), &field("apiTokens"))?;
+        let keys = parse_keys(obj.get("apiTokens"), &field("apiTokens"), self.env)?;
         let name = match obj.get("name") {
             None => None,
             Some(v) => Some(parse_name(v, &field("name"))?),
@@ -488,10 +573,11 @@ impl Builder {
             Some(v) => match v.as_str() {
                 Some("earliest") => OnAllUnavailable::Earliest,
                 Some("reject") => OnAllUnavailable::Reject,
+                Some("wait") => OnAllUnavailable::Wait,
                 _ => {
                     return err(
                         &field("onAllUnavailable"),
-                        "must be \"earliest\" or \"reject\"",
+                        "must be \"earliest\", \"reject\" or \"wait\"",
                     )
                 }
             },
@@ -502,6 +588,7 @@ impl Builder {
             Some(_) => return err(&field("exposeKeyName"), "must be true or false"),
         };
         let failover = self.parse_failover(obj.get("failover"), &field("failover"))?;
+        let (affinity_header, max_wait_ms) = parse_affinity_and_wait(obj, prefix)?;
         let retry = self.parse_retry(obj.get("retryOnFailure"), &field("retryOnFailure"))?;
         let pool = self.pool_for(keys, name, &field("name"))?;
         let fallbacks = self.parse_fallbacks(obj, prefix)?;
@@ -526,6 +613,8 @@ impl Builder {
             fallbacks,
             model: None,
             cluster: None,
+            affinity_header,
+            max_wait_ms,
         });
         Ok(self.profiles.len() - 1)
     }
@@ -657,10 +746,10 @@ impl Builder {
             1,
             1_000,
         )? as u32;
-        let min_cooldown_ms = integer(
-            obj.get("minCooldownDuration"),
-            &field("minCooldownDuration"),
-            1_000,
+        let cooldown_ms = integer(
+            obj.get("cooldownDuration"),
+            &field("cooldownDuration"),
+            60_000,
             1,
             MAX_DURATION_MS,
         )?;
@@ -671,19 +760,26 @@ impl Builder {
             1,
             MAX_DURATION_MS,
         )?;
+        let min_cooldown_ms = match obj.get("minCooldownDuration") {
+            Some(v) => integer(
+                Some(v),
+                &field("minCooldownDuration"),
+                DEFAULT_MIN_COOLDOWN_MS,
+                1,
+                MAX_DURATION_MS,
+            )?,
+            // Higress has no minimum: a `failover` block pasted from it with a 100 ms cooldown
+            // means 100 ms, so an explicit shorter cooldown (or maximum) lowers the default.
+            None => DEFAULT_MIN_COOLDOWN_MS
+                .min(cooldown_ms)
+                .min(max_cooldown_ms),
+        };
         if min_cooldown_ms > max_cooldown_ms {
             return err(
                 &field("minCooldownDuration"),
                 format!("({min_cooldown_ms}) is above maxCooldownDuration ({max_cooldown_ms}); lower it or raise the maximum"),
             );
         }
-        let cooldown_ms = integer(
-            obj.get("cooldownDuration"),
-            &field("cooldownDuration"),
-            60_000,
-            1,
-            MAX_DURATION_MS,
-        )?;
         if !(min_cooldown_ms..=max_cooldown_ms).contains(&cooldown_ms) {
             return err(
                 &field("cooldownDuration"),
@@ -741,6 +837,7 @@ impl Builder {
             max_cooldown_ms,
             backoff_permille,
             health_check,
+            preemptive_cooldown: parse_preemptive_cooldown(obj, prefix)?,
         })
     }
 
@@ -751,11 +848,13 @@ impl Builder {
         prefix: &str,
     ) -> Result<Option<HealthCheck>, ConfigError> {
         let field = |name: &str| format!("{prefix}.{name}");
+        // Any positive interval loads, as in Higress; ticks come no faster than every
+        // `schedule::MIN_TICK_MS`, so a shorter one is checked that often.
         let interval_ms = integer(
             obj.get("healthCheckInterval"),
             &field("healthCheckInterval"),
             5_000,
-            1_000,
+            1,
             MAX_DURATION_MS,
         )?;
         let timeout_ms = integer(
@@ -801,6 +900,18 @@ impl Builder {
             "must be the name of an Envoy cluster",
             |s| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| (0x21..=0x7e).contains(&b)),
         )?;
+        if model.is_some() && interval_ms < crate::schedule::MIN_TICK_MS {
+            self.warn(format!(
+                "{}: {interval_ms} ms is shorter than the plugin's fastest tick; keys are checked every {} ms at most",
+                field("healthCheckInterval"),
+                crate::schedule::MIN_TICK_MS
+            ));
+        }
+        let authority = text(
+            "healthCheckAuthority",
+            "must be the provider's host name, as in \"api.openai.com\" or \"my-resource.openai.azure.com:443\"",
+            is_authority,
+        )?;
         Ok(model.map(|model| HealthCheck {
             model,
             interval_ms,
@@ -808,6 +919,7 @@ impl Builder {
             success_threshold,
             path,
             cluster,
+            authority,
         }))
     }
 
@@ -841,7 +953,7 @@ impl Builder {
         let max_body_bytes = integer(
             obj.get("maxBodyBytes"),
             &field("maxBodyBytes"),
-            10 * 1024 * 1024,
+            DEFAULT_MAX_BODY_BYTES,
             0,
             256 * 1024 * 1024,
         )? as usize;
@@ -928,6 +1040,62 @@ fn integer(
     }
 }
 
+/// A host name or address with an optional port: what an `:authority` may hold.
+fn is_authority(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+/// `maxWaitMs`'s default and bound: a held request keeps its client waiting.
+pub const MAX_WAIT_DEFAULT_MS: u64 = 2_000;
+const MAX_WAIT_LIMIT_MS: u64 = 30_000;
+
+/// `affinity: {"header": ...}` and `maxWaitMs`.
+#[inline(never)]
+fn parse_affinity_and_wait(
+    obj: &Map<String, Value>,
+    prefix: &str,
+) -> Result<(Option<String>, u64), ConfigError> {
+    let field = format!("{prefix}affinity");
+    let header = match obj.get("affinity") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => {
+            check_unknown(o, &["header"], &format!("{field}."))?;
+            match o.get("header").and_then(Value::as_str) {
+                Some(name) if is_header_token(name) => Some(name.to_ascii_lowercase()),
+                _ => {
+                    return err(
+                        &format!("{field}.header"),
+                        "required: the request header whose value names the session, such as \"x-session-id\"",
+                    )
+                }
+            }
+        }
+        Some(_) => return err(&field, "must be an object {\"header\": \"x-session-id\"}"),
+    };
+    let max_wait_ms = integer(
+        obj.get("maxWaitMs"),
+        &format!("{prefix}maxWaitMs"),
+        MAX_WAIT_DEFAULT_MS,
+        1,
+        MAX_WAIT_LIMIT_MS,
+    )?;
+    Ok((header, max_wait_ms))
+}
+
+fn parse_preemptive_cooldown(obj: &Map<String, Value>, prefix: &str) -> Result<bool, ConfigError> {
+    match obj.get("preemptiveCooldown") {
+        None => Ok(PREEMPTIVE_COOLDOWN_DEFAULT),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => err(
+            &format!("{prefix}.preemptiveCooldown"),
+            "must be true or false",
+        ),
+    }
+}
+
 fn is_valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     s.len() <= 64
@@ -946,49 +1114,50 @@ fn parse_name(v: &Value, field: &str) -> Result<String, ConfigError> {
 }
 
 #[inline(never)]
-fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigError> {
+fn parse_keys(
+    v: Option<&Value>,
+    field: &str,
+    env: EnvLookup,
+) -> Result<Vec<KeyConfig>, ConfigError> {
     let items = match v {
         None => return err(field, "required: list the provider API keys of this pool"),
         Some(Value::Array(items)) => items,
         Some(_) => {
             return err(
                 field,
-                "must be a list of keys: strings, or objects {\"token\": \"...\", \"name\": \"...\", \"weight\": 1}",
+                "must be a list of keys: strings, or objects {\"fromEnv\": \"VARIABLE\", \"name\": \"...\", \"weight\": 1} or {\"token\": \"...\", ...}",
             )
         }
     };
     if items.is_empty() {
         return err(field, "must list at least one key");
     }
-    if items.len() > MAX_KEYS_PER_POOL {
+    let mut entries = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        key_entries(item, &format!("{field}[{i}]"), env, &mut entries)?;
+    }
+    if entries.len() > MAX_KEYS_PER_POOL {
         return err(
             field,
             format!(
                 "lists {} keys; at most {MAX_KEYS_PER_POOL} are supported",
-                items.len()
+                entries.len()
             ),
         );
     }
-    let mut keys: Vec<KeyConfig> = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let (token, name, weight) = match item {
-            Value::String(s) => (s.as_str(), None, 1),
-            Value::Object(o) => {
-                check_unknown(o, &["token", "name", "weight"], &format!("{at}."))?;
-                let Some(Value::String(token)) = o.get("token") else {
-                    return err(&format!("{at}.token"), "required: the API key, as a string");
-                };
-                let name = match o.get("name") {
-                    None => None,
-                    Some(n) => Some(parse_name(n, &format!("{at}.name"))?),
-                };
-                let weight =
-                    integer(o.get("weight"), &format!("{at}.weight"), 1, 1, MAX_WEIGHT)? as u32;
-                (token.as_str(), name, weight)
-            }
-            _ => return err(&at, "must be a key string or an object with \"token\""),
-        };
+    let mut keys: Vec<KeyConfig> = Vec::with_capacity(entries.len());
+    let mut origins: Vec<String> = Vec::with_capacity(entries.len());
+    // Positions by key and by name: a linear search per key made 10,000 keys cost 50 million
+    // comparisons at every load on every VM.
+    let mut position_of_token: HashMap<String, usize> = HashMap::with_capacity(entries.len());
+    let mut position_of_name: HashMap<String, usize> = HashMap::new();
+    for KeyEntry {
+        at,
+        token,
+        name,
+        weight,
+    } in entries
+    {
         if token.is_empty() {
             return err(&at, "the key is empty");
         }
@@ -1005,28 +1174,141 @@ fn parse_keys(v: Option<&Value>, field: &str) -> Result<Vec<KeyConfig>, ConfigEr
                 "the key contains whitespace, a control character or non-ASCII text; check for a stray newline or space",
             );
         }
-        if let Some(j) = keys.iter().position(|k| k.token == token) {
-            return err(
-                &at,
-                format!("the same key as {field}[{j}]; list each key once"),
-            );
+        if let Some(&j) = position_of_token.get(&token) {
+            let first = origins.get(j).map_or("", String::as_str);
+            return err(&at, format!("the same key as {first}; list each key once"));
         }
         if let Some(name) = &name {
-            if let Some(j) = keys.iter().position(|k| k.name.as_ref() == Some(name)) {
+            if let Some(&j) = position_of_name.get(name) {
+                let first = origins.get(j).map_or("", String::as_str);
                 return err(
                     &format!("{at}.name"),
-                    format!("{name:?} is already the name of {field}[{j}]"),
+                    format!("{name:?} is already the name of {first}"),
                 );
             }
+            position_of_name.insert(name.clone(), keys.len());
         }
+        position_of_token.insert(token.clone(), keys.len());
         keys.push(KeyConfig {
-            token: token.to_string(),
+            fingerprint: fnv1a64(token.as_bytes()),
+            token,
             name,
             weight,
-            fingerprint: fnv1a64(token.as_bytes()),
+            label: String::new(),
+        });
+        origins.push(at);
+    }
+    unique_labels(&mut keys, |fp| short_hash("key", fp));
+    Ok(keys)
+}
+
+/// One key of a pool before validation. `at` names where it came from in errors, never the key:
+/// `apiTokens[2]`, or `apiTokens[2] (key 3 of $OPENAI_KEYS)` for one of a variable's list.
+struct KeyEntry {
+    at: String,
+    token: String,
+    name: Option<String>,
+    weight: u32,
+}
+
+/// The key(s) of one `apiTokens` entry: a string, `{"token": ...}`, or `{"fromEnv": ...}`, which
+/// may stand for several keys.
+#[inline(never)]
+fn key_entries(
+    item: &Value,
+    at: &str,
+    env: EnvLookup,
+    out: &mut Vec<KeyEntry>,
+) -> Result<(), ConfigError> {
+    let o = match item {
+        Value::String(s) => {
+            out.push(KeyEntry {
+                at: at.to_string(),
+                token: s.clone(),
+                name: None,
+                weight: 1,
+            });
+            return Ok(());
+        }
+        Value::Object(o) => o,
+        _ => {
+            return err(
+                at,
+                "must be a key string or an object with \"fromEnv\" or \"token\"",
+            )
+        }
+    };
+    check_unknown(
+        o,
+        &["fromEnv", "token", "name", "weight"],
+        &format!("{at}."),
+    )?;
+    let name = match o.get("name") {
+        None => None,
+        Some(n) => Some(parse_name(n, &format!("{at}.name"))?),
+    };
+    let weight = integer(o.get("weight"), &format!("{at}.weight"), 1, 1, MAX_WEIGHT)? as u32;
+    let var = match (o.get("token"), o.get("fromEnv")) {
+        (Some(Value::String(token)), None) => {
+            out.push(KeyEntry {
+                at: at.to_string(),
+                token: token.clone(),
+                name,
+                weight,
+            });
+            return Ok(());
+        }
+        (None, Some(Value::String(var))) => var,
+        (Some(_), Some(_)) => {
+            return err(
+                at,
+                "has both \"token\" and \"fromEnv\"; keep one (\"fromEnv\" keeps the key out of the configuration)",
+            )
+        }
+        (None, Some(_)) => {
+            return err(
+                &format!("{at}.fromEnv"),
+                "must be the name of an environment variable, as a string",
+            )
+        }
+        _ => {
+            return err(
+                &format!("{at}.token"),
+                "required: the API key as a string, or \"fromEnv\": the environment variable that holds it",
+            )
+        }
+    };
+    let tokens = env_keys::read_keys(env, var, &format!("{at}.fromEnv"))?;
+    let several = tokens.len() > 1;
+    for (n, token) in (1..).zip(tokens) {
+        // Each key of a list is a key of its own, so it needs a name of its own.
+        let name = match (&name, several) {
+            (Some(base), true) => {
+                let suffixed = format!("{base}-{n}");
+                if !is_valid_name(&suffixed) {
+                    return err(
+                        &format!("{at}.name"),
+                        format!(
+                            "with the suffix -{n} for the keys of {var} it is longer than 64 characters; shorten it"
+                        ),
+                    );
+                }
+                Some(suffixed)
+            }
+            _ => name.clone(),
+        };
+        out.push(KeyEntry {
+            at: if several {
+                format!("{at} (key {n} of ${var})")
+            } else {
+                format!("{at} (${var})")
+            },
+            token,
+            name,
+            weight,
         });
     }
-    Ok(keys)
+    Ok(())
 }
 
 fn is_header_token(s: &str) -> bool {
@@ -1131,7 +1413,7 @@ mod tests {
                 p.retry.timeout_ms,
                 p.retry.max_body_bytes
             ),
-            (1, 30_000, 10 * 1024 * 1024)
+            (1, 30_000, 256 * 1024)
         );
         assert!(p.retry.on_status.iter().any(|s| s.matches(503)));
         assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
@@ -1267,9 +1549,49 @@ mod tests {
                 "round_robin",
             ),
             (
-                r#"{"apiTokens": ["a"], "onAllUnavailable": "wait"}"#,
+                r#"{"apiTokens": ["a"], "onAllUnavailable": "hold"}"#,
                 "onAllUnavailable",
-                "earliest",
+                "\"earliest\", \"reject\" or \"wait\"",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "maxWaitMs": 30001}"#,
+                "maxWaitMs",
+                "from 1 to 30000",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "maxWaitMs": 0}"#,
+                "maxWaitMs",
+                "from 1",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": "x-s"}"#,
+                "affinity",
+                "object",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {}}"#,
+                "affinity.header",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": "bad name"}}"#,
+                "affinity.header",
+                "x-session-id",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": ":path"}}"#,
+                "affinity.header",
+                "required",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "affinity": {"header": "x", "hash": "ring"}}"#,
+                "affinity.hash",
+                "",
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": 1}}"#,
+                "failover.preemptiveCooldown",
+                "true or false",
             ),
             (
                 r#"{"apiTokens": ["a"], "name": "has space"}"#,
@@ -1578,11 +1900,6 @@ mod tests {
                 "model name",
             ),
             (
-                r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 500}}"#,
-                "failover.healthCheckInterval",
-                "from 1000",
-            ),
-            (
                 r#"{"apiTokens": ["a"], "failover": {"healthCheckTimeout": 0}}"#,
                 "failover.healthCheckTimeout",
                 "from 1",
@@ -1708,7 +2025,7 @@ mod tests {
                 "same keys",
             ),
             (
-                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "failover": {"cooldownDuration": 1}}]}"#,
+                r#"{"apiTokens": ["a"], "fallbacks": [{"name": "f", "apiTokens": ["b"], "failover": {"cooldownDuration": 500, "minCooldownDuration": 1000}}]}"#,
                 "fallbacks[0].failover.cooldownDuration",
                 "between",
             ),
@@ -1726,5 +2043,236 @@ mod tests {
                 "{json}: {e} (wanted {needle:?})"
             );
         }
+    }
+
+    #[test]
+    fn higress_sub_second_timings_load_and_lower_the_default_minimum() {
+        for ms in [100, 200, 300, 500] {
+            let c = ok(&format!(
+                r#"{{"apiTokens": ["a"], "failover": {{"cooldownDuration": {ms}, "healthCheckModel": "m",
+                "healthCheckInterval": {ms}, "healthCheckTimeout": {ms}}}}}"#
+            ));
+            let f = &c.profiles[0].failover;
+            assert_eq!(
+                (f.cooldown_ms, f.min_cooldown_ms),
+                (ms, ms),
+                "an explicit shorter cooldown is the minimum"
+            );
+            let hc = f.health_check.as_ref().unwrap();
+            assert_eq!((hc.interval_ms, hc.timeout_ms), (ms, ms));
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        }
+        let c = ok(r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 5000}}"#);
+        assert_eq!(
+            c.profiles[0].failover.min_cooldown_ms, 1_000,
+            "a longer cooldown keeps the default minimum"
+        );
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 300, "minCooldownDuration": 50}}"#,
+        );
+        assert_eq!(c.profiles[0].failover.min_cooldown_ms, 50);
+        let e = fails(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 100, "minCooldownDuration": 200}}"#,
+        );
+        assert_eq!(e.field, "failover.cooldownDuration", "{e}");
+        assert!(
+            e.message.contains("between minCooldownDuration (200)"),
+            "{e}"
+        );
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 50, "maxCooldownDuration": 60}}"#,
+        );
+        assert_eq!(
+            (
+                c.profiles[0].failover.min_cooldown_ms,
+                c.profiles[0].failover.max_cooldown_ms
+            ),
+            (50, 60)
+        );
+        // Higress takes any positive interval; below the fastest tick it loads with a warning.
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckInterval": 50}}"#,
+        );
+        assert_eq!(
+            c.profiles[0]
+                .failover
+                .health_check
+                .as_ref()
+                .unwrap()
+                .interval_ms,
+            50
+        );
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("failover.healthCheckInterval") && w.contains("every 100 ms")),
+            "{:?}",
+            c.warnings
+        );
+        // A rule inherits the global cooldown; its own shorter one lowers only its minimum.
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 2000},
+            "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"], "failover": {"cooldownDuration": 100}}]}"#,
+        );
+        let (g, r) = (&c.profiles[0].failover, &c.profiles[1].failover);
+        assert_eq!((g.min_cooldown_ms, r.min_cooldown_ms), (1_000, 100));
+    }
+
+    #[test]
+    fn health_check_authority_is_validated() {
+        let c = ok(
+            r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckAuthority": "api.openai.com:443"}}"#,
+        );
+        assert_eq!(
+            c.profiles[0]
+                .failover
+                .health_check
+                .as_ref()
+                .unwrap()
+                .authority
+                .as_deref(),
+            Some("api.openai.com:443")
+        );
+        for bad in [
+            r#""""#,
+            r#""a b""#,
+            r#""api.openai.com/v1""#,
+            "7",
+            r#""x\r\ny""#,
+        ] {
+            let e = fails(&format!(
+                r#"{{"apiTokens": ["a"], "failover": {{"healthCheckModel": "m", "healthCheckAuthority": {bad}}}}}"#
+            ));
+            assert_eq!(e.field, "failover.healthCheckAuthority", "{bad}: {e}");
+            assert!(e.message.contains("host name"), "{e}");
+        }
+    }
+
+    /// Two keys whose 32-bit short hashes are equal, found by brute force (about 2^16 tries).
+    fn short_hash_collision() -> (String, String) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0u64.. {
+            let token = format!("sk-collide-{i}");
+            let short = short_hash("key", fnv1a64(token.as_bytes()));
+            if let Some(other) = seen.insert(short, token.clone()) {
+                return (other, token);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn keys_whose_short_hashes_collide_get_distinct_labels_and_stats() {
+        let (a, b) = short_hash_collision();
+        let (fa, fb) = (fnv1a64(a.as_bytes()), fnv1a64(b.as_bytes()));
+        assert_eq!(
+            short_hash("key", fa),
+            short_hash("key", fb),
+            "a real collision"
+        );
+        let c = ok(&format!(
+            r#"{{"name": "p", "apiTokens": ["{a}", "sk-other", "{b}"]}}"#
+        ));
+        let labels: Vec<String> = c.pools[0].keys.iter().map(|k| k.label()).collect();
+        assert_eq!(
+            labels[0],
+            format!("key-{fa:016x}"),
+            "lengthened to the whole fingerprint"
+        );
+        assert_eq!(labels[2], format!("key-{fb:016x}"));
+        assert_eq!(
+            labels[1],
+            short_hash("key", fnv1a64(b"sk-other")),
+            "others keep theirs"
+        );
+        let stats: std::collections::HashSet<String> = labels
+            .iter()
+            .map(|l| crate::metrics::key_metric_name("p", l, "available"))
+            .collect();
+        assert_eq!(stats.len(), 3, "one stat per key: {stats:?}");
+        assert!(labels.iter().all(|l| !l.contains("collide")), "{labels:?}");
+        // The same list in another order gets the same labels.
+        let again = ok(&format!(
+            r#"{{"name": "p", "apiTokens": ["{b}", "sk-other", "{a}"]}}"#
+        ));
+        let mut l1 = labels.clone();
+        let mut l2: Vec<String> = again.pools[0].keys.iter().map(|k| k.label()).collect();
+        l1.sort();
+        l2.sort();
+        assert_eq!(l1, l2);
+    }
+
+    #[test]
+    fn a_name_that_equals_another_keys_short_hash_does_not_share_its_stats() {
+        let fp = fnv1a64(b"sk-plain");
+        let taken = short_hash("key", fp);
+        let c = ok(&format!(
+            r#"{{"apiTokens": ["sk-plain", {{"token": "sk-named", "name": "{taken}"}}]}}"#
+        ));
+        let keys = &c.pools[0].keys;
+        assert_eq!(keys[1].label(), taken, "a configured name is kept");
+        assert_eq!(keys[0].label(), format!("key-{fp:016x}"));
+        // Even the long form taken by a name: a suffix keeps labels apart.
+        let long = format!("key-{fp:016x}");
+        let c = ok(&format!(
+            r#"{{"apiTokens": ["sk-plain", {{"token": "sk-b", "name": "{taken}"}}, {{"token": "sk-c", "name": "{long}"}}]}}"#
+        ));
+        assert_eq!(c.pools[0].keys[0].label(), format!("{long}-2"));
+    }
+
+    #[test]
+    fn labels_are_unique_even_when_every_short_hash_collides() {
+        let mut keys: Vec<KeyConfig> = (0..50u64)
+            .map(|i| KeyConfig {
+                token: format!("t{i}"),
+                name: (i % 7 == 0).then(|| format!("key-{:016x}", i + 1)),
+                weight: 1,
+                fingerprint: i,
+                label: String::new(),
+            })
+            .collect();
+        unique_labels(&mut keys, |_| "key-00000000".to_string());
+        let labels: std::collections::HashSet<String> = keys.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), keys.len(), "{labels:?}");
+    }
+
+    #[test]
+    fn ten_thousand_keys_get_unique_labels() {
+        let tokens: Vec<String> = (0..MAX_KEYS_PER_POOL)
+            .map(|i| format!("\"sk-bulk-{i:05}\""))
+            .collect();
+        let c = ok(&format!(r#"{{"apiTokens": [{}]}}"#, tokens.join(",")));
+        let labels: std::collections::HashSet<String> =
+            c.pools[0].keys.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), MAX_KEYS_PER_POOL);
+    }
+
+    #[test]
+    fn affinity_wait_and_preemptive_cooldown_parse_and_rules_inherit_them() {
+        let c = ok(
+            r#"{"apiTokens": ["a"], "affinity": {"header": "X-Session-ID"},
+                      "onAllUnavailable": "wait", "maxWaitMs": 500,
+                      "failover": {"preemptiveCooldown": true},
+                      "_rules_": [{"_match_route_": ["r"], "apiTokens": ["b"]},
+                                  {"_match_route_": ["q"], "apiTokens": ["c"], "maxWaitMs": 30000,
+                                   "affinity": {"header": "x-mse-consumer"}}]}"#,
+        );
+        let p = &c.profiles;
+        assert_eq!(p[0].affinity_header.as_deref(), Some("x-session-id"));
+        assert_eq!(p[0].on_all_unavailable, OnAllUnavailable::Wait);
+        assert_eq!(
+            (p[0].max_wait_ms, p[1].max_wait_ms, p[2].max_wait_ms),
+            (500, 500, 30_000)
+        );
+        assert_eq!(p[1].affinity_header.as_deref(), Some("x-session-id"));
+        assert_eq!(p[2].affinity_header.as_deref(), Some("x-mse-consumer"));
+        assert!(p.iter().all(|p| p.failover.preemptive_cooldown));
+        let d = ok(r#"{"apiTokens": ["a"]}"#);
+        assert_eq!(d.profiles[0].affinity_header, None);
+        assert_eq!(d.profiles[0].max_wait_ms, MAX_WAIT_DEFAULT_MS);
+        assert_eq!(
+            d.profiles[0].failover.preemptive_cooldown,
+            PREEMPTIVE_COOLDOWN_DEFAULT
+        );
     }
 }

@@ -8,6 +8,7 @@ use crate::health::{self, CheckRequest, PoolChecks};
 use crate::metrics::{MetricsHost, PoolMetrics};
 use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::rules::RequestFacts;
+use crate::schedule::{self, Every};
 use crate::select::{OnAllUnavailable, Rng, Selection};
 use crate::status::{classify, FailureClass, Verdict};
 use crate::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
@@ -70,6 +71,20 @@ pub enum Decision {
     Reject {
         retry_after_secs: u64,
     },
+    /// Every key is down and the profile says `wait`: hold the request for up to
+    /// `max_wait_ms` and ask again; `retry_after_secs` is what `reject` would say now.
+    Hold {
+        max_wait_ms: u64,
+        retry_after_secs: u64,
+    },
+}
+
+/// What a request brings to the key choice besides its profile and the keys it already failed
+/// with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// `affinity`: the hash of the session header's value, when the request carries it.
+    pub session: Option<u32>,
 }
 
 pub struct Engine {
@@ -91,6 +106,12 @@ pub struct Engine {
     target_learned: Vec<bool>,
     /// Per profile and key: the credential header's value (`Bearer sk-...`), built once.
     header_values: Vec<Vec<String>>,
+    /// The VM's tick period (`schedule::tick_period_ms`).
+    tick_ms: u64,
+    /// Per pool: its tick work runs on its own period, however fast the VM ticks.
+    pool_ticks: Vec<Every>,
+    /// Stats flush and purges: once a second.
+    housekeeping: Every,
 }
 
 /// What a health check's request got back.
@@ -126,15 +147,30 @@ impl Engine {
                 } else {
                     Selection::RoundRobin
                 };
-                PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection)
+                let store = PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection);
+                let affinity = config
+                    .profiles
+                    .iter()
+                    .any(|p| p.pool == i && p.affinity_header.is_some());
+                if affinity {
+                    store.with_affinity()
+                } else {
+                    store
+                }
             })
             .collect();
         let cursors = stores.iter().map(|_| rng.next_u64()).collect();
         let owner_id = rng.next_u64();
+        let periods: Vec<u64> = (0..config.pools.len())
+            .map(|pool| schedule::pool_period_ms(&config, pool))
+            .collect();
+        let tick_ms = schedule::tick_period_ms(&periods);
+        let pool_ticks = periods.iter().map(|&p| Every::new(p, tick_ms)).collect();
         let checks = config
             .pools
             .iter()
-            .map(|p| PoolChecks::new(p.keys.len()))
+            .zip(&periods)
+            .map(|(p, &period)| PoolChecks::new(p.keys.len(), period, tick_ms))
             .collect();
         let target_learned = vec![false; config.pools.len()];
         let header_values = config
@@ -160,16 +196,15 @@ impl Engine {
             checks,
             target_learned,
             header_values,
+            tick_ms,
+            pool_ticks,
+            housekeeping: Every::new(schedule::HOUSEKEEPING_MS, tick_ms),
         }
     }
 
-    /// The health-check settings of a pool: those of the first profile using it that has some.
-    fn pool_health(&self, pool: usize) -> Option<(&Profile, &HealthCheck)> {
-        self.config
-            .profiles
-            .iter()
-            .filter(|p| p.pool == pool)
-            .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
+    /// How often the host should call `tick`, in ms.
+    pub fn tick_period_ms(&self) -> u64 {
+        self.tick_ms
     }
 
     /// Whether a request of this profile should tell the engine where it goes: once per VM and
@@ -216,17 +251,21 @@ impl Engine {
     pub fn health_checks_due(&mut self, host: &dyn Host, now_ms: u64) -> Vec<CheckRequest> {
         let mut due = Vec::new();
         for pool in 0..self.stores.len() {
-            let Some((profile, check)) = self.pool_health(pool) else {
+            let Some((profile, check)) = pool_health(&self.config, pool) else {
                 continue;
             };
             let (Some(store), Some(checks), Some(keys)) = (
                 self.stores.get(pool),
-                self.checks.get(pool),
+                self.checks.get_mut(pool),
                 self.config.pools.get(pool).map(|p| &p.keys),
             ) else {
                 continue;
             };
-            if !store.try_lead(host, self.owner_id, now_ms, health::LEASE_MS) {
+            let owner_id = self.owner_id;
+            if !checks.lead(now_ms, || {
+                store.try_lead(host, owner_id, now_ms, health::LEASE_MS)
+            }) || !checks.planning_due(now_ms)
+            {
                 continue;
             }
             let keys_due = checks.due(
@@ -238,24 +277,15 @@ impl Engine {
             if keys_due.is_empty() {
                 continue;
             }
-            // A configured cluster wins; the authority comes from live traffic when known.
-            let learned = store.read_target(host);
-            let Some((cluster, authority)) = (match (&check.cluster, learned) {
-                (Some(cluster), learned) => {
-                    Some((cluster.clone(), learned.map(|(_, a)| a).unwrap_or_default()))
-                }
-                (None, learned) => learned,
-            }) else {
+            let Some(target) = health::target(check, store.read_target(host)) else {
                 log::debug!(
                     "pool {}: no traffic seen yet; health checks wait to learn the cluster",
-                    self.pool_label(pool)
+                    self.config
+                        .pools
+                        .get(pool)
+                        .map_or("?", |p| p.label.as_str())
                 );
                 continue;
-            };
-            let authority = if authority.is_empty() {
-                cluster.clone()
-            } else {
-                authority
             };
             let path = check
                 .path
@@ -269,18 +299,19 @@ impl Engine {
                 due.push(CheckRequest {
                     pool,
                     key,
-                    cluster: cluster.clone(),
+                    cluster: target.cluster.clone(),
                     headers: health::headers(
                         profile.provider,
                         &profile.auth,
                         &k.token,
                         &path,
-                        &authority,
+                        &target.authority,
                     ),
                     body: body.clone(),
                     timeout_ms: check.timeout_ms,
                 });
             }
+            checks.set_target(target);
         }
         for req in &due {
             if let Some(checks) = self.checks.get_mut(req.pool) {
@@ -310,7 +341,7 @@ impl Engine {
         answer: CheckAnswer,
         now_ms: u64,
     ) {
-        let Some((profile, check)) = self.pool_health(pool) else {
+        let Some((profile, check)) = pool_health(&self.config, pool) else {
             return;
         };
         let (threshold, policy, respect_hints) = (
@@ -370,8 +401,13 @@ impl Engine {
                     Some(Verdict::KeyFailure(class)) => class,
                     Some(Verdict::Neutral) => {
                         log::warn!(
-                            "pool {pool_label}: health check of key {label} got status {}, which says nothing about the key; check healthCheckModel and healthCheckPath",
-                            status.unwrap_or(0)
+                            "{}",
+                            health::neutral_answer_warning(
+                                &pool_label,
+                                &label,
+                                status.unwrap_or(0),
+                                checks.target()
+                            )
                         );
                         return;
                     }
@@ -496,6 +532,18 @@ impl Engine {
         clock: &Clock,
         avoid: &[(usize, usize)],
     ) -> Decision {
+        self.decide_with(host, profile, clock, avoid, Ask::default())
+    }
+
+    /// `decide`, with what the request brings (its session).
+    pub fn decide_with(
+        &mut self,
+        host: &dyn Host,
+        profile: Option<usize>,
+        clock: &Clock,
+        avoid: &[(usize, usize)],
+        ask: Ask,
+    ) -> Decision {
         let Some((primary, p)) = profile.and_then(|i| self.config.profiles.get(i).map(|p| (i, p)))
         else {
             return Decision::Untouched;
@@ -514,7 +562,7 @@ impl Engine {
                     continue;
                 };
                 if let Some((key, sent)) =
-                    self.serve_from(host, profile_idx, clock, avoid, honour_avoid)
+                    self.serve_from(host, profile_idx, clock, avoid, honour_avoid, ask)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
                     self.count(pool, true);
@@ -563,6 +611,14 @@ impl Engine {
                     sent: SentAs::WhileDown,
                 })
             }
+            (OnAllUnavailable::Wait, _) => Decision::Hold {
+                max_wait_ms: self
+                    .config
+                    .profiles
+                    .get(primary)
+                    .map_or(0, |p| p.max_wait_ms),
+                retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+            },
             _ => {
                 self.count(primary_pool, false);
                 Decision::Reject {
@@ -570,6 +626,56 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A held request is answered as `reject` after all (its wait ran out, or the queue is
+    /// full): counted as rejected then, once, not on every look while it was held.
+    pub fn count_rejected(&mut self, profile: usize) {
+        if let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) {
+            self.count(pool, false);
+        }
+    }
+
+    /// `affinity`: the header whose value names a request's session, for this profile.
+    pub fn affinity_header(&self, profile: usize) -> Option<&str> {
+        self.config
+            .profiles
+            .get(profile)?
+            .affinity_header
+            .as_deref()
+    }
+
+    /// A session's key: its own (the owner on the ring of every key) while in rotation, or its
+    /// probe when the key's time out is over; else the next key in rotation on the ring.
+    /// None when no key fits: the request is then served as one without a session.
+    fn serve_session(
+        &mut self,
+        host: &dyn Host,
+        pool: usize,
+        hash: u32,
+        clock: &Clock,
+        avoid: &[usize],
+    ) -> Option<(usize, SentAs)> {
+        let store = self.stores.get(pool)?;
+        let home = store.ring()?.owner(hash)?;
+        if !avoid.contains(&home) {
+            let state = store.state().keys.get(home)?;
+            if state.is_available() {
+                return Some((home, SentAs::Normal));
+            }
+            // Its own sessions bring a key back: nobody else's request is moved to probe it.
+            if state.probe_claimable() {
+                if let Some(claim_ms) = self.claim_probe(host, pool, home, clock.now()) {
+                    return Some((home, SentAs::Probe { claim_ms }));
+                }
+            }
+        }
+        self.stores
+            .get(pool)?
+            .view()
+            .session_key(hash)
+            .filter(|k| !avoid.contains(k))
+            .map(|k| (k, SentAs::Normal))
     }
 
     /// The profile at `position` in `primary`'s chain: itself first, then its fallbacks.
@@ -594,9 +700,11 @@ impl Engine {
         clock: &Clock,
         avoid: &[(usize, usize)],
         honour_avoid: bool,
+        ask: Ask,
     ) -> Option<(usize, SentAs)> {
         let p = self.config.profiles.get(profile)?;
         let (pool, selection) = (p.pool, p.selection);
+        let session = ask.session.filter(|_| p.affinity_header.is_some());
         let avoid_here: Vec<usize> = if honour_avoid {
             avoid
                 .iter()
@@ -607,6 +715,11 @@ impl Engine {
             Vec::new()
         };
         self.refresh_and_advance(host, pool, clock);
+        if let Some(hash) = session {
+            if let Some(found) = self.serve_session(host, pool, hash, clock, &avoid_here) {
+                return Some(found);
+            }
+        }
         // A key whose time out is over is tried by exactly one request: whoever claims it.
         let candidate = self
             .stores
@@ -614,8 +727,8 @@ impl Engine {
             .and_then(|s| s.view().probe_candidate())
             .filter(|k| !avoid_here.contains(k));
         if let Some(key) = candidate {
-            if self.claim_probe(host, pool, key, clock.now()) {
-                return Some((key, SentAs::Probe));
+            if let Some(claim_ms) = self.claim_probe(host, pool, key, clock.now()) {
+                return Some((key, SentAs::Probe { claim_ms }));
             }
         }
         let store = self.stores.get(pool)?;
@@ -686,13 +799,23 @@ impl Engine {
         }
     }
 
-    fn claim_probe(&mut self, host: &dyn Host, pool: usize, key: usize, now_ms: u64) -> bool {
+    /// Claims the probe of `key`; on success, what names the claim (see `SentAs::Probe`).
+    fn claim_probe(
+        &mut self,
+        host: &dyn Host,
+        pool: usize,
+        key: usize,
+        now_ms: u64,
+    ) -> Option<u64> {
         let events = self.change(host, pool, now_ms, |s| {
             s.claim_probe(key, now_ms, PROBE_LEASE_MS)
                 .into_iter()
                 .collect()
         });
-        events.contains(&Event::ProbeClaimed { key })
+        events.iter().find_map(|e| match *e {
+            Event::ProbeClaimed { key: k, until_ms } if k == key => Some(until_ms),
+            _ => None,
+        })
     }
 
     /// The header to put on the upstream request for this key: `(name, value)`.
@@ -760,20 +883,35 @@ impl Engine {
         let pool = p.pool;
         let policy = p.failover.policy();
         let key = sent.key;
-        let Some(cached) = self.stores.get(pool).and_then(|s| s.state().keys.get(key)) else {
+        let needs_write = |store: &PoolStore| {
+            store.state().keys.get(key).map(|cached| match verdict {
+                Verdict::KeyFailure(_) => true,
+                Verdict::Success => {
+                    !cached.is_available()
+                        || cached.consecutive_failures > 0
+                        || cached.strikes > 0
+                        || sent.sent.is_probe()
+                }
+                Verdict::Neutral => sent.sent.is_probe(),
+            })
+        };
+        let Some(mut write) = self.stores.get(pool).and_then(needs_write) else {
             return;
         };
-        let needs_write = match verdict {
-            Verdict::KeyFailure(_) => true,
-            Verdict::Success => {
-                !cached.is_available()
-                    || cached.consecutive_failures > 0
-                    || cached.strikes > 0
-                    || sent.sent == SentAs::Probe
+        if !write && verdict == Verdict::Success && policy.failure_threshold > 1 {
+            // The cache is as old as the request: another worker may have counted a failure
+            // since. This success comes after that failure, so it must reset the count, or that
+            // worker's next failure would be taken as the next in a row. One epoch read (the
+            // state only if it moved). With a threshold of 1 no count ever stays on an available
+            // key, so successes there read nothing.
+            if let Some(store) = self.stores.get_mut(pool) {
+                if let Err(e) = store.refresh(host) {
+                    log::debug!("reading shared state failed ({e:?}); using the cached copy");
+                }
             }
-            Verdict::Neutral => sent.sent == SentAs::Probe,
-        };
-        if !needs_write {
+            write = self.stores.get(pool).and_then(needs_write).unwrap_or(false);
+        }
+        if !write {
             return;
         }
         let now_ms = clock.now();
@@ -788,40 +926,92 @@ impl Engine {
             _ => None,
         };
         self.change(host, pool, now_ms, |s| {
-            let event = match (verdict, failure) {
-                (Verdict::KeyFailure(_), Some(f)) => s.record_failure(key, &f, now_ms, &policy),
-                (Verdict::Success, _) => s.record_success(key, sent.sent),
-                _ => s.release_probe(key),
+            let event = match (verdict, failure, sent.sent) {
+                (Verdict::KeyFailure(_), Some(f), SentAs::Probe { claim_ms }) => {
+                    s.record_probe_failure(key, claim_ms, &f, now_ms, &policy)
+                }
+                (Verdict::KeyFailure(_), Some(f), _) => s.record_failure(key, &f, now_ms, &policy),
+                (Verdict::Success, _, _) => s.record_success(key, sent.sent),
+                (_, _, SentAs::Probe { claim_ms }) => s.release_probe(key, claim_ms),
+                _ => None,
             };
             event.into_iter().collect()
+        });
+    }
+
+    /// `failover.preemptiveCooldown`: the budget headers a success of this profile should be
+    /// read for, or None (off, failover off, or a provider that sends none).
+    pub fn wants_budget(&self, profile: usize) -> Option<crate::budget::Family> {
+        let p = self.config.profiles.get(profile)?;
+        if !(p.failover.enabled && p.failover.preemptive_cooldown) {
+            return None;
+        }
+        crate::budget::family(p.provider)
+    }
+
+    /// A success said the key's budget is used up for `spent_for_ms`: the key rests until the
+    /// reset, clamped to `[minCooldownDuration, maxCooldownDuration]`, with no failure counted.
+    pub fn spend(&mut self, host: &dyn Host, sent: Assignment, spent_for_ms: u64, clock: &Clock) {
+        let Some(p) = self.config.profiles.get(sent.profile) else {
+            return;
+        };
+        let (pool, min, max) = (
+            p.pool,
+            p.failover.min_cooldown_ms,
+            p.failover.max_cooldown_ms,
+        );
+        let now_ms = clock.now();
+        let until_ms = now_ms.saturating_add(spent_for_ms.clamp(min, max.max(min)));
+        self.change(host, pool, now_ms, |s| {
+            s.spend(sent.key, now_ms, until_ms).into_iter().collect()
         });
     }
 
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
-        if sent.sent != SentAs::Probe {
+        let SentAs::Probe { claim_ms } = sent.sent else {
             return;
-        }
+        };
         let Some(pool) = self.config.profiles.get(sent.profile).map(|p| p.pool) else {
             return;
         };
         self.change(host, pool, now_ms, |s| {
-            s.release_probe(sent.key).into_iter().collect()
+            s.release_probe(sent.key, claim_ms).into_iter().collect()
         });
     }
 
     /// Periodic work: end time outs that are over, even with no traffic, and bring the stats in
     /// line with the shared state.
+    ///
+    /// The VM may tick faster than a pool needs (another pool has a 100 ms cooldown): each pool
+    /// is advanced on its own period, and stats and purges run once a second, so a fast tick
+    /// adds only the work that needs it.
     pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
-        self.attempts.purge(now_ms);
+        let housekeeping = self.housekeeping.due(now_ms);
+        if housekeeping {
+            self.attempts.purge(now_ms);
+        }
         for pool in 0..self.stores.len() {
-            self.refresh_and_advance(host, pool, &Clock::at(now_ms));
+            if self.pool_ticks.get_mut(pool).is_some_and(|t| t.due(now_ms)) {
+                self.refresh_and_advance(host, pool, &Clock::at(now_ms));
+            }
+            if !housekeeping {
+                continue;
+            }
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get_mut(pool))
             {
                 m.count_decode_failed(host, store.take_decode_failures());
                 m.sync(host, store.state());
             }
+        }
+    }
+
+    /// Flushes the request counters summed since the last tick: the engine's last act before
+    /// it goes away (Envoy replaced its root context on a reload, or the VM stops).
+    pub fn flush_counters(&mut self, host: &dyn Host) {
+        for m in &mut self.metrics {
+            m.flush_counters(host);
         }
     }
 
@@ -915,6 +1105,20 @@ impl Engine {
             match *event {
                 Event::MarkedDown {
                     key,
+                    class: FailureClass::BudgetSpent,
+                    until_ms,
+                    ..
+                } => {
+                    went_out = true;
+                    log::info!(
+                        "pool {p}: key {} reported its budget used up ({}); rests, {} without a probe",
+                        key_label(key),
+                        FailureClass::BudgetSpent.name(),
+                        back_in(until_ms)
+                    );
+                }
+                Event::MarkedDown {
+                    key,
                     status,
                     class,
                     until_ms,
@@ -964,7 +1168,7 @@ impl Engine {
                         key_label(key)
                     )
                 }
-                Event::ProbeClaimed { key } => {
+                Event::ProbeClaimed { key, .. } => {
                     log::debug!("pool {p}: probing key {}", key_label(key))
                 }
                 Event::ProbeReleased { key } => {
@@ -999,6 +1203,16 @@ impl Engine {
 }
 
 /// `1234` ms as `1.2s`: integer arithmetic, so no float formatting code ends up in the module.
+/// The health-check settings of a pool: those of the first profile using it that has some.
+/// A function of the config alone, so the engine's other fields stay free to borrow.
+fn pool_health(config: &PluginConfig, pool: usize) -> Option<(&Profile, &HealthCheck)> {
+    config
+        .profiles
+        .iter()
+        .filter(|p| p.pool == pool)
+        .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
+}
+
 fn seconds(ms: u64) -> String {
     format!("{}.{}s", ms / 1000, (ms % 1000) / 100)
 }
@@ -1198,7 +1412,8 @@ mod tests {
         }
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
         let (_, probe_key, how) = use_key(w2.decide(&host, g, &Clock::at(1120), &[]));
-        assert_eq!((probe_key, how), (k, SentAs::Probe));
+        assert_eq!(probe_key, k);
+        assert!(how.is_probe(), "{how:?}");
         for _ in 0..4 {
             let (_, k2, how) = use_key(w1.decide(&host, g, &Clock::at(1121), &[]));
             assert_ne!(k2, k, "one probe at a time, on any worker");
@@ -1206,7 +1421,7 @@ mod tests {
         }
         w2.record(
             &host,
-            sent(p, k, SentAs::Probe),
+            sent(p, k, how),
             Verdict::Success,
             200,
             None,
@@ -1216,6 +1431,63 @@ mod tests {
             .map(|_| use_key(w1.decide(&host, g, &Clock::at(1131), &[])).1)
             .collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
+    }
+
+    #[test]
+    fn a_request_sent_before_an_outage_that_fails_after_it_leaves_the_probe_alone() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "p", "apiTokens": [{"token": "a", "name": "ka"}, "b"],
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut a = engine(cfg, 1);
+        let mut b = engine(cfg, 2);
+        a.start(&host, 0);
+        b.start(&host, 0);
+        // A's request goes out with key 0 while it is available; it answers late.
+        let slow = sent(0, 0, SentAs::Normal);
+        b.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            RATE,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        let (_, k, probe) = use_key(b.decide(&host, Some(0), &Clock::at(1_200), &[]));
+        assert_eq!(k, 0);
+        assert!(probe.is_probe(), "{probe:?}");
+        a.record(&host, slow, SERVER, 503, None, &Clock::at(1_300));
+        for _ in 0..4 {
+            let (_, k, how) = use_key(a.decide(&host, Some(0), &Clock::at(1_400), &[]));
+            assert_eq!((k, how), (1, SentAs::Normal), "the probe is still out");
+        }
+        let SentAs::Probe { claim_ms } = probe else {
+            unreachable!()
+        };
+        let key = &a.stores()[0].state().keys[0];
+        assert!(
+            key.probe_held_by(claim_ms),
+            "the probe keeps its claim: {key:?}"
+        );
+        assert_eq!(key.strikes, 1);
+        let m = |name: &str| host.metrics.get(&format!("ai_key_failover.pool.p.{name}"));
+        assert_eq!(
+            m("probes_failed"),
+            0,
+            "the stale failure was not the probe's"
+        );
+        assert_eq!(m("key.ka.key_marked_down"), 1, "one outage");
+        b.record(
+            &host,
+            sent(0, 0, probe),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1_500),
+        );
+        a.tick(&host, 1_600);
+        let key = &a.stores()[0].state().keys[0];
+        assert!(key.is_available() && key.strikes == 0, "{key:?}");
+        assert_eq!(m("keys_restored"), 1);
     }
 
     #[test]
@@ -1232,33 +1504,29 @@ mod tests {
             &Clock::at(0),
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Probe),
-            SERVER,
-            503,
-            None,
-            &Clock::at(1200),
-        );
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
+        w.record(&host, sent(0, 0, how), SERVER, 503, None, &Clock::at(1200));
         let key = &w.stores()[0].state().keys[0];
         assert_eq!(key.strikes, 2);
         let cooldown = key.down_until_ms - 1200;
         assert!((3_000..=3_300).contains(&cooldown), "{cooldown}");
         // The next probe comes back with nothing to say (a local reply): another may probe.
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5000), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
         w.record(
             &host,
-            sent(0, 0, SentAs::Probe),
+            sent(0, 0, how),
             Verdict::Neutral,
             504,
             None,
             &Clock::at(5001),
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5002), &[]));
-        assert_eq!((k, how), (0, SentAs::Probe));
-        w.abandon(&host, sent(0, 0, SentAs::Probe), 5003);
+        assert_eq!(k, 0);
+        assert!(how.is_probe(), "{how:?}");
+        w.abandon(&host, sent(0, 0, how), 5003);
         assert!(w.stores()[0].state().keys[0].probe_claimable());
     }
 
@@ -1393,6 +1661,71 @@ mod tests {
     }
 
     #[test]
+    fn a_success_on_one_worker_resets_the_count_a_failure_on_another_raised() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"failureThreshold": 2}}"#;
+        let mut a = engine(cfg, 1);
+        let mut b = engine(cfg, 2);
+        // Both requests start (and refresh their worker's cache) before either answer is in.
+        a.decide(&host, Some(0), &Clock::at(0), &[]);
+        b.decide(&host, Some(0), &Clock::at(0), &[]);
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(10),
+        );
+        b.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(20),
+        );
+        a.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(30),
+        );
+        let shared = |w: &mut Engine| {
+            w.tick(&host, 40);
+            w.stores()[0].state().keys[0].clone()
+        };
+        let key = shared(&mut b);
+        assert!(
+            key.is_available(),
+            "a success came between the two failures: {key:?}"
+        );
+        assert_eq!(
+            key.consecutive_failures, 1,
+            "the failure after the success is the first again"
+        );
+        assert_eq!(shared(&mut a), key, "both workers see the same state");
+        // Threshold 1 (the default) keeps successes free of shared-data reads: an available
+        // key never holds a count there.
+        let one = r#"{"apiTokens": ["a", "b"]}"#;
+        let host = TestHost::default();
+        let mut w = engine(one, 3);
+        w.decide(&host, Some(0), &Clock::at(0), &[]);
+        let gets = host.shared.gets.get();
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1),
+        );
+        assert_eq!(host.shared.gets.get(), gets);
+    }
+
+    #[test]
     fn reject_answers_with_whole_seconds_until_the_first_return() {
         let host = TestHost::default();
         let mut w = engine(
@@ -1431,7 +1764,7 @@ mod tests {
             w.decide(&host, Some(0), &Clock::at(2800), &[]),
             Decision::UseKey(Assignment {
                 key: 0,
-                sent: SentAs::Probe,
+                sent: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1503,6 +1836,29 @@ mod tests {
     }
 
     #[test]
+    fn request_counts_since_the_last_tick_are_flushed_when_the_engine_goes() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "main", "apiTokens": ["a", "b"]}"#;
+        let mut old = engine(cfg, 3);
+        old.start(&host, 0);
+        old.decide(&host, Some(0), &Clock::at(0), &[]);
+        old.tick(&host, 1000);
+        for _ in 0..3 {
+            old.decide(&host, Some(0), &Clock::at(1500), &[]);
+        }
+        let keyed = || host.metrics.get("ai_key_failover.pool.main.requests_keyed");
+        assert_eq!(keyed(), 1, "counted locally until the next tick");
+        // A reload: the new engine defines the same stats; the old one never ticks again.
+        let mut new = engine(cfg, 4);
+        new.start(&host, 1600);
+        old.flush_counters(&host);
+        assert_eq!(keyed(), 4);
+        old.flush_counters(&host);
+        new.tick(&host, 2000);
+        assert_eq!(keyed(), 4, "each count is flushed once");
+    }
+
+    #[test]
     fn metrics_count_requests_transitions_and_follow_availability() {
         let host = TestHost::default();
         let cfg = r#"{"name": "main", "apiTokens": [{"token": "a", "name": "ka"}, "b"], "onAllUnavailable": "reject",
@@ -1550,7 +1906,7 @@ mod tests {
             "a key whose time out ended waits for its probe"
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
-        assert_eq!(how, SentAs::Probe);
+        assert!(how.is_probe(), "{how:?}");
         w.record(
             &host,
             sent(0, k, how),
@@ -1782,7 +2138,7 @@ mod tests {
         assert!(matches!(
             d,
             Decision::UseKey(Assignment {
-                sent: SentAs::Probe,
+                sent: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1849,5 +2205,392 @@ mod tests {
         assert_eq!(seconds(1_234), "1.2s");
         assert_eq!(seconds(60_000), "60.0s");
         assert_eq!(seconds(3_600_099), "3600.0s");
+    }
+
+    /// A host that counts shared-data reads and writes per entry name.
+    #[derive(Default)]
+    struct CountingHost {
+        inner: TestHost,
+        ops: std::cell::RefCell<Vec<(&'static str, String)>>,
+    }
+
+    impl CountingHost {
+        fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
+            let name = format!("{}/{entry_suffix}", crate::store::entry_prefix(pool_id));
+            self.ops
+                .borrow()
+                .iter()
+                .filter(|(o, k)| *o == op && *k == name)
+                .count()
+        }
+    }
+
+    impl SharedData for CountingHost {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            self.ops.borrow_mut().push(("get", key.to_string()));
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.ops.borrow_mut().push(("set", key.to_string()));
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    impl MetricsHost for CountingHost {
+        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+            self.inner.define(kind, name)
+        }
+        fn increment(&self, id: u32, delta: u64) {
+            self.inner.increment(id, delta)
+        }
+        fn record(&self, id: u32, value: u64) {
+            self.inner.record(id, value)
+        }
+    }
+
+    #[test]
+    fn a_100_ms_cooldown_ends_on_the_next_100_ms_tick_without_traffic() {
+        let host = TestHost::default();
+        // A Higress value: a 100 ms cooldown.
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 100}}"#;
+        let mut w = engine(cfg, 1);
+        assert_eq!(w.tick_period_ms(), 100);
+        w.start(&host, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(1_000),
+        );
+        let until = w.stores()[0].state().keys[0].down_until_ms;
+        assert!(
+            (1_100..=1_110).contains(&until),
+            "100 ms plus jitter: {until}"
+        );
+        let mut back_at = None;
+        for now in (1_000..=2_000).step_by(100) {
+            w.tick(&host, now);
+            if w.stores()[0].view().probe_candidate() == Some(0) {
+                back_at = Some(now);
+                break;
+            }
+        }
+        let back_at = back_at.expect("the key never became a probe candidate");
+        assert!(
+            back_at <= 1_200,
+            "back at {back_at}, not at the next 1 s tick"
+        );
+        // With traffic the request itself ends the time out, to the millisecond.
+        let host = TestHost::default();
+        let mut w2 = engine(cfg, 2);
+        w2.start(&host, 0);
+        w2.record(
+            &host,
+            sent(0, 1, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(3_000),
+        );
+        let until = w2.stores()[0].state().keys[1].down_until_ms;
+        let (_, key, how) = use_key(w2.decide_for(&host, 0, until));
+        assert_eq!(key, 1);
+        assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
+    }
+
+    #[test]
+    fn a_fast_tick_does_not_flush_stats_renew_the_lease_or_advance_slow_pools_more_often() {
+        let host = CountingHost::default();
+        // The rule's pool needs 100 ms ticks; the global pool keeps its 1 s period.
+        let cfg = r#"{"name": "slow", "apiTokens": ["a", "b"], "failover": {"healthCheckModel": "m",
+            "healthCheckCluster": "c", "cooldownDuration": 60000},
+            "_rules_": [{"_match_route_": ["r"], "name": "fast", "apiTokens": ["c"],
+                         "failover": {"cooldownDuration": 100}}]}"#;
+        let mut w = engine(cfg, 1);
+        assert_eq!(w.tick_period_ms(), 100);
+        let (slow_id, fast_id) = (w.config().pools[0].id, w.config().pools[1].id);
+        w.start(&host, 0);
+        // A key of the slow pool is out, so its checks have something to plan.
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        host.ops.borrow_mut().clear();
+        let keyed = |host: &CountingHost| {
+            host.inner
+                .metrics
+                .get("ai_key_failover.pool.slow.requests_keyed")
+        };
+        let mut flushed_at = Vec::new();
+        for now in (100..=3_000).step_by(100) {
+            w.decide(&host, Some(0), &Clock::at(now), &[]);
+            let before = keyed(&host);
+            w.tick(&host, now);
+            w.health_checks_due(&host, now);
+            if keyed(&host) != before {
+                flushed_at.push(now);
+            }
+        }
+        assert_eq!(
+            flushed_at,
+            vec![1_000, 2_000, 3_000],
+            "stats flush once a second"
+        );
+        let lease_looks = host.count("get", "health-lease", slow_id);
+        assert!(
+            (3..=4).contains(&lease_looks)
+                && host.count("set", "health-lease", slow_id) == lease_looks,
+            "the lease is renewed once a second: {lease_looks} looks in 3 s"
+        );
+        // Ticks alone: 30 for the fast pool; the slow pool's are once a second (requests read
+        // its epoch too, 30 of them).
+        assert_eq!(host.count("get", "epoch", fast_id), 30);
+        let slow_epoch_reads = host.count("get", "epoch", slow_id);
+        assert!(
+            (33..=34).contains(&slow_epoch_reads),
+            "30 requests and one tick a second: {slow_epoch_reads}"
+        );
+    }
+
+    #[test]
+    fn checks_remember_whether_their_authority_was_only_the_cluster_name() {
+        use crate::health::AuthoritySource;
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000,
+                      "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        w.record(
+            &host,
+            sent(0, 0, SentAs::Normal),
+            SERVER,
+            503,
+            None,
+            &Clock::at(0),
+        );
+        let due = w.health_checks_due(&host, 1_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "provider_cluster".into())));
+        let target = w.checks[0].target().unwrap();
+        assert_eq!(target.source, AuthoritySource::ClusterName);
+        let neutral = CheckAnswer {
+            status: Some(404),
+            headers: &[],
+            body: b"",
+        };
+        w.health_check_done(&host, 0, 0, neutral, 1_100);
+        assert!(
+            !w.stores()[0].state().keys[0].is_available(),
+            "a 404 says nothing about the key"
+        );
+        // Live traffic then shows the provider's host: later checks carry it.
+        w.learn_target(&host, 0, "provider_cluster", "api.provider.test");
+        let due = w.health_checks_due(&host, 6_000);
+        assert!(due[0]
+            .headers
+            .contains(&(":authority".into(), "api.provider.test".into())));
+        assert_eq!(
+            w.checks[0].target().map(|t| t.source),
+            Some(AuthoritySource::Learned)
+        );
+    }
+
+    #[test]
+    fn a_spent_budget_moves_every_worker_off_the_key_until_the_reset_with_no_probe_or_strike() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"preemptiveCooldown": true}}"#;
+        let mut w1 = engine(cfg, 1);
+        let mut w2 = engine(cfg, 2);
+        w1.start(&host, 0);
+        w2.start(&host, 0);
+        let g = w1.profile_for(&mut NoFacts);
+        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        assert!(w1.wants_budget(p).is_some());
+        w1.record(
+            &host,
+            sent(p, k, SentAs::Normal),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(10),
+        );
+        // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
+        w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
+        for now in [20, 600, 1_009] {
+            for _ in 0..4 {
+                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
+                assert_ne!(k2, k, "at {now}");
+            }
+        }
+        let pool = "ai_key_failover.pool.";
+        let counted = |name: &str| {
+            host.metrics
+                .values
+                .borrow()
+                .iter()
+                .filter(|(n, _)| n.starts_with(pool) && n.ends_with(name))
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        };
+        assert_eq!(counted("class.budget_spent.keys_marked_down"), 1);
+        assert_eq!(counted("class.rate_limit.keys_marked_down"), 0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let (_, k2, how) = use_key(w2.decide(&host, g, &Clock::at(1_010), &[]));
+            assert_eq!(
+                how,
+                SentAs::Normal,
+                "back in rotation at the reset: no probe"
+            );
+            seen.insert(k2);
+        }
+        assert!(seen.contains(&k));
+        let key = &w2.stores()[0].state().keys[k];
+        assert_eq!((key.strikes, key.consecutive_failures), (0, 0));
+        assert_eq!(counted("keys_restored"), 1);
+    }
+
+    #[test]
+    fn preemptive_cooldown_is_read_only_when_on_and_the_provider_reports_budgets() {
+        for (cfg, wanted) in [
+            (
+                r#"{"apiTokens": ["a"]}"#,
+                crate::config::PREEMPTIVE_COOLDOWN_DEFAULT,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true}}"#,
+                true,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": false}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "provider": "gemini", "failover": {"preemptiveCooldown": true}}"#,
+                false,
+            ),
+            (
+                r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true, "enabled": false}}"#,
+                false,
+            ),
+        ] {
+            let e = engine(cfg, 1);
+            assert_eq!(e.wants_budget(0).is_some(), wanted, "{cfg}");
+        }
+    }
+
+    #[test]
+    fn a_session_keeps_its_key_moves_only_when_it_goes_out_and_returns_with_its_probe() {
+        let host = TestHost::default();
+        let cfg = r#"{"apiTokens": ["a", "b", "c", "d"], "affinity": {"header": "x-session-id"},
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let g = w.profile_for(&mut NoFacts);
+        let session = |i: usize| Ask {
+            session: Some(crate::affinity::session_hash(format!("s{i}").as_bytes())),
+        };
+        let pick = |w: &mut Engine, i: usize, now: u64| {
+            use_key(w.decide_with(&host, g, &Clock::at(now), &[], session(i)))
+        };
+        let home: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 0).1).collect();
+        for _ in 0..3 {
+            for (i, &k) in home.iter().enumerate() {
+                assert_eq!(pick(&mut w, i, 0).1, k, "session {i}");
+            }
+        }
+        let used: std::collections::HashSet<_> = home.iter().collect();
+        assert!(used.len() >= 3, "sessions spread over the pool: {used:?}");
+        let out = home[0];
+        let p = g.unwrap();
+        let v = w.verdict(p, 429, false);
+        w.record(
+            &host,
+            sent(p, out, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        let moved: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 20).1).collect();
+        for (i, (&before, &now)) in home.iter().zip(&moved).enumerate() {
+            if before == out {
+                assert_ne!(now, out, "session {i} left the key that went out");
+                assert_eq!(pick(&mut w, i, 30).1, now, "and stays on one other key");
+            } else {
+                assert_eq!(now, before, "session {i} of another key kept it");
+            }
+        }
+        // After the cooldown, the key's own session probes it and its sessions come back.
+        let (_, k, how) = pick(&mut w, 0, 1_200);
+        assert_eq!(k, out);
+        assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
+        w.record(
+            &host,
+            sent(p, out, how),
+            Verdict::Success,
+            200,
+            None,
+            &Clock::at(1_210),
+        );
+        for (i, &k) in home.iter().enumerate() {
+            assert_eq!(pick(&mut w, i, 1_220).1, k, "session {i} is home again");
+        }
+        // A request without the header uses `selection` as before.
+        let plain: std::collections::HashSet<_> = (0..8)
+            .map(|_| use_key(w.decide(&host, g, &Clock::at(1_230), &[])).1)
+            .collect();
+        assert_eq!(plain.len(), 4);
+    }
+
+    #[test]
+    fn wait_mode_holds_without_counting_a_rejection_until_told() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "p", "apiTokens": ["a"], "onAllUnavailable": "wait", "maxWaitMs": 1500,
+                      "failover": {"cooldownDuration": 1000}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let g = w.profile_for(&mut NoFacts);
+        let p = g.unwrap();
+        let v = w.verdict(p, 429, false);
+        w.record(
+            &host,
+            sent(p, 0, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(0),
+        );
+        for now in [10, 500] {
+            assert!(matches!(
+                w.decide_for(&host, p, now),
+                Decision::Hold {
+                    max_wait_ms: 1_500,
+                    retry_after_secs: 1 | 2
+                }
+            ));
+        }
+        w.count_rejected(p);
+        w.tick(&host, 600);
+        assert_eq!(
+            host.metrics.get("ai_key_failover.pool.p.requests_rejected"),
+            1
+        );
+        let (_, _, how) = use_key(w.decide_for(&host, p, 1_200));
+        assert!(
+            matches!(how, SentAs::Probe { .. }),
+            "the first held request to ask after the time out probes: {how:?}"
+        );
+        assert!(matches!(
+            w.decide_for(&host, p, 1_201),
+            Decision::Hold { .. }
+        ));
     }
 }

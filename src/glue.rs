@@ -4,36 +4,39 @@
 //! upstream HTTP filters, once per retry attempt of the route). It tells which on the first
 //! request: only an upstream filter already knows the upstream host.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
+use crate::affinity;
+use crate::budget;
+use crate::callout::{Callouts, DispatchError, Route};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::hints;
 use crate::host::{self, HostShared};
 use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::resend::{self, CallAnswer, Next, Outcome, Resend, RetryState};
 use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
-use crate::status::Verdict;
+use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::waiting::{self, Served};
 
-/// Ends time outs during quiet periods; under traffic, requests do it themselves.
-const TICK_PERIOD_MS: u32 = 1000;
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 proxy_wasm::main! {{
     host::install_logger();
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
+            context_id,
             shared: None,
-            checks: HashMap::new(),
+            waiting: Rc::new(Waiting::default()),
+            last_tick_work_ms: 0,
         })
     });
 }}
@@ -45,43 +48,242 @@ struct Shared {
     upstream: std::cell::Cell<Option<bool>>,
 }
 
-struct Root {
-    /// Replaced whole on reconfigure; requests in flight keep the one they started with.
-    shared: Option<Rc<Shared>>,
-    /// Health checks in flight: call token → (pool, key).
-    checks: HashMap<u32, (usize, usize)>,
+/// The engine goes when the last holder lets go: its root context on reconfigure or when
+/// Envoy deletes the root (a reload's new plugin config gets a new root), or the last request
+/// that started under it. Counts since its last tick would be lost with it.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Ok(mut engine) = self.engine.try_borrow_mut() {
+            engine.flush_counters(&HostShared);
+        }
+    }
 }
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let Some((pool, key)) = self.checks.remove(&token_id) else {
-            return;
-        };
-        let Some(shared) = &self.shared else {
-            return;
-        };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
-            return;
-        };
-        let CallResponse {
-            status,
-            from_upstream,
-            headers,
-            body,
-        } = CallResponse::read(body_size);
-        let answer = CheckAnswer {
-            status: status.filter(|_| from_upstream),
-            headers: &headers,
-            body: &body,
-        };
-        engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
+struct Root {
+    /// Health checks are made on it, so their answers are read with it effective.
+    context_id: u32,
+    /// Replaced whole on reconfigure; requests in flight keep the one they started with.
+    shared: Option<Rc<Shared>>,
+    /// `onAllUnavailable: wait`: this worker's held requests; outlives a reconfigure, since
+    /// each held request keeps the engine it started with.
+    waiting: Rc<Waiting>,
+    /// When the periodic work last ran: ticks come faster while requests are held.
+    last_tick_work_ms: u64,
+}
+
+/// This worker's held requests and the tick period they need.
+struct Waiting {
+    queue: RefCell<waiting::Queue<std::rc::Weak<Held>>>,
+    /// The period the host ticks at now.
+    tick_ms: std::cell::Cell<u32>,
+    /// The period the engine asks for (the shortest cooldown or check interval, 100 ms to
+    /// 1 s); held requests make the ticks faster than this, never slower.
+    base_ms: std::cell::Cell<u32>,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            queue: RefCell::new(waiting::Queue::default()),
+            tick_ms: std::cell::Cell::new(1_000),
+            base_ms: std::cell::Cell::new(1_000),
+        }
     }
+}
+
+impl Waiting {
+    /// Sets the tick period the queue needs now, if it changed (a host call only then).
+    fn sync_tick_period(&self) {
+        let wanted = self
+            .queue
+            .try_borrow()
+            .map_or(self.base_ms.get(), |q| q.tick_period_ms(self.base_ms.get()));
+        if wanted != self.tick_ms.get() && host::set_tick_period_ms(wanted) {
+            self.tick_ms.set(wanted);
+        }
+    }
+}
+
+/// What a request's headers said, kept while it is held so that its key can be put on later.
+struct Arrival {
+    profile: Option<usize>,
+    upstream: bool,
+    request_id: Option<String>,
+    avoid: Vec<(usize, usize)>,
+    ask: Ask,
+    end_of_stream: bool,
+    drop_pool_header: bool,
+}
+
+/// What a keyed request remembers for its later callbacks.
+#[derive(Default)]
+struct Keyed {
+    chosen: Option<Assignment>,
+    attempt: Option<Attempt>,
+    retry: Option<RetryState>,
+    rewrite_to: Option<String>,
+}
+
+/// A request held by `onAllUnavailable: wait`. The request owns it; the queue has a weak
+/// reference, so a request whose client hangs up (its context is dropped) is forgotten.
+struct Held {
+    context_id: u32,
+    shared: Rc<Shared>,
+    arrival: Arrival,
+    /// Set by the root when it sends the request on; the request takes it at its next callback.
+    keyed: RefCell<Option<Keyed>>,
+}
+
+impl Context for Root {}
+
+/// What the answer to one of our `dispatch_http_call`s is for (see `crate::callout`).
+enum Callout {
+    /// A `retryOnFailure` re-send of this request.
+    Retry(Weak<RefCell<Request>>),
+    /// A health check of a pool's key, sent by the engine that planned it (an answer that
+    /// outlives that configuration is dropped: its pool and key numbers are not the new one's).
+    HealthCheck {
+        shared: Weak<Shared>,
+        pool: usize,
+        key: usize,
+    },
+}
+
+// Cells, not RefCells: taken and put back around each use, they cannot fail to borrow.
+thread_local! {
+    static CALLOUTS: Cell<Callouts<Callout>> = Cell::new(Callouts::default());
+    /// The request whose callback is running, so a re-send it makes is routed back to it
+    /// (the SDK keeps the same thing, privately, for its own dispatch).
+    static ACTIVE_REQUEST: Cell<Option<(u32, Weak<RefCell<Request>>)>> = const { Cell::new(None) };
+}
+
+/// Sends a call and registers its answer for `callout` on context `context_id`.
+fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+    context_id: u32,
+    callout: Callout,
+) -> Result<u32, DispatchError> {
+    let token = host::dispatch_http_call(cluster, headers, body, timeout_ms)?;
+    let displaced = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        let displaced = calls.register(token, context_id, callout);
+        cell.set(calls);
+        displaced
+    });
+    if displaced.is_some() {
+        log::warn!("the host reused call token {token}; an older call's answer is lost");
+    }
+    Ok(token)
+}
+
+/// A re-send for the request whose callback is running; None when it was not sent.
+fn dispatch_retry(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Option<u32> {
+    // Checked before sending: a call whose answer nobody would be given must not go out.
+    let Some((context_id, request)) = ACTIVE_REQUEST.with(|cell| {
+        let active = cell.take();
+        let copy = active.clone();
+        cell.set(active);
+        copy
+    }) else {
+        log::warn!("a re-send outside a request's callback was not sent");
+        return None;
+    };
+    let callout = Callout::Retry(request);
+    match dispatch_http_call(cluster, headers, body, timeout_ms, context_id, callout) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            log::debug!("a re-send was not sent (host status {e})");
+            None
+        }
+    }
+}
+
+/// Marks a request's callback as running for as long as it lives.
+struct ActiveRequest {
+    before: Option<(u32, Weak<RefCell<Request>>)>,
+}
+
+impl ActiveRequest {
+    fn enter(context_id: u32, request: Weak<RefCell<Request>>) -> Self {
+        let before = ACTIVE_REQUEST.with(|cell| cell.replace(Some((context_id, request))));
+        ActiveRequest { before }
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        let before = self.before.take();
+        ACTIVE_REQUEST.with(|cell| cell.set(before));
+    }
+}
+
+/// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
+/// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::callout`).
+/// Nothing here can trap: an answer nobody waits for is dropped.
+#[no_mangle]
+pub extern "C" fn ai_key_failover_on_http_call_response(
+    _root_context_id: u32,
+    token_id: u32,
+    num_headers: usize,
+    body_size: usize,
+    num_trailers: usize,
+) {
+    let route = CALLOUTS.with(|cell| {
+        let mut calls = cell.take();
+        // The host call in `route` cannot call back into the VM, so nothing sees the
+        // registry while it is taken.
+        let route = calls.route(token_id, host::set_effective_context);
+        cell.set(calls);
+        route
+    });
+    match route {
+        Route::Deliver(Callout::Retry(request)) => {
+            let Some(live) = request.upgrade() else {
+                return;
+            };
+            let Ok(mut held) = live.try_borrow_mut() else {
+                // The held response must not hang.
+                host::resume_response();
+                return;
+            };
+            let context_id = held.context_id;
+            let _active = ActiveRequest::enter(context_id, request);
+            held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
+        }
+        Route::Deliver(Callout::HealthCheck { shared, pool, key }) => {
+            if let Some(shared) = shared.upgrade() {
+                health_check_answered(&shared, pool, key, body_size);
+            }
+        }
+        Route::ContextGone(_) => log::debug!("an answer came for a context that is gone"),
+        Route::Unknown => log::debug!("an answer came for call token {token_id}, not ours"),
+    }
+}
+
+fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: usize) {
+    let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        return;
+    };
+    let CallResponse {
+        status,
+        from_upstream,
+        headers,
+        body,
+    } = CallResponse::read(body_size);
+    let answer = CheckAnswer {
+        status: status.filter(|_| from_upstream),
+        headers: &headers,
+        body: &body,
+    };
+    engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
 }
 
 impl RootContext for Root {
@@ -110,17 +312,64 @@ impl RootContext for Root {
         );
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&HostShared, host::now_ms());
+        // Ends time outs during quiet periods (under traffic, requests do it themselves): as
+        // often as the shortest cooldown or check interval needs, from 100 ms to 1 s.
+        let tick_ms = u32::try_from(engine.tick_period_ms()).unwrap_or(u32::MAX);
         self.shared = Some(Rc::new(Shared {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
-        if !host::set_tick_period_ms(TICK_PERIOD_MS) {
+        self.waiting.base_ms.set(tick_ms);
+        if host::set_tick_period_ms(tick_ms) {
+            // Requests held across the reload still need their fast ticks.
+            self.waiting.tick_ms.set(tick_ms);
+            self.waiting.sync_tick_period();
+        } else {
             log::warn!("could not set the tick period; keys return only on traffic");
         }
         true
     }
 
     fn on_tick(&mut self) {
+        let now = host::now_ms();
+        // Ticks come every HELD_TICK_MS while requests are held; the periodic work keeps the
+        // engine's pace.
+        if now.saturating_sub(self.last_tick_work_ms) + u64::from(waiting::HELD_TICK_MS)
+            >= u64::from(self.waiting.base_ms.get())
+        {
+            self.last_tick_work_ms = now;
+            self.tick_work(now);
+        }
+        // Last: it makes held requests' contexts the effective one, then gives it back.
+        if self.waiting.queue.try_borrow().is_ok_and(|q| !q.is_empty()) {
+            run_held(&self.waiting, now);
+            host::set_effective_context(self.context_id);
+        }
+        self.waiting.sync_tick_period();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
+            context_id,
+            shared: self.shared.clone(),
+            chosen: None,
+            attempt: None,
+            reading_error: None,
+            retry: None,
+            rewrite_to: None,
+            waiting: self.waiting.clone(),
+            held: None,
+        })))))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    /// The periodic work: the engine's tick (time outs, stats) and health checks.
+    fn tick_work(&mut self, now: u64) {
         host::sync_log_level();
         let Some(shared) = &self.shared else {
             return;
@@ -128,7 +377,6 @@ impl RootContext for Root {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        let now = host::now_ms();
         engine.tick(&HostShared, now);
         for check in engine.health_checks_due(&HostShared, now) {
             let headers: Vec<(&str, &[u8])> = check
@@ -136,36 +384,92 @@ impl RootContext for Root {
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.as_bytes()))
                 .collect();
-            match host::dispatch_http_call(&check.cluster, &headers, &check.body, check.timeout_ms)
-            {
-                Some(token) => {
-                    self.checks.insert(token, (check.pool, check.key));
-                }
-                None => {
-                    log::warn!(
-                        "could not send a health check to cluster {:?}; is healthCheckCluster right?",
-                        check.cluster
-                    );
-                    engine.health_check_not_sent(check.pool, check.key);
-                }
+            let callout = Callout::HealthCheck {
+                shared: Rc::downgrade(shared),
+                pool: check.pool,
+                key: check.key,
+            };
+            if let Err(e) = dispatch_http_call(
+                &check.cluster,
+                &headers,
+                &check.body,
+                check.timeout_ms,
+                self.context_id,
+                callout,
+            ) {
+                log::warn!(
+                    "could not send a health check to cluster {:?} (host status {e}); is healthCheckCluster right?",
+                    check.cluster
+                );
+                engine.health_check_not_sent(check.pool, check.key);
             }
         }
     }
+}
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            shared: self.shared.clone(),
-            chosen: None,
-            attempt: None,
-            reading_error: None,
-            retry: None,
-            rewrite_to: None,
-        }))
-    }
+/// One pass over the held requests, in arrival order: each is sent on if a key can take it
+/// now; one whose wait is over gets the `reject` answer.
+fn run_held(waiting: &Waiting, now: u64) {
+    let Ok(mut queue) = waiting.queue.try_borrow_mut() else {
+        return;
+    };
+    queue.run(
+        now,
+        |held| held.upgrade().is_none(),
+        |held| match held.upgrade() {
+            Some(held) => release_held(&held, now, false),
+            None => Served::Yes,
+        },
+        |held| {
+            if let Some(held) = held.upgrade() {
+                release_held(&held, now, true);
+            }
+        },
+    );
+}
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+/// Asks the held request's engine again. A key: it is put on the request, which goes on. No key
+/// yet: it stays, unless its wait is `over`, when it gets what `reject` gives.
+fn release_held(held: &Held, now: u64, over: bool) -> Served {
+    // Header writes, the reply and the resume below act on the held request. A host that no
+    // longer knows the context has dropped the request: nothing to do.
+    if !host::set_effective_context(held.context_id) {
+        return Served::Yes;
     }
+    // The engine is borrowed only to decide: resuming runs the request's own callbacks (its
+    // buffered body) at once, and they need the engine too.
+    let (keyed, reject) = {
+        let Ok(mut engine) = held.shared.engine.try_borrow_mut() else {
+            return Served::NotYet;
+        };
+        let a = &held.arrival;
+        let clock = Clock::at(now);
+        match engine.decide_with(&HostShared, a.profile, &clock, &a.avoid, a.ask) {
+            Decision::Hold {
+                retry_after_secs, ..
+            } => {
+                if !over {
+                    return Served::NotYet;
+                }
+                if let Some(profile) = a.profile {
+                    engine.count_rejected(profile);
+                }
+                (None, Some(retry_after_secs))
+            }
+            Decision::Reject { retry_after_secs } => (None, Some(retry_after_secs)),
+            Decision::Untouched => (Some(Keyed::default()), None),
+            Decision::UseKey(assignment) => (Some(put_key(&mut engine, a, assignment)), None),
+        }
+    };
+    if let Some(retry_after_secs) = reject {
+        send_reject(retry_after_secs);
+        return Served::Yes;
+    }
+    if let Ok(mut slot) = held.keyed.try_borrow_mut() {
+        *slot = keyed;
+    }
+    host::resume_request();
+    Served::Yes
 }
 
 fn random_seed() -> u64 {
@@ -247,7 +551,26 @@ fn into_text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// Downstream `retryOnFailure`: what is needed to send the request again.
+struct RetryState {
+    profile: usize,
+    /// The request as it went upstream, minus the key header (set per attempt).
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    body_complete: bool,
+    body_too_large: bool,
+    /// (pool, key) pairs that failed for this request, in order.
+    tried: Vec<(usize, usize)>,
+    /// The pool of the first attempt, which went to the request's own cluster.
+    first_pool: usize,
+    retries_done: u32,
+    /// The attempt in flight as a `dispatch_http_call`.
+    in_flight: Option<(u32, Assignment)>,
+}
+
 struct Request {
+    /// Its re-sends' answers are handled with it effective.
+    context_id: u32,
     shared: Option<Rc<Shared>>,
     /// The key this request (or attempt) went out with, until its response is judged.
     chosen: Option<Assignment>,
@@ -258,6 +581,10 @@ struct Request {
     retry: Option<RetryState>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
+    waiting: Rc<Waiting>,
+    /// Set while `onAllUnavailable: wait` holds this request, until it adopts what it was sent
+    /// on with.
+    held: Option<Rc<Held>>,
 }
 
 struct ErrorResponse {
@@ -292,7 +619,7 @@ impl Context for Request {
             host::resume_response();
             return;
         };
-        if token != u64::from(token_id) {
+        if token != token_id {
             retry.in_flight = Some((token, sent));
             return;
         }
@@ -303,60 +630,173 @@ impl Context for Request {
             body,
         } = CallResponse::read(body_size);
         let now = host::now_ms();
-        let answer = match status {
-            Some(status) if from_upstream => CallAnswer::Upstream {
-                status,
-                headers: &headers,
-                body: &body,
-            },
-            local => CallAnswer::Local(local),
-        };
-        let cluster = &mut cluster_name;
-        let outcome =
-            match resend::on_answer(&mut engine, &HostShared, retry, sent, answer, now, cluster) {
-                Next::Resend {
-                    resend: next,
-                    otherwise,
-                } => match dispatch(&next) {
-                    Some(id) => {
-                        resend::resent(&mut engine, retry, id, next.sent, sent);
+        let status = match status {
+            Some(status) if from_upstream => {
+                judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
+                if (200..300).contains(&status) {
+                    note_budget(&mut engine, sent, &Clock::at(now), Some(&headers));
+                }
+                if retriable(&engine, sent.profile, status) {
+                    retry.tried.push(tried_pair(&engine, sent));
+                    if send_retry(&mut engine, retry) {
+                        engine.count_retry(sent.profile, RetryOutcome::Failed);
                         return;
                     }
-                    None => {
-                        engine.abandon(&HostShared, next.sent, now);
-                        otherwise
+                }
+                status
+            }
+            local => {
+                engine.record(
+                    &HostShared,
+                    sent,
+                    Verdict::Neutral,
+                    0,
+                    None,
+                    &Clock::at(now),
+                );
+                retry.tried.push(tried_pair(&engine, sent));
+                if send_retry(&mut engine, retry) {
+                    engine.count_retry(sent.profile, RetryOutcome::Failed);
+                    return;
+                }
+                let Some(status) = local else {
+                    engine.count_retry(sent.profile, RetryOutcome::Failed);
+                    let reply = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
+                    if !host::send_local_response(
+                        502,
+                        "ai_key_failover_retry_failed",
+                        &[("content-type", b"application/json")],
+                        reply,
+                    ) {
+                        host::resume_response();
                     }
-                },
-                Next::Done(outcome) => outcome,
-            };
-        let sent_ok = match resend::conclude(&mut engine, sent, outcome) {
-            Outcome::NoAnswer => host::send_local_response(
-                502,
-                resend::NO_ANSWER_DETAILS,
-                &[("content-type", b"application/json")],
-                resend::NO_ANSWER_BODY,
-            ),
-            Outcome::Reply(status) => {
-                let label = resend::reply_label(&engine, sent);
-                let reply = resend::reply_headers(&headers, label.as_deref());
-                host::send_local_response(u32::from(status), resend::REPLY_DETAILS, &reply, &body)
+                    return;
+                };
+                status
             }
         };
-        if !sent_ok {
+        let outcome = if (200..300).contains(&status) {
+            RetryOutcome::Succeeded
+        } else {
+            RetryOutcome::Failed
+        };
+        engine.count_retry(sent.profile, outcome);
+        let label = engine
+            .profile(sent.profile)
+            .filter(|p| p.expose_key_name)
+            .and_then(|_| engine.key_label(sent.profile, sent.key));
+        let mut reply: Vec<(&str, &[u8])> = headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with(':') && !is_hop_by_hop(n) && n != "content-length")
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        if let Some(label) = &label {
+            reply.push((KEY_NAME_HEADER, label.as_bytes()));
+        }
+        if !host::send_local_response(u32::from(status), "ai_key_failover_retried", &reply, &body) {
             host::resume_response();
         }
     }
 }
 
-/// Sends a re-send as a `dispatch_http_call`; its id, if it went out.
-fn dispatch(next: &Resend) -> Option<u64> {
-    host::dispatch_http_call(
-        &next.cluster,
-        &next.header_refs(),
-        &next.body,
-        next.timeout_ms,
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
     )
-    .map(u64::from)
+}
+
+/// Whether `retryOnFailure` re-sends after this status.
+fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
+    engine.profile(profile).is_some_and(|p| {
+        p.retry.enabled
+            && !NEVER_THE_KEYS_FAULT.contains(&status)
+            && p.retry.on_status.iter().any(|s| s.matches(status))
+    })
+}
+
+fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
+    (
+        engine
+            .pool_of(sent.profile)
+            .map_or(usize::MAX, |(pool, _)| pool),
+        sent.key,
+    )
+}
+
+/// Sends the request again with a key it has not tried, if the budget and the pools allow:
+/// first the other keys of its pool, then its fallback pools in order.
+fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
+    let profile = retry.profile;
+    let Some(p) = engine.profile(profile) else {
+        return false;
+    };
+    let (max_retries, timeout_ms) = (p.retry.max_retries, p.retry.timeout_ms);
+    if retry.retries_done >= max_retries || !retry.body_complete || retry.body_too_large {
+        return false;
+    }
+    let now = host::now_ms();
+    let tried = retry.tried.clone();
+    let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
+        Decision::UseKey(a) if !tried.contains(&tried_pair(engine, a)) => a,
+        // No key left that this request has not failed with: the client gets the failure.
+        Decision::UseKey(a) => {
+            engine.abandon(&HostShared, a, now);
+            return false;
+        }
+        _ => return false,
+    };
+    // The first attempt's pool is reached through the request's own cluster; a fallback pool
+    // through its configured cluster, or the one its traffic was seen to take.
+    let same_pool = engine.pool_of(sent.profile).map(|(pool, _)| pool) == Some(retry.first_pool);
+    let cluster = if same_pool {
+        cluster_name()
+    } else {
+        engine.cluster_for(&HostShared, sent.profile)
+    };
+    let Some(cluster) = cluster else {
+        log::debug!("no known cluster for a fallback pool; not retrying there");
+        engine.abandon(&HostShared, sent, now);
+        return false;
+    };
+    let Some((auth_name, auth_value)) = engine.key_header(sent.profile, sent.key) else {
+        return false;
+    };
+    let pool_label = engine
+        .pool_of(sent.profile)
+        .map(|(_, l)| l.to_string())
+        .unwrap_or_default();
+    let mut headers: Vec<(&str, &[u8])> = retry
+        .headers
+        .iter()
+        .filter(|(n, _)| n != POOL_HEADER)
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    headers.push((auth_name, auth_value.as_bytes()));
+    headers.push((POOL_HEADER, pool_label.as_bytes()));
+    let rewritten = engine
+        .profile(sent.profile)
+        .and_then(|p| p.model.as_deref())
+        .and_then(|model| rewrite_model(&retry.body, model));
+    let body = rewritten.as_deref().unwrap_or(&retry.body);
+    match dispatch_retry(&cluster, &headers, body, timeout_ms) {
+        Some(token) => {
+            retry.retries_done += 1;
+            retry.in_flight = Some((token, sent));
+            engine.count_retry(profile, RetryOutcome::Started);
+            true
+        }
+        None => {
+            engine.abandon(&HostShared, sent, now);
+            false
+        }
+    }
 }
 
 impl Request {
@@ -374,18 +814,78 @@ impl Request {
     }
 
     fn reject(&self, retry_after_secs: u64) {
-        let reply = reply::all_keys_unavailable(retry_after_secs);
-        host::send_local_response(
-            u32::from(reply.status),
-            reply.details,
-            &[
-                ("retry-after", reply.retry_after.as_bytes()),
-                ("content-type", reply.content_type.as_bytes()),
-            ],
-            reply.body.as_bytes(),
-        );
+        send_reject(retry_after_secs);
     }
 
+    /// A held request that was sent on takes what the root put on it: its key and the rest.
+    fn adopt_released(&mut self) {
+        let Some(held) = &self.held else {
+            return;
+        };
+        // None: still waiting.
+        let keyed = held.keyed.try_borrow_mut().ok().and_then(|mut k| k.take());
+        if let Some(keyed) = keyed {
+            self.held = None;
+            self.adopt(keyed);
+        }
+    }
+
+    fn adopt(&mut self, keyed: Keyed) {
+        self.chosen = keyed.chosen;
+        self.attempt = keyed.attempt;
+        self.retry = keyed.retry;
+        self.rewrite_to = keyed.rewrite_to;
+    }
+
+    /// Holds the request (`onAllUnavailable: wait`) until a key returns or `max_wait_ms` ends;
+    /// with the worker's queue full, it gets the `reject` answer now.
+    fn hold(
+        &mut self,
+        engine: &mut Engine,
+        shared: &Rc<Shared>,
+        arrival: Arrival,
+        max_wait_ms: u64,
+        retry_after_secs: u64,
+    ) -> Action {
+        let group = arrival.profile.unwrap_or(usize::MAX);
+        let held = Rc::new(Held {
+            context_id: self.context_id,
+            shared: shared.clone(),
+            arrival,
+            keyed: RefCell::new(None),
+        });
+        let deadline = host::now_ms().saturating_add(max_wait_ms);
+        let pushed = self
+            .waiting
+            .queue
+            .try_borrow_mut()
+            .is_ok_and(|mut q| q.push(Rc::downgrade(&held), group, deadline).is_ok());
+        if !pushed {
+            engine.count_rejected(group);
+            self.reject(retry_after_secs);
+            return Action::Pause;
+        }
+        self.held = Some(held);
+        self.waiting.sync_tick_period();
+        Action::Pause
+    }
+}
+
+/// `onAllUnavailable: reject`'s answer: 429, `retry-after`, and an OpenAI-style error body.
+fn send_reject(retry_after_secs: u64) {
+    let reply = reply::all_keys_unavailable(retry_after_secs);
+    host::send_local_response(
+        u32::from(reply.status),
+        reply.details,
+        &[
+            ("retry-after", reply.retry_after.as_bytes()),
+            ("content-type", reply.content_type.as_bytes()),
+        ],
+        reply.body.as_bytes(),
+    );
+}
+
+impl Request {
     /// The stream ended: judge an error body read so far, or give back an unanswered probe,
     /// whichever attempt holds it: the request's own, or a `retryOnFailure` re-send still in
     /// flight (the client hung up while it ran; Envoy cancels the call, so no answer will come).
@@ -420,9 +920,8 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        resend::judge_with_body(
+        judge_with_body(
             &mut engine,
-            &HostShared,
             reading.sent,
             reading.status,
             &reading.headers,
@@ -466,8 +965,35 @@ impl HttpContext for Request {
             .as_deref()
             .map(|id| engine.failed_for(id))
             .unwrap_or_default();
+        // One header read, only where `affinity` is configured; the value is only hashed.
+        let session = profile
+            .and_then(|p| engine.affinity_header(p))
+            .and_then(host::request_header)
+            .map(|value| affinity::session_hash(&value));
+        let arrival = Arrival {
+            profile,
+            upstream,
+            request_id,
+            avoid,
+            ask: Ask { session },
+            end_of_stream,
+            drop_pool_header,
+        };
+        // Arrival order: while requests of this profile are held, a new one waits behind them.
+        if let Some(p) = profile {
+            let queued = self
+                .waiting
+                .queue
+                .try_borrow()
+                .is_ok_and(|q| !q.is_empty() && q.has_room() && q.holds_group(p));
+            if queued {
+                let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
+                // The queue has room, so the reject answer's wait is never used here.
+                return self.hold(&mut engine, &shared, arrival, max_wait_ms, 1);
+            }
+        }
         let clock = Clock::new(&host::now_ms);
-        match engine.decide(&HostShared, profile, &clock, &avoid) {
+        match engine.decide_with(&HostShared, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
                 if drop_pool_header {
                     drop_client_pool_header();
@@ -478,82 +1004,20 @@ impl HttpContext for Request {
                 self.reject(retry_after_secs);
                 Action::Pause
             }
+            Decision::Hold {
+                max_wait_ms,
+                retry_after_secs,
+            } => self.hold(&mut engine, &shared, arrival, max_wait_ms, retry_after_secs),
             Decision::UseKey(assignment) => {
-                let Some((auth_name, auth_value)) =
-                    engine.key_header(assignment.profile, assignment.key)
-                else {
-                    if drop_pool_header {
-                        drop_client_pool_header();
-                    }
-                    return Action::Continue;
-                };
-                for name in CLIENT_CREDENTIAL_HEADERS {
-                    if name != auth_name {
-                        host::remove_request_header(name);
-                    }
-                }
-                if !host::set_request_header(auth_name, auth_value.as_bytes()) {
-                    log::warn!("could not set the {auth_name} header");
-                }
-                let primary = profile.and_then(|p| engine.profile(p));
-                let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
-                if has_chain {
-                    // The operator's route on this header sends a fallback pool to its provider;
-                    // the primary's name is set too, so a client cannot pick a route itself.
-                    if let Some((_, label)) = engine.pool_of(assignment.profile) {
-                        host::set_request_header(POOL_HEADER, label.as_bytes());
-                    }
-                } else if drop_pool_header {
-                    // Unread: the key header's write already made Envoy select the route again,
-                    // so a removal costs no more than a read would.
-                    host::remove_request_header(POOL_HEADER);
-                }
-                let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
-                let used = engine.profile(assignment.profile);
-                if used.is_some_and(|p| p.provider == Provider::Gemini) {
-                    strip_gemini_query_key();
-                }
-                if let Some(model) = used.and_then(|p| p.model.clone()) {
-                    if !end_of_stream {
-                        // The body grows or shrinks: let Envoy frame it anew.
-                        host::remove_request_header("content-length");
-                        self.rewrite_to = Some(model);
-                    }
-                }
-                if engine.wants_target(assignment.profile) {
-                    // Learned once per VM and pool (after the pool header re-selected the
-                    // route), so health checks and retries into this pool know its cluster.
-                    let authority = host::request_header(":authority")
-                        .map(into_text)
-                        .unwrap_or_default();
-                    if let Some(cluster) = cluster_name() {
-                        engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
-                    }
-                }
-                if upstream {
-                    if !avoid.is_empty() {
-                        engine.count_retry(assignment.profile, RetryOutcome::Started);
-                    }
-                    self.attempt = Some(Attempt {
-                        is_retry: !avoid.is_empty(),
-                        request_id,
-                    });
-                } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-                    self.retry = Some(RetryState::new(
-                        &engine,
-                        primary_profile,
-                        assignment,
-                        host::request_headers(),
-                        end_of_stream,
-                    ));
-                }
-                self.chosen = Some(assignment);
+                let keyed = put_key(&mut engine, &arrival, assignment);
+                self.adopt(keyed);
                 Action::Continue
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.adopt_released();
         if self.rewrite_to.is_some() {
             // Held (Envoy buffers it) until complete, then rewritten whole.
             if !end_of_stream {
@@ -601,6 +1065,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.adopt_released();
         let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
             return Action::Continue;
         };
@@ -658,21 +1123,12 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && resend::retriable(&engine, sent.profile, status) {
+            if via_upstream && retriable(&engine, sent.profile, status) {
                 record_live_answer(&mut engine, sent, status, first_look, &clock);
-                retry.tried.push(resend::tried_pair(&engine, sent));
-                let now = host::now_ms();
-                if let Some(next) =
-                    resend::plan(&mut engine, &HostShared, retry, now, &mut cluster_name)
-                {
-                    match dispatch(&next) {
-                        Some(id) => {
-                            resend::started(&mut engine, retry, id, next.sent);
-                            // Hold this answer back; the retry's answer replaces it.
-                            return Action::Pause;
-                        }
-                        None => engine.abandon(&HostShared, next.sent, now),
-                    }
+                retry.tried.push(tried_pair(&engine, sent));
+                if send_retry(&mut engine, retry) {
+                    // Hold this answer back; the retry's answer replaces it.
+                    return Action::Pause;
                 }
                 return Action::Continue;
             }
@@ -691,6 +1147,9 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         record_live_answer(&mut engine, sent, status, first_look, &clock);
+        if first_look == Verdict::Success {
+            note_budget(&mut engine, sent, &clock, None);
+        }
         Action::Continue
     }
 
@@ -711,13 +1170,181 @@ impl HttpContext for Request {
     }
 }
 
+/// What the SDK holds for a request. The request itself is shared with the call registry
+/// (weakly), so the answer to a re-send reaches it through our `proxy_on_http_call_response`;
+/// every callback is passed on, with the request marked active so a re-send it makes comes
+/// back to it.
+struct RequestHandle(Rc<RefCell<Request>>);
+
+impl RequestHandle {
+    fn run<R>(&self, fallback: R, callback: impl FnOnce(&mut Request) -> R) -> R {
+        let Ok(mut request) = self.0.try_borrow_mut() else {
+            return fallback;
+        };
+        let _active = ActiveRequest::enter(request.context_id, Rc::downgrade(&self.0));
+        callback(&mut request)
+    }
+}
+
+impl Context for RequestHandle {
+    fn on_done(&mut self) -> bool {
+        self.run(true, |r| r.on_done())
+    }
+}
+
+impl HttpContext for RequestHandle {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_headers(num_headers, end_of_stream)
+        })
+    }
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_body(body_size, end_of_stream)
+        })
+    }
+    fn on_http_request_trailers(&mut self, num_trailers: usize) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_request_trailers(num_trailers)
+        })
+    }
+    fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_headers(num_headers, end_of_stream)
+        })
+    }
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_body(body_size, end_of_stream)
+        })
+    }
+    fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
+        self.run(Action::Continue, |r| {
+            r.on_http_response_trailers(num_trailers)
+        })
+    }
+    fn on_log(&mut self) {
+        self.run((), |r| r.on_log())
+    }
+}
+
+/// Puts the chosen key on the request (of the effective context) and returns what the request
+/// must remember: credentials replaced, the pool header, Gemini's query key, a fallback's model
+/// rewrite, the cluster learned, and the retry bookkeeping of either mode.
+fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Keyed {
+    let (profile, end_of_stream, drop_pool_header) = (
+        arrival.profile,
+        arrival.end_of_stream,
+        arrival.drop_pool_header,
+    );
+    let mut keyed = Keyed::default();
+    let Some((auth_name, auth_value)) = engine.key_header(assignment.profile, assignment.key)
+    else {
+        if drop_pool_header {
+            drop_client_pool_header();
+        }
+        return keyed;
+    };
+    for name in CLIENT_CREDENTIAL_HEADERS {
+        if name != auth_name {
+            host::remove_request_header(name);
+        }
+    }
+    if !host::set_request_header(auth_name, auth_value.as_bytes()) {
+        log::warn!("could not set the {auth_name} header");
+    }
+    let primary = profile.and_then(|p| engine.profile(p));
+    let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
+    if has_chain {
+        // The operator's route on this header sends a fallback pool to its provider;
+        // the primary's name is set too, so a client cannot pick a route itself.
+        if let Some((_, label)) = engine.pool_of(assignment.profile) {
+            host::set_request_header(POOL_HEADER, label.as_bytes());
+        }
+    } else if drop_pool_header {
+        // Unread: the key header's write already made Envoy select the route again,
+        // so a removal costs no more than a read would.
+        host::remove_request_header(POOL_HEADER);
+    }
+    let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
+    let used = engine.profile(assignment.profile);
+    if used.is_some_and(|p| p.provider == Provider::Gemini) {
+        strip_gemini_query_key();
+    }
+    if let Some(model) = used.and_then(|p| p.model.clone()) {
+        if !end_of_stream {
+            // The body grows or shrinks: let Envoy frame it anew.
+            host::remove_request_header("content-length");
+            keyed.rewrite_to = Some(model);
+        }
+    }
+    if engine.wants_target(assignment.profile) {
+        // Learned once per VM and pool (after the pool header re-selected the
+        // route), so health checks and retries into this pool know its cluster.
+        let authority = host::request_header(":authority")
+            .map(into_text)
+            .unwrap_or_default();
+        if let Some(cluster) = cluster_name() {
+            engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+        }
+    }
+    if arrival.upstream {
+        let is_retry = !arrival.avoid.is_empty();
+        if is_retry {
+            engine.count_retry(assignment.profile, RetryOutcome::Started);
+        }
+        keyed.attempt = Some(Attempt {
+            is_retry,
+            request_id: arrival.request_id.clone(),
+        });
+    } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
+        let auth = engine
+            .profile(assignment.profile)
+            .map_or("", |p| p.auth.name.as_str());
+        let headers = host::request_headers()
+            .into_iter()
+            .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
+            .collect();
+        keyed.retry = Some(RetryState {
+            profile: primary_profile,
+            headers,
+            body: Vec::new(),
+            body_complete: end_of_stream,
+            body_too_large: false,
+            tried: Vec::new(),
+            first_pool: engine
+                .pool_of(assignment.profile)
+                .map_or(usize::MAX, |(p, _)| p),
+            retries_done: 0,
+            in_flight: None,
+        });
+    }
+    keyed.chosen = Some(assignment);
+    keyed
+}
+
 /// The last word on a request, however it ended (answered, reset, client gone): the SDK drops
 /// the context on `proxy_on_delete`. The build does not export `proxy_on_done` or
 /// `proxy_on_log`, so Envoy makes two VM calls fewer per request (see `scripts/wasm-exports.json`).
 impl Drop for Request {
     fn drop(&mut self) {
+        // A held request that was sent on but never got further still holds its key's probe.
+        self.adopt_released();
         self.finish();
     }
+}
+
+/// Classifies an upstream response with the error body that was read, and records it.
+fn judge_with_body(
+    engine: &mut Engine,
+    sent: Assignment,
+    status: u16,
+    headers: &[(String, Vec<u8>)],
+    body: &[u8],
+    clock: &Clock,
+) {
+    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
+    record_answer(engine, sent, status, verdict, headers, Some(body), clock);
 }
 
 /// Records a response whose headers are still the host's to read: they are read only when the
@@ -734,16 +1361,57 @@ fn record_live_answer(
     } else {
         Vec::new()
     };
-    resend::record_answer(
-        engine,
-        &HostShared,
-        sent,
-        status,
-        verdict,
-        &headers,
-        None,
-        clock,
-    );
+    record_answer(engine, sent, status, verdict, &headers, None, clock);
+}
+
+/// Records what an upstream response says about its key; `headers` are needed only when the
+/// verdict takes retry hints.
+fn record_answer(
+    engine: &mut Engine,
+    sent: Assignment,
+    status: u16,
+    verdict: Verdict,
+    headers: &[(String, Vec<u8>)],
+    body: Option<&[u8]>,
+    clock: &Clock,
+) {
+    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        hints::retry_hint_ms(&pairs, body, clock.now())
+    } else {
+        None
+    };
+    engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
+}
+
+/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
+/// the reset. `headers`: the answer's headers when already read (a re-send's); otherwise only
+/// the remaining counts are read from the host, and a reset only for a count that is 0.
+fn note_budget(
+    engine: &mut Engine,
+    sent: Assignment,
+    clock: &Clock,
+    headers: Option<&[(String, Vec<u8>)]>,
+) {
+    let Some(family) = engine.wants_budget(sent.profile) else {
+        return;
+    };
+    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
+    let now_ms = if family == budget::Family::Anthropic {
+        clock.now()
+    } else {
+        0
+    };
+    let spent_for = match headers {
+        Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
+        None => budget::spent_for_ms(family, now_ms, host::response_header),
+    };
+    if let Some(ms) = spent_for {
+        engine.spend(&HostShared, sent, ms, clock);
+    }
 }
 
 fn from_upstream() -> bool {

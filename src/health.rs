@@ -2,17 +2,18 @@
 //! soon as the provider accepts it again (Higress ai-proxy's `healthCheckModel`).
 //!
 //! Per pool, one VM in the whole process runs the checks: the holder of a lease in shared data
-//! (renewed every tick, lapsing when its holder stops ticking). This module holds the pure parts:
-//! who is due a check, and what the check request looks like.
+//! (renewed every second, lapsing when its holder stops ticking). This module holds the pure
+//! parts: who leads, who is due a check, where the check goes and what it looks like.
 
 use crate::config::{AuthHeader, HealthCheck, Provider};
 use crate::pool::PoolState;
+use crate::schedule::Every;
 
-/// Three ticks: a holder that misses two ticks in a row loses the lease.
+/// Three renewals: a holder that misses two in a row loses the lease.
 pub const LEASE_MS: u64 = 3_000;
-/// Checks are planned on ticks (once a second); a tick that comes a little early must not push a
-/// check to the tick after, or a 1 s interval would become 2 s.
-const TICK_SLACK_MS: u64 = 250;
+/// The lease is renewed (and a VM that does not hold it looks again) once a second, however
+/// fast the VM ticks: one shared-data read and write per second, as with 1 s ticks.
+pub const LEASE_RENEW_MS: u64 = 1_000;
 
 /// One check to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,20 +27,56 @@ pub struct CheckRequest {
 }
 
 /// This VM's record of the checks it runs for one pool.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PoolChecks {
     in_flight: Vec<bool>,
     last_started_ms: Vec<u64>,
     passes: Vec<u32>,
+    /// When to renew (or look for) the lease; `leading` is what the last look found.
+    lease_renewal: Every,
+    leading: bool,
+    /// Checks are planned on the pool's own period, not on every tick of a faster VM tick.
+    planning: Every,
+    /// Where the last planned checks went: named in the warning when a check says nothing.
+    target: Option<Target>,
 }
 
 impl PoolChecks {
-    pub fn new(keys: usize) -> Self {
+    /// `period_ms`: the pool's period (`schedule::pool_period_ms`); `tick_ms`: the VM's tick.
+    pub fn new(keys: usize, period_ms: u64, tick_ms: u64) -> Self {
         PoolChecks {
             in_flight: vec![false; keys],
             last_started_ms: vec![0; keys],
             passes: vec![0; keys],
+            lease_renewal: Every::new(LEASE_RENEW_MS, tick_ms),
+            leading: false,
+            planning: Every::new(period_ms, tick_ms),
+            target: None,
         }
+    }
+
+    /// Whether this VM runs the pool's checks. `try_lead` takes or renews the lease in shared
+    /// data; it is called once a second at most, and between calls the last answer holds: a
+    /// lease renewed less than a second ago has two more seconds to run, and no one else can
+    /// take it before it lapses.
+    pub fn lead(&mut self, now_ms: u64, try_lead: impl FnOnce() -> bool) -> bool {
+        if self.lease_renewal.due(now_ms) {
+            self.leading = try_lead();
+        }
+        self.leading
+    }
+
+    /// Whether checks are planned on this tick (the pool's period has passed).
+    pub fn planning_due(&mut self, now_ms: u64) -> bool {
+        self.planning.due(now_ms)
+    }
+
+    pub fn set_target(&mut self, target: Target) {
+        self.target = Some(target);
+    }
+
+    pub fn target(&self) -> Option<&Target> {
+        self.target.as_ref()
     }
 
     /// Keys that are out and due a check: none in flight for them, the interval since the last
@@ -55,12 +92,15 @@ impl PoolChecks {
             .keys
             .iter()
             .enumerate()
-            .filter(|(_, k)| !k.is_available())
+            // A spent key returns by itself at its reset; a check would only spend more.
+            .filter(|(_, k)| !k.is_available() && k.health != crate::pool::Health::Spent)
             .filter(|(i, k)| {
                 !self.in_flight.get(*i).copied().unwrap_or(true)
                     && now_ms >= k.down_since_ms.saturating_add(min_cooldown_ms)
                     && self.last_started_ms.get(*i).is_some_and(|&last| {
-                        let slack = TICK_SLACK_MS.min(check.interval_ms / 4);
+                        // A tick a little early must not push a check to the tick after, or
+                        // a 1 s interval would become 2 s.
+                        let slack = self.planning.slack_ms().min(check.interval_ms / 4);
                         last == 0
                             || now_ms.saturating_add(slack)
                                 >= last.saturating_add(check.interval_ms)
@@ -162,6 +202,70 @@ pub fn headers(
     headers
 }
 
+/// Where a check's `:authority` came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthoritySource {
+    /// `healthCheckAuthority`.
+    Configured,
+    /// The `:authority` of the pool's live traffic.
+    Learned,
+    /// Nothing better known: the cluster name, which a provider behind it rarely accepts.
+    ClusterName,
+}
+
+/// Where a pool's checks go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub cluster: String,
+    pub authority: String,
+    pub source: AuthoritySource,
+}
+
+/// The check's cluster and `:authority`: configured ones win, then what live traffic taught
+/// (`learned`: cluster, authority). None while the cluster is unknown.
+pub fn target(check: &HealthCheck, learned: Option<(String, String)>) -> Option<Target> {
+    let (learned_cluster, learned_authority) = match learned {
+        Some((c, a)) => (Some(c), Some(a).filter(|a| !a.is_empty())),
+        None => (None, None),
+    };
+    let cluster = check.cluster.clone().or(learned_cluster)?;
+    let (authority, source) = match (&check.authority, learned_authority) {
+        (Some(configured), _) => (configured.clone(), AuthoritySource::Configured),
+        (None, Some(learned)) => (learned, AuthoritySource::Learned),
+        (None, None) => (cluster.clone(), AuthoritySource::ClusterName),
+    };
+    Some(Target {
+        cluster,
+        authority,
+        source,
+    })
+}
+
+/// The warning for a check answered with a status that says nothing about the key (a 400, 404,
+/// 421...). It names what most likely caused it: a guessed `:authority` if the check had to use
+/// the cluster name, else the model or path.
+pub fn neutral_answer_warning(
+    pool: &str,
+    key: &str,
+    status: u16,
+    target: Option<&Target>,
+) -> String {
+    let start = format!(
+        "pool {pool}: health check of key {key} got status {status}, which says nothing about the key"
+    );
+    match target {
+        Some(t) if t.source == AuthoritySource::ClusterName => format!(
+            "{start}; no live request has shown the provider's host yet, so the check was sent with :authority {:?} (the cluster name), which providers usually refuse: set failover.healthCheckAuthority to the provider's host (such as \"api.openai.com\"), or let one request through the pool; if the host is right, check healthCheckModel and healthCheckPath",
+            t.authority
+        ),
+        Some(t) if t.source == AuthoritySource::Learned => format!(
+            "{start}; check healthCheckModel and healthCheckPath, and the :authority {:?} learned from live traffic (if a route rewrites the host, set failover.healthCheckAuthority)",
+            t.authority
+        ),
+        _ => format!("{start}; check healthCheckModel and healthCheckPath"),
+    }
+}
+
 /// Where checks go, as learned from live traffic: stored in shared data as `cluster\nauthority`.
 pub fn encode_target(cluster: &str, authority: &str) -> Vec<u8> {
     format!("{cluster}\n{authority}").into_bytes()
@@ -187,6 +291,7 @@ mod tests {
             success_threshold: 2,
             path: None,
             cluster: None,
+            authority: None,
         }
     }
 
@@ -209,7 +314,7 @@ mod tests {
         };
         s.record_failure(1, &f, 10_000, &policy);
         s.record_failure(2, &f, 10_500, &policy);
-        let mut c = PoolChecks::new(3);
+        let mut c = PoolChecks::new(3, 1_000, 1_000);
         let hc = check(5_000);
         assert_eq!(
             c.due(&s, &hc, 1_000, 10_900),
@@ -238,7 +343,7 @@ mod tests {
 
     #[test]
     fn success_threshold_counts_passes_in_a_row() {
-        let mut c = PoolChecks::new(1);
+        let mut c = PoolChecks::new(1, 1_000, 1_000);
         assert!(!c.passed(0, 2));
         c.failed(0);
         assert!(!c.passed(0, 2));
@@ -291,5 +396,95 @@ mod tests {
         assert_eq!(decode_target(b"no newline"), None);
         assert_eq!(decode_target(b"\nauthority"), None);
         assert_eq!(decode_target(b"\xff\n"), None);
+    }
+
+    #[test]
+    fn the_check_target_prefers_configured_then_learned_then_the_cluster_name() {
+        let learned = || Some(("outbound|443||api.x".to_string(), "api.x".to_string()));
+        let mut hc = check(1_000);
+        assert_eq!(target(&hc, None), None, "no cluster known: no check");
+        let t = target(&hc, learned()).unwrap();
+        assert_eq!(
+            (t.cluster.as_str(), t.authority.as_str(), t.source),
+            ("outbound|443||api.x", "api.x", AuthoritySource::Learned)
+        );
+        hc.cluster = Some("provider".into());
+        let t = target(&hc, None).unwrap();
+        assert_eq!(
+            (t.cluster.as_str(), t.authority.as_str(), t.source),
+            ("provider", "provider", AuthoritySource::ClusterName),
+            "nothing better known: the cluster name"
+        );
+        let t = target(&hc, Some(("other".into(), String::new()))).unwrap();
+        assert_eq!(
+            t.source,
+            AuthoritySource::ClusterName,
+            "an empty learned authority"
+        );
+        assert_eq!(t.cluster, "provider", "a configured cluster wins");
+        hc.authority = Some("api.openai.com".into());
+        let t = target(&hc, learned()).unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.source),
+            ("api.openai.com", AuthoritySource::Configured)
+        );
+    }
+
+    #[test]
+    fn a_check_refused_for_a_guessed_authority_says_so() {
+        let mut hc = check(1_000);
+        hc.cluster = Some("provider_cluster".into());
+        let guessed = target(&hc, None);
+        let w = neutral_answer_warning("main", "alpha", 404, guessed.as_ref());
+        assert!(
+            w.starts_with("pool main: health check of key alpha got status 404"),
+            "{w}"
+        );
+        assert!(
+            w.contains(r#":authority "provider_cluster" (the cluster name)"#),
+            "{w}"
+        );
+        assert!(w.contains("set failover.healthCheckAuthority"), "{w}");
+        assert!(w.contains("let one request through"), "{w}");
+        // With a host that live traffic taught or the operator set, the model and path are
+        // the likelier cause; the authority is not blamed.
+        let learned = target(&hc, Some(("c".into(), "api.x".into())));
+        let w = neutral_answer_warning("main", "alpha", 404, learned.as_ref());
+        assert!(
+            w.contains("check healthCheckModel and healthCheckPath"),
+            "{w}"
+        );
+        assert!(!w.contains("cluster name"), "{w}");
+        hc.authority = Some("api.openai.com".into());
+        let w = neutral_answer_warning("main", "alpha", 400, target(&hc, None).as_ref());
+        assert!(
+            w.ends_with(
+                "which says nothing about the key; check healthCheckModel and healthCheckPath"
+            ),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn the_lease_is_looked_at_once_a_second_however_fast_the_tick() {
+        let mut c = PoolChecks::new(1, 100, 100);
+        let mut looks = 0;
+        let mut leading = Vec::new();
+        for now in (0..=3_000).step_by(100) {
+            leading.push(c.lead(now, || {
+                looks += 1;
+                true
+            }));
+        }
+        assert_eq!(looks, 4, "at 0, 1000, 2000 and 3000 ms");
+        assert!(
+            leading.iter().all(|&l| l),
+            "the lease is held between looks"
+        );
+        // Checks, though, are planned on every 100 ms tick of a 100 ms pool.
+        assert!((0..10).all(|i| c.planning_due(i * 100)));
+        let mut slow = PoolChecks::new(1, 1_000, 100);
+        let plans = (0..20).filter(|i| slow.planning_due(i * 100)).count();
+        assert_eq!(plans, 2, "a 1 s pool is planned once a second");
     }
 }

@@ -25,7 +25,7 @@ const MAX_FRACTION_DIGITS: u32 = 18;
 const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 
 /// (reset, remaining) header pairs, one per Anthropic limit.
-const ANTHROPIC_LIMITS: [(&str, &str); 4] = [
+pub(crate) const ANTHROPIC_LIMITS: [(&str, &str); 4] = [
     (
         "anthropic-ratelimit-requests-reset",
         "anthropic-ratelimit-requests-remaining",
@@ -188,7 +188,7 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
 
 /// The first occurrence of `name` whose value parses. Values are trimmed; non-UTF-8 values are
 /// skipped like any other unparseable value.
-fn first_valid<T>(
+pub(crate) fn first_valid<T>(
     headers: &[(&str, &[u8])],
     name: &str,
     parse: impl Fn(&str) -> Option<T>,
@@ -200,7 +200,7 @@ fn first_valid<T>(
         .find_map(|value| parse(value.trim_matches(|c: char| c.is_ascii_whitespace())))
 }
 
-fn header_is_zero(headers: &[(&str, &[u8])], name: &str) -> bool {
+pub(crate) fn header_is_zero(headers: &[(&str, &[u8])], name: &str) -> bool {
     first_valid(headers, name, |v| {
         (!v.is_empty() && v.bytes().all(|b| b == b'0')).then_some(())
     })
@@ -290,11 +290,11 @@ fn error_object(root: &Value) -> Option<&Map<String, Value>> {
 }
 
 /// Time from now until an absolute instant; a past instant is no hint.
-fn until(at_ms: u64, now_ms: u64) -> Option<u64> {
+pub(crate) fn until(at_ms: u64, now_ms: u64) -> Option<u64> {
     cap(at_ms.checked_sub(now_ms)?)
 }
 
-fn cap(ms: u64) -> Option<u64> {
+pub(crate) fn cap(ms: u64) -> Option<u64> {
     (ms <= MAX_HINT_MS).then_some(ms)
 }
 

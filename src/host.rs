@@ -8,6 +8,7 @@ use std::ptr::{null, null_mut};
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
+use crate::callout::{dispatch_result, DispatchError};
 use crate::metrics::{MetricKind, MetricsHost};
 use crate::store::{SharedData, StoreError};
 
@@ -84,6 +85,21 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
     fn proxy_record_metric(metric_id: u32, value: u64) -> Status;
     fn proxy_continue_stream(stream_type: proxy_wasm::types::StreamType) -> Status;
+    // Status as a plain integer: these answers decide whether the VM keeps running, and a host
+    // may return a code that is no variant of the SDK's enum.
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -338,27 +354,62 @@ pub fn call_response(body_size: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
     )
 }
 
-/// Sends a request of our own to `cluster`; the answer comes to `on_http_call_response`.
-/// Goes through the SDK, which must learn the call's token to route the answer back; header
-/// values that are not UTF-8 are dropped (the SDK's call API takes text).
+/// Sends a request of our own to `cluster` through the raw import: unlike the SDK's
+/// `dispatch_http_call`, which panics on any status but Ok/BadArgument/InternalFailure, every
+/// status but Ok is an `Err` the caller handles. The SDK does not learn the token, so the
+/// caller must register it (`crate::callout`) for `glue::on_http_call_response` to route the
+/// answer. Header values that are not UTF-8 are dropped, as they were when this went through
+/// the SDK's text API: a re-send carries what it always carried.
 pub fn dispatch_http_call(
     cluster: &str,
     headers: &[(&str, &[u8])],
     body: &[u8],
     timeout_ms: u64,
-) -> Option<u32> {
-    let text: Vec<(&str, &str)> = headers
+) -> Result<u32, DispatchError> {
+    let text: Vec<(&str, &[u8])> = headers
         .iter()
-        .filter_map(|(n, v)| Some((*n, std::str::from_utf8(v).ok()?)))
+        .filter(|(_, v)| std::str::from_utf8(v).is_ok())
+        .copied()
         .collect();
-    proxy_wasm::hostcalls::dispatch_http_call(
-        cluster,
-        text,
-        (!body.is_empty()).then_some(body),
-        Vec::new(),
-        std::time::Duration::from_millis(timeout_ms),
-    )
-    .ok()
+    let headers = crate::abi::serialize_header_map(&text);
+    let trailers = crate::abi::serialize_header_map(&[]);
+    let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
+    let mut token: u32 = 0;
+    // SAFETY: every pointer and length describes a live slice for the call; `token` is a
+    // valid out-pointer.
+    let status = unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            if body.is_empty() {
+                null()
+            } else {
+                body.as_ptr()
+            },
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout,
+            &mut token,
+        )
+    };
+    dispatch_result(status, token)
+}
+
+/// Makes `context_id` the context later host calls act on (as the SDK does before it hands a
+/// context an answer, and from a root callback to resume or answer a held request); false when
+/// the host knows no such context (it is gone: a client that hung up).
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_set_effective_context(context_id) == 0 }
+}
+
+/// Lets a held request continue upstream.
+pub fn resume_request() -> bool {
+    // SAFETY: plain value argument.
+    unsafe { proxy_continue_stream(proxy_wasm::types::StreamType::HttpRequest) == Status::Ok }
 }
 
 /// Lets a held response continue to the client.

@@ -6,22 +6,27 @@
 //! Everything but `glue` is plain Rust, testable on the host with injected time.
 
 pub mod abi;
+pub mod affinity;
 pub mod attempts;
+pub mod budget;
+pub mod callout;
 pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
+pub mod env_keys;
 pub mod health;
 pub mod hints;
 pub mod metrics;
 pub mod pool;
 pub mod reply;
-pub mod resend;
 pub mod rewrite;
 pub mod rules;
+pub mod schedule;
 pub mod select;
 pub mod status;
 pub mod store;
+pub mod waiting;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;

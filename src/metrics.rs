@@ -9,7 +9,7 @@
 //! tick; transition counters are bumped once, by the worker whose write made the transition;
 //! gauges are re-derived from the shared state on tick, writing only values that changed.
 
-use crate::pool::{Event, Health, PoolState};
+use crate::pool::{Event, Health, PoolState, FOREVER};
 use crate::status::FailureClass;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,7 @@ fn class_index(class: FailureClass) -> usize {
         FailureClass::ServerError => 1,
         FailureClass::KeyRefused => 2,
         FailureClass::Other => 3,
+        FailureClass::BudgetSpent => 4,
     }
 }
 
@@ -39,6 +40,7 @@ struct KeyGauges {
     available: u64,
     consecutive_failures: u64,
     down_until_s: u64,
+    disabled: u64,
 }
 
 impl KeyGauges {
@@ -48,11 +50,14 @@ impl KeyGauges {
         KeyGauges {
             available: u64::from(!down),
             consecutive_failures: u64::from(state.consecutive_failures),
-            down_until_s: if down {
+            // A key refused until reload has no end time: 0, as for "no cooldown", and
+            // `key_disabled` says why it is out (FOREVER in seconds would read as year 5.8e8).
+            down_until_s: if down && state.down_until_ms != FOREVER {
                 state.down_until_ms.div_ceil(1000)
             } else {
                 0
             },
+            disabled: u64::from(state.health == Health::Disabled),
         }
     }
 }
@@ -62,6 +67,7 @@ struct KeyMetrics {
     available: Option<u32>,
     consecutive_failures: Option<u32>,
     down_until: Option<u32>,
+    disabled: Option<u32>,
     marked_down: Option<u32>,
     restored: Option<u32>,
     /// What this worker last recorded; None until the first sync.
@@ -82,7 +88,7 @@ pub struct PoolMetrics {
     retries_succeeded: Option<u32>,
     retries_failed: Option<u32>,
     health_checks: [Option<u32>; 3],
-    marked_down: [Option<u32>; 4],
+    marked_down: [Option<u32>; FailureClass::ALL.len()],
     keys: Vec<KeyMetrics>,
     recorded_available: Option<u64>,
     pending_keyed: u64,
@@ -108,7 +114,7 @@ impl PoolMetrics {
         if let Some(id) = pool_metric(Gauge, "keys_configured") {
             host.record(id, key_labels.len() as u64);
         }
-        let mut marked_down = [None; 4];
+        let mut marked_down = [None; FailureClass::ALL.len()];
         for class in FailureClass::ALL {
             if let Some(slot) = marked_down.get_mut(class_index(class)) {
                 *slot = host.define(
@@ -129,6 +135,7 @@ impl PoolMetrics {
                     available: key_metric(Gauge, "available"),
                     consecutive_failures: key_metric(Gauge, "consecutive_failures"),
                     down_until: key_metric(Gauge, "down_until_seconds"),
+                    disabled: key_metric(Gauge, "disabled"),
                     marked_down: key_metric(Counter, "marked_down"),
                     restored: key_metric(Counter, "restored"),
                     recorded: None,
@@ -250,6 +257,35 @@ impl PoolMetrics {
 
     /// Flushes request counters and brings gauges in line with `state`, writing only changes.
     pub fn sync(&mut self, host: &dyn MetricsHost, state: &PoolState) {
+        self.flush_counters(host);
+        let available = state.available_count() as u64;
+        if self.recorded_available != Some(available) {
+            record(host, self.keys_available, available);
+            self.recorded_available = Some(available);
+        }
+        for (metrics, key) in self.keys.iter_mut().zip(&state.keys) {
+            let now = KeyGauges::of(key);
+            let before = metrics.recorded;
+            if before.map(|b| b.available) != Some(now.available) {
+                record(host, metrics.available, now.available);
+            }
+            if before.map(|b| b.consecutive_failures) != Some(now.consecutive_failures) {
+                record(host, metrics.consecutive_failures, now.consecutive_failures);
+            }
+            if before.map(|b| b.down_until_s) != Some(now.down_until_s) {
+                record(host, metrics.down_until, now.down_until_s);
+            }
+            if before.map(|b| b.disabled) != Some(now.disabled) {
+                record(host, metrics.disabled, now.disabled);
+            }
+            metrics.recorded = Some(now);
+        }
+    }
+
+    /// Adds the request counts summed since the last flush to Envoy's counters. Runs on tick,
+    /// and once more when the engine goes away (a reload replaced its root context), so the
+    /// counts since its last tick are not lost.
+    pub fn flush_counters(&mut self, host: &dyn MetricsHost) {
         increment(
             host,
             self.requests_keyed,
@@ -269,25 +305,6 @@ impl PoolMetrics {
         increment(host, self.retries, started);
         increment(host, self.retries_succeeded, succeeded);
         increment(host, self.retries_failed, failed);
-        let available = state.available_count() as u64;
-        if self.recorded_available != Some(available) {
-            record(host, self.keys_available, available);
-            self.recorded_available = Some(available);
-        }
-        for (metrics, key) in self.keys.iter_mut().zip(&state.keys) {
-            let now = KeyGauges::of(key);
-            let before = metrics.recorded;
-            if before.map(|b| b.available) != Some(now.available) {
-                record(host, metrics.available, now.available);
-            }
-            if before.map(|b| b.consecutive_failures) != Some(now.consecutive_failures) {
-                record(host, metrics.consecutive_failures, now.consecutive_failures);
-            }
-            if before.map(|b| b.down_until_s) != Some(now.down_until_s) {
-                record(host, metrics.down_until, now.down_until_s);
-            }
-            metrics.recorded = Some(now);
-        }
     }
 }
 
@@ -427,7 +444,10 @@ mod tests {
                 .into_iter()
                 .collect::<Vec<_>>(),
         );
-        let ev: Vec<Event> = state.record_success(1, SentAs::Probe).into_iter().collect();
+        let ev: Vec<Event> = state
+            .record_success(1, SentAs::Probe { claim_ms: 15_100 })
+            .into_iter()
+            .collect();
         m.count_events(&host, &ev);
         m.sync(&host, &state);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);
@@ -437,6 +457,46 @@ mod tests {
             host.get("ai_key_failover.pool.p.key.b.key_down_until_seconds"),
             0
         );
+    }
+
+    #[test]
+    fn a_refused_key_reports_disabled_and_a_real_end_time_or_none() {
+        const REFUSED: Failure = Failure {
+            status: 401,
+            class: FailureClass::KeyRefused,
+            hint_ms: None,
+            jitter_permille: 0,
+        };
+        let host = FakeMetrics::default();
+        let labels = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let mut m = PoolMetrics::define(&host, "p", &labels);
+        let mut state = PoolState::fresh(&[1, 2, 3]);
+        m.sync(&host, &state);
+        assert_eq!(host.get("ai_key_failover.pool.p.key.a.key_disabled"), 0);
+        // a: refused until the next config load (disableDuration 0); b: refused for an hour;
+        // c: only rate limited.
+        let _ = state.record_failure(0, &REFUSED, 10_000, &P);
+        let hour = Policy {
+            disable_ms: 3_600_000,
+            ..P
+        };
+        let _ = state.record_failure(1, &REFUSED, 10_000, &hour);
+        let _ = state.record_failure(2, &RATE, 10_000, &P);
+        m.sync(&host, &state);
+        let gauge = |key: &str, metric: &str| {
+            host.get(&format!("ai_key_failover.pool.p.key.{key}.key_{metric}"))
+        };
+        assert_eq!(gauge("a", "available"), 0);
+        assert_eq!(gauge("a", "disabled"), 1);
+        assert_eq!(
+            gauge("a", "down_until_seconds"),
+            0,
+            "no end time, not u64::MAX / 1000"
+        );
+        assert_eq!(gauge("b", "disabled"), 1);
+        assert_eq!(gauge("b", "down_until_seconds"), 3_610);
+        assert_eq!(gauge("c", "disabled"), 0);
+        assert_eq!(gauge("c", "down_until_seconds"), 15);
     }
 
     #[test]

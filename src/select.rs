@@ -19,6 +19,8 @@ pub enum OnAllUnavailable {
     Earliest,
     /// Answer locally with 429 and `retry-after`.
     Reject,
+    /// Hold the request until a key returns, for up to `maxWaitMs`; then as `Reject`.
+    Wait,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +131,8 @@ pub struct PoolView {
     /// The key `earliest` falls back to when nothing is available, and when it returns.
     earliest_down: Option<(usize, u64)>,
     next_change_ms: Option<u64>,
+    /// `affinity`: the consistent-hash ring of the keys in rotation.
+    affinity: Option<crate::affinity::Ring>,
 }
 
 fn indices_where(state: &PoolState, keep: impl Fn(&KeyState) -> bool) -> Vec<u32> {
@@ -157,7 +161,7 @@ impl PoolView {
         // Prefer the key whose time out ends first; then a key being probed; a key refused
         // for good only as a last resort.
         let rank = |k: &KeyState| match k.health {
-            Health::CoolingDown => (0, k.down_until_ms),
+            Health::CoolingDown | Health::Spent => (0, k.down_until_ms),
             Health::Disabled if k.down_until_ms != crate::pool::FOREVER => (0, k.down_until_ms),
             Health::Probing => (1, k.probe_until_ms),
             _ => (2, u64::MAX),
@@ -176,7 +180,18 @@ impl PoolView {
             probe_candidates,
             earliest_down,
             next_change_ms: state.next_change_ms(),
+            affinity: None,
         }
+    }
+
+    /// Filters `full` (every configured key's ring) down to the keys `state` has in rotation.
+    pub fn set_affinity(&mut self, full: &crate::affinity::Ring, state: &PoolState) {
+        self.affinity = Some(full.only(|k| state.keys.get(k).is_some_and(KeyState::is_available)));
+    }
+
+    /// The key in rotation a session goes to, when affinity is on and any key is in rotation.
+    pub fn session_key(&self, hash: u32) -> Option<usize> {
+        self.affinity.as_ref()?.owner(hash)
     }
 
     pub fn available_count(&self) -> usize {

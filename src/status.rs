@@ -87,14 +87,18 @@ pub enum FailureClass {
     KeyRefused,
     /// Any other code a `failoverOnStatus` pattern adds: treated like a rate limit.
     Other,
+    /// Not an error: a success said the key's budget is used up (`preemptiveCooldown`), so it
+    /// rests until the provider's reset. `classify` never gives it.
+    BudgetSpent,
 }
 
 impl FailureClass {
-    pub const ALL: [FailureClass; 4] = [
+    pub const ALL: [FailureClass; 5] = [
         FailureClass::RateLimit,
         FailureClass::ServerError,
         FailureClass::KeyRefused,
         FailureClass::Other,
+        FailureClass::BudgetSpent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +107,7 @@ impl FailureClass {
             FailureClass::ServerError => "server_error",
             FailureClass::KeyRefused => "key_refused",
             FailureClass::Other => "other",
+            FailureClass::BudgetSpent => "budget_spent",
         }
     }
 

@@ -83,6 +83,9 @@ pub struct PoolStore {
     synced: bool,
     state: PoolState,
     view: PoolView,
+    /// `affinity`: the ring of every configured key, built once; the view holds the ring of
+    /// the keys in rotation, filtered from it whenever the view is rebuilt.
+    ring: Option<crate::affinity::Ring>,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
     /// Set when the stored entry is a newer build's, so that warning too is logged once per VM.
@@ -225,6 +228,7 @@ impl PoolStore {
             synced: false,
             state,
             view,
+            ring: None,
             corrupt_entry_seen: false,
             newer_entry_seen: false,
             decode_failures: 0,
@@ -233,6 +237,19 @@ impl PoolStore {
 
     pub fn pool_id(&self) -> u64 {
         self.pool_id
+    }
+
+    /// Keeps a session-affinity ring of this pool's keys (some profile sets `affinity`).
+    pub fn with_affinity(mut self) -> Self {
+        let ring = crate::affinity::Ring::build(&self.fingerprints, &self.weights);
+        self.view.set_affinity(&ring, &self.state);
+        self.ring = Some(ring);
+        self
+    }
+
+    /// The ring of every configured key, when affinity is on.
+    pub fn ring(&self) -> Option<&crate::affinity::Ring> {
+        self.ring.as_ref()
     }
 
     pub fn state(&self) -> &PoolState {
@@ -502,6 +519,9 @@ impl PoolStore {
     fn adopt(&mut self, state: PoolState) {
         if state != self.state {
             self.view = PoolView::build(&state, &self.weights, self.selection);
+            if let Some(ring) = &self.ring {
+                self.view.set_affinity(ring, &state);
+            }
             self.state = state;
         }
     }

@@ -6,9 +6,10 @@
 //! wasm). The lock is held only while the engine decides or records, never across a host call
 //! that can call back into this filter (a local reply runs our encoder hooks before it returns).
 //!
-//! Time comes from the system clock. A thread per config wakes every second and commits an event
-//! to Envoy's config scheduler, so `scheduled` runs on the main thread like wasm's `on_tick`:
-//! timeouts end and health checks go out without traffic.
+//! Time comes from the system clock. A thread per config wakes at the engine's tick period (100 ms
+//! to 1 s, as the shortest cooldown or check interval needs) and commits an event to Envoy's
+//! config scheduler, so `scheduled` runs on the main thread like wasm's `on_tick`: timeouts end
+//! and health checks go out without traffic.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -23,18 +24,19 @@ use super::abi::{
     HEADERS_STOP_ITERATION,
 };
 use super::shared::STORE;
+use crate::affinity;
+use crate::budget;
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::metrics::{MetricKind, MetricsHost};
 use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
 use crate::rules::{host_of_authority, RequestFacts};
+use crate::select::OnAllUnavailable;
 use crate::status::Verdict;
 use crate::store::{SharedData, StoreError};
 
-/// Ends time outs during quiet periods; under traffic, requests do it themselves.
-const TICK_PERIOD: Duration = Duration::from_secs(1);
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -74,7 +76,7 @@ impl MetricsHost for NativeHost {
     }
 }
 
-/// Wakes the main thread once per `TICK_PERIOD` until dropped.
+/// Wakes the main thread once per period until dropped.
 struct Ticker {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
@@ -83,7 +85,7 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn start(scheduler: Scheduler) -> Option<Self> {
+    fn start(scheduler: Scheduler, period: Duration) -> Option<Self> {
         let scheduler = Arc::new(scheduler);
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let (thread_stop, thread_scheduler) = (Arc::clone(&stop), Arc::clone(&scheduler));
@@ -94,7 +96,7 @@ impl Ticker {
                 let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
                 loop {
                     let (guard, _) = wake
-                        .wait_timeout(stopped, TICK_PERIOD)
+                        .wait_timeout(stopped, period)
                         .unwrap_or_else(PoisonError::into_inner);
                     stopped = guard;
                     if *stopped {
@@ -142,9 +144,12 @@ pub struct Config {
     ticker: Option<Ticker>,
 }
 
+/// The engine goes with its config (a configuration update makes a new one): counts since its
+/// last tick would be lost with it, so they are flushed once no tick can run any more.
 impl Drop for Config {
     fn drop(&mut self) {
         self.ticker.take();
+        self.engine().flush_counters(&self.host);
     }
 }
 
@@ -166,6 +171,15 @@ impl Config {
                 "retryOnFailure is not implemented by the native module yet: failed requests are not re-sent (use upstream mode with the route's retry_policy)"
             );
         }
+        if parsed
+            .profiles
+            .iter()
+            .any(|p| p.on_all_unavailable == OnAllUnavailable::Wait)
+        {
+            log::warn!(
+                "onAllUnavailable \"wait\" is not implemented by the native module yet: with every key down, requests get the \"reject\" answer at once"
+            );
+        }
         let pools: Vec<String> = parsed
             .pools
             .iter()
@@ -179,7 +193,10 @@ impl Config {
         let host = NativeHost { handle };
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&host, now_ms());
-        let ticker = handle.scheduler().and_then(Ticker::start);
+        let period = Duration::from_millis(engine.tick_period_ms());
+        let ticker = handle
+            .scheduler()
+            .and_then(|scheduler| Ticker::start(scheduler, period));
         if ticker.is_none() {
             log::warn!("could not start the tick; keys return only on traffic");
         }
@@ -386,15 +403,29 @@ impl<'c> Filter<'c> {
             .as_deref()
             .map(|id| engine.failed_for(id))
             .unwrap_or_default();
+        // One header read, only where `affinity` is configured; the value is only hashed.
+        let session = profile
+            .and_then(|p| engine.affinity_header(p))
+            .and_then(|name| s.request_header(name))
+            .map(|value| affinity::session_hash(&value));
         let clock = Clock::new(&now_ms);
-        match engine.decide(host, profile, &clock, &avoid) {
+        let decision = engine.decide_with(host, profile, &clock, &avoid, Ask { session });
+        if let (Decision::Hold { .. }, Some(profile)) = (decision, profile) {
+            // `wait` needs a request paused and resumed from the tick, which this host does not
+            // do yet (logged at load): the request gets what `reject` gives, counted as rejected.
+            engine.count_rejected(profile);
+        }
+        match decision {
             Decision::Untouched => {
                 if drop_pool_header {
                     drop_client_pool_header(s);
                 }
                 CONTINUE
             }
-            Decision::Reject { retry_after_secs } => {
+            Decision::Reject { retry_after_secs }
+            | Decision::Hold {
+                retry_after_secs, ..
+            } => {
                 drop(engine);
                 let r = reply::all_keys_unavailable(retry_after_secs);
                 s.send_response(
@@ -579,6 +610,9 @@ impl<'c> Filter<'c> {
             None,
             &clock,
         );
+        if first_look == Verdict::Success {
+            note_budget(&mut engine, host, s, sent, &clock);
+        }
         CONTINUE
     }
 
@@ -659,6 +693,29 @@ fn record_answer(
         None
     };
     engine.record(host, sent, verdict, status, hint_ms, clock);
+}
+
+/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
+/// the reset. Only the remaining counts are read, and a reset only for a count that is 0.
+fn note_budget(
+    engine: &mut Engine,
+    host: &NativeHost,
+    s: &Stream,
+    sent: Assignment,
+    clock: &Clock,
+) {
+    let Some(family) = engine.wants_budget(sent.profile) else {
+        return;
+    };
+    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
+    let now_ms = if family == budget::Family::Anthropic {
+        clock.now()
+    } else {
+        0
+    };
+    if let Some(ms) = budget::spent_for_ms(family, now_ms, |name| s.response_header(name)) {
+        engine.spend(host, sent, ms, clock);
+    }
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the filter does not key. Read

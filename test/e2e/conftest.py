@@ -25,6 +25,7 @@ from harness import (  # noqa: E402
     HarnessError,
     Mock,
     collect_keys,
+    env_keys,
     find_leaks,
     plugin_log_text,
     scannable_log_text,
@@ -100,9 +101,9 @@ class EnvoyFactory:
             mock = self.request.getfixturevalue("mock")
         return mock if isinstance(mock, int) else mock.port
 
-    def _remember_keys(self, plugin_config: Any) -> None:
+    def _remember_keys(self, plugin_config: Any, env: dict | None = None) -> None:
         n = len([e for e in self.envoys if e.wasm])
-        for desc, key in collect_keys(plugin_config):
+        for desc, key in collect_keys(plugin_config) + env_keys(env):
             if key not in [k for _, k in self.keys]:
                 self.keys.append((f"config #{n} {desc}", key))
 
@@ -111,7 +112,7 @@ class EnvoyFactory:
              **kw: Any) -> Envoy:
         """Write the config and create the Envoy, without starting it."""
         if wasm:
-            self._remember_keys(plugin_config)
+            self._remember_keys(plugin_config, kw.get("env"))
         e = Envoy(self.tmp_path, self._upstream_port(mock), plugin_config, concurrency=concurrency, routes=routes,
                   cluster_name=cluster_name, wasm=wasm, extra_filter_options=extra_filter_options, **kw)
         self.envoys.append(e)
@@ -126,7 +127,8 @@ class EnvoyFactory:
         route-chat /v1/chat, route-embeddings /v1/embeddings, route-default /.
         extra_filter_options: deep-merged into the wasm PluginConfig (e.g. {"failure_policy": ...}).
         Other keywords: extra_clusters={name: port}, filter_mode="downstream"|"upstream",
-        log_level="debug", extra_args=[...] (Envoy CLI), raw_config={bootstrap dict}."""
+        log_level="debug", extra_args=[...] (Envoy CLI), raw_config={bootstrap dict},
+        env={NAME: value} (Envoy's environment, for `fromEnv` keys; None removes a variable)."""
         e = self.make(plugin_config, concurrency, mock, routes, cluster_name, wasm, extra_filter_options, **kw)
         return e.start(timeout)
 

@@ -620,6 +620,17 @@ def log_records(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def env_keys(env: dict[str, str | None] | None) -> list[tuple[str, str]]:
+    """(description, key) for the keys an Envoy environment holds: each variable's value split the
+    way the plugin splits a `fromEnv` variable (commas, newlines; items trimmed, empty ones skipped)."""
+    found: list[tuple[str, str]] = []
+    for name, value in (env or {}).items():
+        items = [item.strip() for item in re.split(r"[,\n]", value or "")]
+        for i, item in enumerate(i for i in items if i):
+            found.append((f"${name} item {i + 1}", item))
+    return found
+
+
 def find_leaks(keys: list[tuple[str, str]], text: str, source: str) -> list[str]:
     """Descriptions (never the keys) of the keys that occur in text."""
     return [f"{desc} found in {source}" for desc, key in keys if key in text]
@@ -665,8 +676,11 @@ class Envoy:
                  routes: list | None = None, cluster_name: str = DEFAULT_CLUSTER, wasm: bool = True,
                  extra_filter_options: dict | None = None, extra_clusters: dict[str, int] | None = None,
                  filter_mode: str = "downstream", log_level: str = "debug", raw_config: dict | None = None,
-                 extra_args: Iterable[str] = ()):
+                 extra_args: Iterable[str] = (), env: dict[str, str] | None = None):
         n = next(Envoy._seq)
+        # Added to (or, with value None, removed from) the test process's environment for Envoy:
+        # what `fromEnv` keys are read from through vm_config.environment_variables.host_env_keys.
+        self.env = dict(env or {})
         self.workdir = Path(workdir) / f"envoy{n}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.plugin_config = plugin_config
@@ -699,7 +713,10 @@ class Envoy:
     def launch(self) -> None:
         self._out = open(self.stdout_path, "ab")
         # Where Envoy finds lib<name>.so for envoy.filters.http.dynamic_modules.
-        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR))
+        env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR),
+               **{k: v for k, v in self.env.items() if v is not None}}
+        for k in [k for k, v in self.env.items() if v is None]:
+            env.pop(k, None)
         self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir, env=env)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -22,7 +23,7 @@ INVALID = [
     ({"apiTokens": [K], "failover": {"failureThreshold": 0}}, "failover.failureThreshold", "whole number from 1"),
     ({"apiTokens": [K], "failover": {"cooldownDuration": 0}}, "failover.cooldownDuration", "whole number from 1"),
     ({"apiTokens": [K], "failover": {"failoverOnStatus": ["5*"]}}, "failover.failoverOnStatus[0]", "not a status pattern"),
-    ({"apiTokens": [K], "onAllUnavailable": "wait"}, "onAllUnavailable", "\"earliest\" or \"reject\""),
+    ({"apiTokens": [K], "onAllUnavailable": "hold"}, "onAllUnavailable", "\"earliest\", \"reject\" or \"wait\""),
     ({"apiTokens": [K], "cooldown": 5}, "cooldown", "unknown field"),
     ({"apiTokens": [K], "failover": {"cooldown": 5}}, "failover.cooldown", "unknown field"),
     ({"apiTokens": [K], "_rules_": [{"apiTokens": [K]}]}, "_rules_[0]", "no match key"),
@@ -46,3 +47,45 @@ def test_valid_config_with_higress_private_keys_loads(envoy_factory, mock):
     cfg = {"apiTokens": [K], "_comment_": "Higress adds keys like this", "failover": {"_note_": 1}}
     envoy = envoy_factory.start(json.dumps(cfg))
     assert envoy.chat().status == 200
+
+
+ALPHA, BRAVO = "sk-test-config-alpha-01", "sk-test-config-bravo-02"
+# The documented default of retryOnFailure.maxBodyBytes (README): 256 KiB.
+DEFAULT_MAX_BODY = 256 * 1024
+
+
+def chat_of_size(size: int) -> dict:
+    """A chat body of about `size` bytes as JSON."""
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * size}]}
+
+
+@pytest.mark.native_missing("retryOnFailure (downstream re-sends through HTTP callouts)")
+def test_requests_above_the_default_body_limit_are_served_but_not_resent(envoy_factory, mock):
+    # alpha always fails and is never taken out (threshold), so round robin keeps sending
+    # requests to it and only retryOnFailure can save those.
+    mock.set_keys({"keys": {ALPHA: {"always": {"status": 503}}, BRAVO: {}}})
+    cfg = {"apiTokens": [{"token": ALPHA, "name": "alpha"}, {"token": BRAVO, "name": "bravo"}],
+           "failover": {"failureThreshold": 1000}, "retryOnFailure": {"enabled": True}}
+    envoy = envoy_factory.start(cfg)
+
+    with envoy.client() as c:
+        small = [c.chat(body=chat_of_size(1024)).status for _ in range(2)]
+    names = {ALPHA: "alpha", BRAVO: "bravo"}
+    got = Counter(names.get(k) for k in mock.keys_received())
+    assert small == [200, 200], "a small body is kept, and alpha's 503 re-sent with bravo"
+    assert got["alpha"] >= 1 and got["bravo"] == 2, got
+
+    big = chat_of_size(DEFAULT_MAX_BODY + 40 * 1024)
+    statuses = []
+    with envoy.client() as c:
+        for _ in range(4):
+            mock.clear()
+            statuses.append(c.chat(body=big).status)
+            sent = mock.requests()
+            # Served whole, once: the body was not kept, so alpha's 503 reaches the client.
+            assert len(sent) == 1, f"re-sent: {[names.get(r['key']) for r in sent]}"
+            assert json.loads(sent[0]["body"]) == big, "the upstream got the whole body"
+            assert statuses[-1] == (503 if sent[0]["key"] == ALPHA else 200), statuses
+            if sent[0]["key"] == ALPHA:
+                break
+    assert 503 in statuses, f"round robin never reached alpha: {statuses}"

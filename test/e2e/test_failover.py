@@ -7,7 +7,9 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+from checks import wait_pool_stats
 from harness import wait_for
 
 A, B, C = "sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-0003"
@@ -221,3 +223,47 @@ def test_a_probe_whose_client_disconnects_is_given_back_at_once(envoy_factory, m
     assert send(envoy, 1) == [200]
     assert mock.keys_received() == [A], "the next request probes alpha again"
     envoy.wait_log(r"key alpha restored", plugin_only=True)
+
+
+def test_a_request_sent_before_the_outage_that_fails_after_it_leaves_the_probe_alone(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}}})
+    envoy = envoy_factory.start(keys_config(name="p", failover={"cooldownDuration": 1000}))
+    # One worker rotates strictly: after a request on bravo, the next one goes to alpha.
+    with envoy.client() as c:
+        c.chat()
+        if mock.keys_received()[-1] == A:
+            c.chat()
+    # alpha: a slow request sent before the outage, whose 503 comes after the time out ended and
+    # while the probe is out; the 429 that takes alpha out; the probe, answered after 8 s.
+    mock.script(A, [{"status": 503, "delayMs": 5000}, {"status": 429}, {"status": 200, "delayMs": 8000}])
+    mock.clear()
+    with ThreadPoolExecutor(2) as pool:
+        def chat():
+            with envoy.client(timeout=20) as c:
+                return c.chat().status
+
+        slow = pool.submit(chat)
+        wait_for(lambda: mock.keys_received() == [A], timeout=3, what="the slow request to reach alpha")
+        take_alpha_out_until_its_probe_is_due(envoy)
+        probe = pool.submit(chat)
+        wait_for(lambda: mock.keys_received().count(A) == 3, timeout=3, what="the probe to reach alpha")
+        assert not slow.done(), "the slow 503 came before the probe; the test proves nothing"
+        assert slow.result(timeout=10) == 503
+        assert not probe.done(), "the probe answered before the stale failure; the test proves nothing"
+        answered = max(r["seq"] for r in mock.requests())
+        # Had the stale 503 counted as the probe's failure, alpha would be out for about 2 s
+        # more and then probed again while the first probe is still out.
+        deadline = time.monotonic() + 15
+        with envoy.client() as c:
+            while not probe.done():
+                assert time.monotonic() < deadline, "the probe never answered"
+                assert c.chat().status == 200
+                time.sleep(0.05)
+        assert probe.result() == 200
+    names = {A: "alpha", B: "bravo"}
+    later = [names.get(r["key"], "?") for r in mock.requests() if r["seq"] > answered]
+    assert later and set(later) == {"bravo"}, f"only bravo serves while alpha's probe is out: {later}"
+    s = wait_pool_stats(envoy, "p", lambda s: s.get("keys_restored") == 1, what="alpha restored by its probe")
+    assert s["probes_failed"] == 0, "the stale 503 was not the probe's failure"
+    assert s["key.alpha.key_marked_down"] == 1
+    assert "time out 2 in a row" not in envoy.plugin_log()

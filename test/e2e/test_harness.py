@@ -8,7 +8,9 @@ import pytest
 
 from harness import (
     collect_keys,
+    env_keys,
     envoy_config,
+    find_leaks,
     free_port,
     log_records,
     parse_stats,
@@ -94,6 +96,14 @@ def test_collect_keys_walks_everything():
     assert all(k not in " ".join(descs) for k in keys)  # descriptions never contain the key
     raw = '{"apiTokens": ["raw-1", {"token": "raw-2"}], oops'
     assert {k for _, k in collect_keys(raw)} == {"raw-1", "raw-2"}
+
+
+def test_env_keys_are_split_like_the_plugin_splits_a_variable_and_scanned_for():
+    env = {"ONE": "env-1", "LIST": " env-2,env-3\n\nenv-4\n", "UNSET": None}
+    keys = env_keys(env)
+    assert [k for _, k in keys] == ["env-1", "env-2", "env-3", "env-4"]
+    assert all(k not in d for d, k in keys)  # descriptions name the variable, never the key
+    assert find_leaks(keys, "pool p: key x ... env-3 ...", "log") == ["$LIST item 2 found in log"]
 
 
 @pytest.mark.wasm_only("the wasm logger's records")

@@ -6,8 +6,8 @@ import json
 import time
 from collections import Counter
 
-from checks import PLUGIN_STATS
-from harness import wait_for
+from checks import PLUGIN_STATS, lds_bootstrap
+from harness import free_port, wait_for
 
 A, B, C = "sk-test-hotel-0001", "sk-test-india-0002", "sk-test-juliet-0003"
 UA = "ai-key-failover-health-check"
@@ -112,3 +112,57 @@ def test_no_checks_without_health_check_model(envoy_factory, mock):
     take_out(envoy, mock, A)
     time.sleep(2.5)
     assert checks(mock) == []
+
+
+def test_a_configured_authority_is_what_checks_carry(envoy_factory, mock):
+    # Live traffic arrives for the gateway's own host; a route would rewrite it for the provider,
+    # but checks do not pass through routes, so the provider's host is configured.
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    cfg = pool(healthCheckCluster="mock_provider", healthCheckAuthority="api.provider.test")
+    envoy = envoy_factory.start(cfg)
+    envoy.chat(headers={"host": "gateway.example"})
+    take_out(envoy, mock, A)
+    check = wait_for(lambda: next(iter(checks(mock)), None), 5, what="a health check")
+    assert check["headers"]["host"] == "api.provider.test"
+    assert check["key"] == A
+
+
+def test_sub_second_intervals_and_timeouts_work_as_configured(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    envoy = envoy_factory.start(pool(healthCheckInterval=200, healthCheckTimeout=150), concurrency=2)
+    take_out(envoy, mock, A)
+    # Valid again, but slower than the 150 ms timeout: every check fails.
+    mock.always(A, {"status": 200, "delayMs": 400})
+    mock.clear()
+    wait_for(lambda: len(checks(mock)) >= 4, 5, what="four checks")
+    times = sorted(c["time_ms"] for c in checks(mock))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # One check in flight at a time: the 400 ms answer is given up on after 150 ms; the next
+    # check starts with the next 200 ms interval, not a second later.
+    assert all(150 <= g <= 200 + 400 for g in gaps), gaps
+    assert "passed its health check" not in envoy.plugin_log()
+    # Answered in time again: back at the next check.
+    mock.always(A, None)
+    envoy.wait_log(r"key hotel passed its health check \(status 200\); back in rotation", timeout=3, plugin_only=True)
+
+
+def test_a_check_that_could_only_use_the_cluster_name_as_host_says_so(envoy_factory, mock, tmp_path):
+    # After a config change that drops a key, the pool is a new one that no live request has
+    # reached yet; hotel, still refused, is carried over and checked with healthCheckCluster and
+    # no known host: the cluster name goes in :authority, and this provider answers 404 to that.
+    mock.set_keys({"keys": {A: {}, B: {}, C: {}}})
+    v1 = pool(healthCheckCluster="mock_provider", disableDuration=3600000)
+    v2 = {**v1, "apiTokens": v1["apiTokens"][:2]}
+    port = free_port()
+    bootstrap, swap = lds_bootstrap(tmp_path, mock.port, port, v1)
+    envoy = envoy_factory.start(v1, raw_config=bootstrap)
+    envoy.port = port
+    take_out(envoy, mock, A)
+    mock.always(A, {"status": 404})
+    mock.clear()
+    swap(v2)
+    envoy.wait_log(r"pool hc: kept the state of 1 keys", timeout=10, plugin_only=True)
+    envoy.wait_log(r'health check of key hotel got status 404, which says nothing about the key; no live request '
+                   r'has shown the provider\'s host yet, so the check was sent with :authority "mock_provider" '
+                   r'\(the cluster name\).*set failover.healthCheckAuthority', timeout=5, plugin_only=True)
+    assert any(c["headers"]["host"] == "mock_provider" for c in checks(mock))

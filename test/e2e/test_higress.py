@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import time
 from collections import Counter
 from typing import Any
 
 import pytest
 import yaml
 
-from harness import REPO
+from harness import REPO, wait_for
 
 WASMPLUGIN = REPO / "examples/higress/wasmplugin.yaml"
 
@@ -195,3 +197,90 @@ def test_a_429_in_the_route_pool_leaves_the_default_pool_alone(envoy_factory, mo
     assert set(mock.keys_received()) == DEFAULT_KEYS
     downs = [line for line in envoy.plugin_log().splitlines() if "marked down" in line]
     assert downs and all("pool embeddings:" in line for line in downs), downs
+
+
+# ----------------------------------------------------------------- sub-second Higress timings
+
+PRIMARY = "sk-REPLACE-ME-1"
+UA = "ai-key-failover-health-check"
+# Slack for a loaded 2-core machine on top of what the plugin promises.
+LOAD_SLACK_MS = 300
+
+
+def log_time_ms(envoy, pattern: str) -> int:
+    """Envoy's own timestamp (`[2026-12-01 07:29:25.123]`) of the first plugin line matching
+    `pattern`, in ms of the day: two of them give the time between two plugin events."""
+    line = envoy.wait_log(rf"(?m)^\[\d{{4}}-[^\]]+\].*{pattern}", plugin_only=False)
+    stamp = re.match(r"\[\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d)\.(\d{3})\]", line.group(0))
+    assert stamp, line.group(0)
+    h, m, s, ms = (int(x) for x in stamp.groups())
+    return ((h * 60 + m) * 60 + s) * 1000 + ms
+
+
+def higress_failover(ms: int, **extra) -> dict[str, Any]:
+    """The example with a `failover` block as Higress ai-proxy users write it, with `ms` timings."""
+    cfg = example_config()
+    cfg["failover"] = {"enabled": True, "failureThreshold": 1, "failoverOnStatus": ["429", "5.*"],
+                       "cooldownDuration": ms, **extra}
+    return cfg
+
+
+def take_primary_out(envoy, mock) -> None:
+    mock.always(PRIMARY, {"status": 503})
+    with envoy.client() as c:
+        for _ in range(3):  # round robin over 3 keys reaches primary within 3 requests
+            c.chat()
+    envoy.wait_log(r"pool openai-main: key primary marked down after status 503", plugin_only=True)
+
+
+@pytest.mark.parametrize("ms", [100, 200, 300, 500])
+def test_a_sub_second_cooldown_ends_on_time_without_traffic(envoy_factory, mock, ms):
+    envoy = envoy_factory.start(higress_failover(ms), routes=ROUTES, cluster_name=CLUSTER, concurrency=2)
+    take_primary_out(envoy, mock)
+    down = log_time_ms(envoy, r"key primary marked down after status 503")
+    # No request is sent: only the tick (every `ms` here, not every second) ends the time out.
+    over = log_time_ms(envoy, r"key primary time out over; the next request probes it")
+    waited = over - down
+    # The cooldown plus up to 10% jitter, plus at most one tick of `ms`.
+    assert ms <= waited <= ms * 1.1 + ms + LOAD_SLACK_MS, f"back after {waited} ms with a {ms} ms cooldown"
+
+
+@pytest.mark.parametrize("ms", [100, 200, 300, 500])
+def test_higress_sub_second_failover_block_fails_over_and_recovers(envoy_factory, mock, ms):
+    # Higress's own failover block: checks every `ms`, each allowed `ms` (200 at least, so that a
+    # loaded machine's answer is not taken for a timeout).
+    cfg = higress_failover(ms, successThreshold=1, healthCheckInterval=ms, healthCheckTimeout=max(ms, 200),
+                           healthCheckModel="gpt-4o-mini")
+    envoy = envoy_factory.start(cfg, routes=ROUTES, cluster_name=CLUSTER, concurrency=2)
+    take_primary_out(envoy, mock)
+
+    # Fail over: while primary fails its checks, live requests go to the other keys; primary
+    # sees at most a probe or two when a cooldown (doubled by each failed check) ends.
+    mock.clear()
+    with envoy.client() as c:
+        statuses = [c.chat().status for _ in range(10)]
+    live = [r for r in mock.requests() if r["headers"].get("user-agent") != UA]
+    probes = sum(r["key"] == PRIMARY for r in live)
+    assert probes <= 2, f"primary got {probes} of 10 live requests while out"
+    assert Counter(statuses) == Counter({200: 10 - probes, 503: probes}), statuses
+    checks = wait_for(lambda: (lambda c: c if len(c) >= 3 else None)(
+        [r for r in mock.requests() if r["headers"].get("user-agent") == UA]), 5, what="three health checks")
+    assert {r["key"] for r in checks} == {PRIMARY}, "only the key that is out is checked"
+    times = sorted(r["time_ms"] for r in checks)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # One check per interval (a quarter tick early at most), not one per second.
+    assert all(g >= ms * 0.7 for g in gaps), gaps
+    assert min(gaps) <= ms + LOAD_SLACK_MS, gaps
+
+    # Recover: the provider takes the key again; the next check, within about one interval,
+    # brings it back.
+    mock.always(PRIMARY, None)
+    fixed_ms = time.time() * 1000
+    envoy.wait_log(r"key primary passed its health check \(status 200\); back in rotation", plugin_only=True)
+    passed = [r for r in mock.requests() if r["headers"].get("user-agent") == UA and r["time_ms"] >= fixed_ms]
+    assert passed and passed[0]["time_ms"] - fixed_ms <= ms + LOAD_SLACK_MS, (passed[:1], fixed_ms)
+    mock.clear()
+    with envoy.client() as c:
+        for _ in range(3):
+            assert c.chat().status == 200
+    assert PRIMARY in mock.keys_received(), "back in rotation"

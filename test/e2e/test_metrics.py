@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from harness import STATS_PREFIX, wait_for
+from checks import lds_bootstrap
+from harness import STATS_PREFIX, HarnessError, free_port, wait_for
 
 A, B = "sk-test-sierra-0001", "sk-test-tango-0002"
 PREFIX = f"{STATS_PREFIX}ai_key_failover.pool.main."
@@ -52,6 +53,68 @@ def test_stats_count_requests_transitions_and_follow_availability(envoy_factory,
     assert s[PREFIX + "cas_gave_up"] == 0
     assert s[PREFIX + "state_decode_failed"] == 0
 
+
+def test_key_refused_until_reload_is_disabled_with_no_end_time(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 401}}, B: {}}})
+    cfg = {"name": "main", "apiTokens": [{"token": A, "name": "sierra"}, {"token": B, "name": "tango"}],
+           "failover": {"disableDuration": 0}}
+    envoy = envoy_factory.start(cfg)
+    with envoy.client() as c:
+        statuses = [c.chat().status for _ in range(4)]
+    assert sorted(statuses) == [200, 200, 200, 401]
+    envoy.wait_log(r"key sierra refused by the provider", plugin_only=True)
+
+    def synced():
+        s = envoy.stats("ai_key_failover")
+        return s if s.get(PREFIX + "key.sierra.key_disabled") == 1 and s.get(PREFIX + "requests_keyed") == 4 else None
+
+    s = wait_for(synced, 5, interval=0.2, what="key_disabled gauge published")
+    assert s[PREFIX + "key.sierra.key_available"] == 0
+    # Disabled until the next config load has no end: 0, not u64::MAX / 1000 (about 1.8e16).
+    assert s[PREFIX + "key.sierra.key_down_until_seconds"] == 0
+    assert s[PREFIX + "class.key_refused.keys_marked_down"] == 1
+    assert s[PREFIX + "key.tango.key_disabled"] == 0
+    assert s[PREFIX + "key.tango.key_available"] == 1
+
+
+def test_requests_counted_just_before_a_reload_are_not_lost(envoy_factory, mock, tmp_path):
+    # A new plugin config gets a new root context; Envoy deletes the old one once its last
+    # request is done (at once here: no drain time), before its next once-a-second flush.
+    v1 = {"name": "main", "apiTokens": [{"token": A, "name": "sierra"}, {"token": B, "name": "tango"}]}
+    v2 = {**v1, "exposeKeyName": True}
+    port = free_port()
+    bootstrap, swap = lds_bootstrap(tmp_path, mock.port, port, v1)
+    envoy = envoy_factory.start(v2, raw_config=bootstrap, extra_args=["--drain-time-s", "0"])
+    envoy.port = port
+    lm = "listener_manager."
+    sent = 0
+    for round_ in range(3):
+        # Five requests counted on the current config, then at once the other config: their
+        # counts are still pending (the flush runs once a second) when the old root goes.
+        exposes_key = round_ % 2 == 1
+        with envoy.client() as c:
+            for _ in range(5):
+                r = c.chat()
+                sent += 1
+                assert r.status == 200 and ("x-ai-key-failover-key" in r.headers) == exposes_key
+        applied = envoy.stats(lm)[lm + "lds.update_success"]
+        swap(v1 if exposes_key else v2)
+
+        def swapped():  # no request is sent while the old filter chain is being removed
+            s = envoy.stats(lm)
+            return s[lm + "lds.update_success"] > applied and s[lm + "total_filter_chains_draining"] == 0
+
+        wait_for(swapped, 10, interval=0.1, what="the new listener config to be applied")
+
+    def counted():
+        return envoy.stats("ai_key_failover").get(PREFIX + "requests_keyed", 0) >= sent
+
+    try:
+        wait_for(counted, 5, interval=0.2, what="every request counted")
+    except HarnessError:
+        pass  # the assertion below says how many were lost
+    keyed = envoy.stats("ai_key_failover").get(PREFIX + "requests_keyed", 0)
+    assert keyed == sent, f"requests_keyed is {keyed}, but {sent} requests were keyed"
 
 def test_prometheus_output_has_pool_key_and_class_labels(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {}}})

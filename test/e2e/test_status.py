@@ -51,7 +51,7 @@ def key_rows(text: str) -> dict[str, dict[str, list[str]]]:
             pools[pool] = {}
         elif pool and line.startswith("  ") and not line.lstrip().startswith("KEY "):
             cols = line.split()
-            if len(cols) == 6 and cols[1] in ("available", "DOWN", "unknown"):
+            if len(cols) == 6 and cols[1] in ("available", "DOWN", "DISABLED", "unknown"):
                 pools[pool][cols[0]] = cols[1:]
     return pools
 
@@ -88,7 +88,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     assert "pool main: 2/3 keys available" in out
     assert "pool emb: 1/1 keys available" in out
     assert "requests keyed 6, rejected 0; keys restored 0" in out
-    assert "keys marked down: rate_limit 1, server_error 0, key_refused 0, other 0 (total 1)" in out
+    assert "keys marked down: rate_limit 1, server_error 0, key_refused 0, other 0, budget_spent 0 (total 1)" in out
 
     rows = key_rows(out)
     main = rows["main"]
@@ -109,7 +109,7 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     assert set(pools) == {"main", "emb"}
     p = pools["main"]
     assert (p["keys_configured"], p["keys_available"], p["requests_keyed"], p["requests_rejected"]) == (3, 2, 6, 0)
-    assert p["keys_marked_down"] == {"rate_limit": 1, "server_error": 0, "key_refused": 0, "other": 0}
+    assert p["keys_marked_down"] == {"rate_limit": 1, "server_error": 0, "key_refused": 0, "other": 0, "budget_spent": 0}
     assert p["keys_restored"] == 0
     keys = {k["name"]: k for k in p["keys"]}
     alpha = keys.pop("alpha")
@@ -138,6 +138,35 @@ def test_status_shows_pools_and_keys_without_keys(envoy_factory, mock):
     docs = [json.loads(line) for line in out.splitlines() if line.endswith("}")]
     assert len(docs) >= 2 and all({p["name"] for p in d["pools"]} == {"main", "emb"} for d in docs)
     assert_no_key(out + err)
+
+
+def test_status_shows_a_key_refused_until_reload_as_disabled(envoy_factory, mock):
+    mock.set_keys({"keys": {A: {"always": {"status": 401}}, B: {}, C: {"always": {"status": 429}}}})
+    envoy = envoy_factory.start({"name": "main", "failover": {"disableDuration": 0, "cooldownDuration": 60000},
+                                 "apiTokens": [{"token": A, "name": "alpha"}, {"token": B, "name": "bravo"},
+                                               {"token": C, "name": "charlie"}]})
+    with envoy.client() as c:
+        statuses = [c.chat().status for _ in range(6)]
+    assert sorted(statuses) == [200, 200, 200, 200, 401, 429]
+
+    def synced():
+        s = envoy.stats(PREFIX)
+        return (s.get(PREFIX + "main.key.alpha.key_disabled") == 1
+                and s.get(PREFIX + "main.key.charlie.key_down_until_seconds", 0) > 0)
+
+    wait_for(synced, 5, interval=0.2, what="plugin gauges to sync")
+    r = run_status("--admin", envoy.admin_url)
+    assert r.returncode == 0, r.stderr
+    assert_no_key(r.stdout + r.stderr)
+    main = key_rows(r.stdout)["main"]
+    assert main["alpha"][0] == "DISABLED" and main["alpha"][2] == "-", main["alpha"]
+    assert main["charlie"][0] == "DOWN" and 50 <= int(main["charlie"][2]) <= 66, main["charlie"]
+    assert main["bravo"][0] == "available"
+
+    doc = json.loads(run_status("--admin", envoy.admin_url, "--json").stdout)
+    alpha = next(k for p in doc["pools"] for k in p["keys"] if k["name"] == "alpha")
+    assert alpha["state"] == "DISABLED" and alpha["cooldown_left_seconds"] is None
+    assert alpha["down_until_unix"] is None
 
 
 def test_make_status_prints_the_same_table(envoy_factory, mock):

@@ -48,6 +48,9 @@ impl Entry {
 pub struct KeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// Tokens per window (see `state::request_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_limit: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ms: Option<u64>,
     #[serde(default)]
@@ -60,10 +63,11 @@ pub struct KeySpec {
 
 impl KeySpec {
     pub fn validate(&self) -> Result<(), String> {
-        match (self.limit, self.window_ms) {
-            (Some(_), Some(0)) => return Err("windowMs must be > 0".into()),
-            (Some(_), None) => return Err("limit needs windowMs".into()),
-            (None, Some(_)) => return Err("windowMs needs limit".into()),
+        let limited = self.limit.is_some() || self.token_limit.is_some();
+        match (limited, self.window_ms) {
+            (true, Some(0)) => return Err("windowMs must be > 0".into()),
+            (true, None) => return Err("limit and tokenLimit need windowMs".into()),
+            (false, Some(_)) => return Err("windowMs needs limit or tokenLimit".into()),
             _ => {}
         }
         for (i, e) in self.script.iter().enumerate() {
@@ -191,6 +195,8 @@ mod tests {
             &b"not json"[..],
             br#"{"keys":{"a":{"limit":3}}}"#,
             br#"{"keys":{"a":{"limit":3,"windowMs":0}}}"#,
+            br#"{"keys":{"a":{"tokenLimit":3}}}"#,
+            br#"{"keys":{"a":{"windowMs":3}}}"#,
             br#"{"keys":{"a":{"limt":3}}}"#,
             br#"{"keys":{"a":{"script":[{"status":42}]}}}"#,
             br#"{"keys":{"a":{"always":{"headers":{"bad name":"x"}}}}}"#,

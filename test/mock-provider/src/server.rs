@@ -113,7 +113,7 @@ async fn provider(AxState(shared): AxState<Shared>, req: Request) -> Response {
             time_ms: unix_ms(),
         });
         let plan = match &body {
-            Ok(_) => st.decide(key.as_deref(), now),
+            Ok(b) => st.decide_tokens(key.as_deref(), crate::state::request_tokens(b), now),
             Err(e) => Plan {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 headers: Vec::new(),

@@ -27,18 +27,32 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 #[derive(Debug, Default)]
 pub struct KeyState {
     pub limit: Option<u64>,
+    /// Tokens per window, counted from the requests served (see `request_tokens`).
+    pub token_limit: Option<u64>,
     pub window_ms: Option<u64>,
     pub delay_ms: u64,
     pub script: VecDeque<Entry>,
     pub always: Option<Entry>,
-    /// Start of the current fixed window and requests counted in it.
-    pub window: Option<(Instant, u64)>,
+    /// Start of the current fixed window, requests counted in it, tokens served in it.
+    pub window: Option<(Instant, u64, u64)>,
+}
+
+/// A request's tokens as rate limits count them, roughly: a quarter of its body's bytes (at
+/// least 1) plus the `max_tokens` it asks for, as OpenAI reserves the completion up front.
+pub fn request_tokens(body: &[u8]) -> u64 {
+    let prompt = (body.len() as u64).div_ceil(4).max(1);
+    let completion = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("max_tokens")?.as_u64())
+        .unwrap_or(0);
+    prompt.saturating_add(completion)
 }
 
 impl From<KeySpec> for KeyState {
     fn from(s: KeySpec) -> Self {
         KeyState {
             limit: s.limit,
+            token_limit: s.token_limit,
             window_ms: s.window_ms,
             delay_ms: s.delay_ms,
             script: s.script.into(),
@@ -200,8 +214,14 @@ impl State {
         }
     }
 
-    /// Decides the answer for a request carrying `key`.
+    /// Decides the answer for a request carrying `key` that counts as one token.
+    #[cfg(test)]
     pub fn decide(&mut self, key: Option<&str>, now: Instant) -> Plan {
+        self.decide_tokens(key, 1, now)
+    }
+
+    /// Decides the answer for a request carrying `key` that counts as `tokens` tokens.
+    pub fn decide_tokens(&mut self, key: Option<&str>, tokens: u64, now: Instant) -> Plan {
         let unauthorized = |message: &str| Plan {
             status: StatusCode::UNAUTHORIZED,
             headers: Vec::new(),
@@ -238,46 +258,70 @@ impl State {
         if let Some(entry) = &ks.always {
             return plan_from_entry(entry.clone(), ks.delay_ms);
         }
-        let (Some(limit), Some(window_ms)) = (ks.limit, ks.window_ms) else {
+        let Some(window_ms) = ks.window_ms else {
             return ok(Vec::new(), ks.delay_ms);
         };
         let window = Duration::from_millis(window_ms);
-        let (start, count) = match ks.window {
-            Some((start, count)) if now.saturating_duration_since(start) < window => (start, count),
-            _ => (now, 0),
+        let (start, count, used) = match ks.window {
+            Some((start, count, used)) if now.saturating_duration_since(start) < window => {
+                (start, count, used)
+            }
+            _ => (now, 0, 0),
         };
+        // Every request counts against the request limit; only served tokens count.
         let count = count.saturating_add(1);
-        ks.window = Some((start, count));
+        let over_requests = ks.limit.is_some_and(|limit| count > limit);
+        let over_tokens = ks
+            .token_limit
+            .is_some_and(|limit| used.saturating_add(tokens) > limit);
+        let over = over_requests || over_tokens;
+        let used = if over {
+            used
+        } else {
+            used.saturating_add(tokens)
+        };
+        ks.window = Some((start, count, used));
         // Time until the window resets, rounded up to whole milliseconds.
         let left = window.saturating_sub(now.saturating_duration_since(start));
         let left_ms = u64::try_from(left.as_nanos().div_ceil(1_000_000))
             .unwrap_or(u64::MAX)
             .max(1);
         let reset = go_duration(Duration::from_millis(left_ms));
-        if count > limit {
-            let headers = [
+        let mut headers = Vec::new();
+        if let Some(limit) = ks.limit {
+            headers.extend([
+                header("x-ratelimit-limit-requests", limit),
+                header(
+                    "x-ratelimit-remaining-requests",
+                    limit.saturating_sub(count),
+                ),
+                header("x-ratelimit-reset-requests", &reset),
+            ]);
+        }
+        if let Some(limit) = ks.token_limit {
+            headers.extend([
+                header("x-ratelimit-limit-tokens", limit),
+                header("x-ratelimit-remaining-tokens", limit.saturating_sub(used)),
+                header("x-ratelimit-reset-tokens", &reset),
+            ]);
+        }
+        if over {
+            headers.extend([
                 header("retry-after", left_ms.div_ceil(1000).max(1)),
                 header("retry-after-ms", left_ms),
-                header("x-ratelimit-limit-requests", limit),
-                header("x-ratelimit-remaining-requests", 0),
-                header("x-ratelimit-reset-requests", reset),
-            ];
+            ]);
+            let (message, typ) = if over_requests {
+                ("Rate limit reached for requests", "requests")
+            } else {
+                ("Rate limit reached for tokens", "tokens")
+            };
             Plan {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 headers: headers.into_iter().flatten().collect(),
-                body: PlanBody::Json(openai_error(
-                    "Rate limit reached for requests",
-                    "requests",
-                    Some("rate_limit_exceeded"),
-                )),
+                body: PlanBody::Json(openai_error(message, typ, Some("rate_limit_exceeded"))),
                 delay_ms: ks.delay_ms,
             }
         } else {
-            let headers = [
-                header("x-ratelimit-limit-requests", limit),
-                header("x-ratelimit-remaining-requests", limit - count),
-                header("x-ratelimit-reset-requests", reset),
-            ];
             ok(headers.into_iter().flatten().collect(), ks.delay_ms)
         }
     }
@@ -290,18 +334,20 @@ impl State {
             .map(|(k, ks)| {
                 let mut v = json!({
                     "limit": ks.limit,
+                    "tokenLimit": ks.token_limit,
                     "windowMs": ks.window_ms,
                     "delayMs": ks.delay_ms,
                     "script": ks.script,
                     "always": ks.always,
                 });
-                if let (Some((start, count)), Some(window_ms), Some(obj)) =
+                if let (Some((start, count, used)), Some(window_ms), Some(obj)) =
                     (ks.window, ks.window_ms, v.as_object_mut())
                 {
                     let elapsed = now.saturating_duration_since(start);
                     let window = Duration::from_millis(window_ms);
                     if elapsed < window {
                         obj.insert("windowCount".into(), json!(count));
+                        obj.insert("windowTokens".into(), json!(used));
                         let left = u64::try_from(window.saturating_sub(elapsed).as_millis())
                             .unwrap_or(u64::MAX);
                         obj.insert("windowResetMs".into(), json!(left));
@@ -447,5 +493,38 @@ mod tests {
             assert_eq!(p.status, StatusCode::FORBIDDEN);
             assert!(matches!(p.body, PlanBody::Text(ref t) if t == "nope"));
         }
+    }
+
+    #[test]
+    fn token_limit_counts_served_tokens_and_reports_them() {
+        let mut s = State::new(
+            Config::parse(br#"{"keys":{"k":{"tokenLimit":100,"windowMs":2000}}}"#).unwrap(),
+        );
+        let t0 = Instant::now();
+        let p = s.decide_tokens(Some("k"), 60, t0);
+        assert_eq!(p.status, StatusCode::OK);
+        assert_eq!(
+            header_of(&p, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("40")
+        );
+        assert_eq!(
+            header_of(&p, "x-ratelimit-reset-tokens").as_deref(),
+            Some("2s")
+        );
+        assert_eq!(header_of(&p, "x-ratelimit-remaining-requests"), None);
+        let p = s.decide_tokens(Some("k"), 41, t0);
+        assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            header_of(&p, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("40")
+        );
+        let p = s.decide_tokens(Some("k"), 40, t0);
+        assert_eq!(p.status, StatusCode::OK, "a refused request used no tokens");
+        assert_eq!(
+            header_of(&p, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("0")
+        );
+        assert_eq!(request_tokens(b""), 1);
+        assert_eq!(request_tokens(br#"{"max_tokens": 10}"#), 5 + 10);
     }
 }
