@@ -126,7 +126,7 @@ unit:
 	cargo test -p mock-provider
 
 # One pytest run per host, with the same tests and assertions (harness.py: AKF_HOST). On native,
-# tests marked wasm_only or native_missing are skipped and listed with their reasons.
+# tests marked wasm_only are skipped and listed with their reasons.
 e2e: deps build build-native mock corrupt-writer
 	@set -e; for h in $(AKF_HOSTS); do echo "e2e on the $$h host"; \
 		AKF_HOST=$$h $(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS); done
