@@ -350,3 +350,72 @@ pub fn reply_headers<'a>(
     }
     reply
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(retry: &str) -> Engine {
+        let text =
+            format!(r#"{{"name": "p", "apiTokens": ["sk-a", "sk-b"], "retryOnFailure": {retry}}}"#);
+        Engine::new(crate::config::parse(text.as_bytes()).unwrap(), 1)
+    }
+
+    #[test]
+    fn never_retries_what_is_not_the_keys_fault() {
+        let e = engine(r#"{"enabled": true, "retryOnStatus": ["4.*", "5.*"]}"#);
+        let profile = e.profile_for(&mut NoFacts).unwrap();
+        assert!(retriable(&e, profile, 429));
+        assert!(retriable(&e, profile, 503));
+        for status in NEVER_THE_KEYS_FAULT {
+            assert!(!retriable(&e, profile, status), "{status}");
+        }
+        let off = engine(r#"{"enabled": false}"#);
+        assert!(!retriable(
+            &off,
+            off.profile_for(&mut NoFacts).unwrap(),
+            429
+        ));
+    }
+
+    #[test]
+    fn the_client_gets_the_answer_without_connection_headers_and_with_the_key_name() {
+        let headers: Vec<(String, Vec<u8>)> = [
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),
+            ("x-ratelimit-remaining-requests", "9"),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let names: Vec<&str> = reply_headers(&headers, Some("alfa"))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "x-ratelimit-remaining-requests",
+                KEY_NAME_HEADER
+            ]
+        );
+    }
+
+    struct NoFacts;
+
+    impl crate::rules::RequestFacts for NoFacts {
+        fn route_name(&mut self) -> Option<String> {
+            None
+        }
+        fn cluster_name(&mut self) -> Option<String> {
+            None
+        }
+        fn host(&mut self) -> Option<String> {
+            None
+        }
+    }
+}
