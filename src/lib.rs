@@ -20,6 +20,7 @@ pub mod hints;
 pub mod metrics;
 pub mod pool;
 pub mod reply;
+pub mod resend;
 pub mod rewrite;
 pub mod rules;
 pub mod schedule;

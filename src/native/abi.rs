@@ -88,6 +88,10 @@ pub const CONTINUE: u32 = 0;
 pub const HEADERS_STOP_ITERATION: u32 = 1;
 /// `..._request_body_status_StopIterationAndBuffer`: Envoy keeps the chunks until we continue.
 pub const BODY_STOP_AND_BUFFER: u32 = 1;
+/// `..._response_headers_status_StopAllIterationAndWatermark`: a re-send's answer will replace
+/// this one, so neither its headers nor its body may pass (with plain StopIteration, the body's
+/// Continue would send both). What wasm's `Action::Pause` becomes in Envoy.
+pub const RESPONSE_HEADERS_STOP_ALL: u32 = 4;
 
 extern "C" {
     fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
@@ -153,6 +157,16 @@ extern "C" {
         port_out: *mut u32,
     ) -> bool;
     fn envoy_dynamic_module_callback_http_clear_route_cache(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter: *mut c_void,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut HttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter: *mut c_void);
     fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: *mut c_void,
         attribute: u32,
@@ -379,6 +393,42 @@ impl Stream {
     pub fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
         self.headers(RESPONSE_HEADER)
     }
+    /// Every request header, names lowercased.
+    pub fn request_headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.headers(REQUEST_HEADER)
+    }
+
+    /// Sends a request of our own for this stream; its answer comes to `Filter::callout_done`
+    /// on this stream's worker. `None`: Envoy could not start it.
+    pub fn http_callout(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u64> {
+        let mut headers = module_headers(headers);
+        let mut id: u64 = 0;
+        // SAFETY: every pointer describes a live slice or value for the call.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_http_callout(
+                self.ptr,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                headers.as_mut_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                timeout_ms,
+            )
+        };
+        (result == CALLOUT_INIT_SUCCESS).then_some(id)
+    }
+
+    /// Lets a held response continue to the client.
+    pub fn continue_encoding(&self) {
+        // SAFETY: as above.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_encoding(self.ptr) }
+    }
 
     pub fn attribute(&self, attribute: Attribute) -> Option<Vec<u8>> {
         let mut out = EnvoyBuffer {
@@ -485,6 +535,17 @@ impl Stream {
             body.extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
         }
         body
+    }
+
+    /// The size of the chunk of request body this hook was given.
+    pub fn received_request_body_size(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { envoy_dynamic_module_callback_http_get_body_size(self.ptr, RECEIVED_REQUEST_BODY) }
+    }
+
+    /// The chunk of request body this hook was given, up to `max` bytes.
+    pub fn received_request_body(&self, max: usize) -> Vec<u8> {
+        self.body(RECEIVED_REQUEST_BODY, max)
     }
 
     /// The chunk of response body this hook was given, up to `max` bytes.
@@ -683,12 +744,35 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// The module's filter of a stream, from the pointer `on_http_filter_new` returned.
+thread_local! {
+    /// The filter whose hook is running on this thread. Envoy calls some hooks from inside a
+    /// callback: a local reply runs the stream's encoder hooks before `send_response` returns,
+    /// and a callout that fails at once may be answered inside `http_callout`. Such a nested
+    /// hook for the same filter is answered as if the filter were absent (it has nothing to do
+    /// there: the outer hook holds the stream's state), so no second `&mut` to it ever exists.
+    static RUNNING: std::cell::Cell<*const c_void> = const { std::cell::Cell::new(null()) };
+}
+
+/// Runs `body` with the module's filter of a stream, from the pointer `on_http_filter_new`
+/// returned; `fallback` when the pointer is null or a hook of this filter is already running.
 ///
-/// SAFETY (for callers): Envoy passes back exactly that pointer, calls a stream's hooks on one
-/// thread one at a time, and never after `on_http_filter_destroy`.
-unsafe fn filter<'a>(ptr: *const c_void) -> Option<&'a mut Filter<'static>> {
-    (ptr as *mut Filter<'static>).as_mut()
+/// SAFETY (for callers): Envoy passes back exactly that pointer, calls a stream's hooks on its
+/// one worker thread, and never after `on_http_filter_destroy`.
+unsafe fn with_filter<T>(
+    ptr: *const c_void,
+    fallback: T,
+    body: impl FnOnce(&mut Filter<'static>) -> T,
+) -> T {
+    if ptr.is_null() || RUNNING.with(|r| r.get()) == ptr {
+        return fallback;
+    }
+    let Some(filter) = (ptr as *mut Filter<'static>).as_mut() else {
+        return fallback;
+    };
+    let outer = RUNNING.with(|r| r.replace(ptr));
+    let value = body(filter);
+    RUNNING.with(|r| r.set(outer));
+    value
 }
 
 /// SAFETY (for callers): the pointer `on_http_filter_config_new` returned, not yet destroyed.
@@ -696,6 +780,33 @@ unsafe fn filter<'a>(ptr: *const c_void) -> Option<&'a mut Filter<'static>> {
 /// keep the reference for its whole life (`Filter<'static>`).
 unsafe fn config<'a>(ptr: *const c_void) -> Option<&'a Config> {
     (ptr as *const Config).as_ref()
+}
+
+/// A callout's answer, copied: empty when the callout failed (reset, body over the limit).
+///
+/// SAFETY (for callers): the pointers and sizes Envoy passed to a callout-done hook.
+unsafe fn callout_answer(
+    result: u32,
+    headers: *const HttpHeader,
+    headers_size: usize,
+    body_chunks: *const EnvoyBuffer,
+    body_chunks_size: usize,
+) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    if result != CALLOUT_SUCCESS {
+        return (Vec::new(), Vec::new());
+    }
+    let headers = if headers.is_null() {
+        Vec::new()
+    } else {
+        copy_headers(std::slice::from_raw_parts(headers, headers_size))
+    };
+    let mut body = Vec::new();
+    if !body_chunks.is_null() {
+        for chunk in std::slice::from_raw_parts(body_chunks, body_chunks_size) {
+            body.extend(copy(*chunk).unwrap_or_default());
+        }
+    }
+    (headers, body)
 }
 
 fn stream(ptr: *mut c_void) -> Stream {
@@ -779,17 +890,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
         let Some(config) = config(config_ptr) else {
             return;
         };
-        let headers = if headers.is_null() || result != CALLOUT_SUCCESS {
-            Vec::new()
-        } else {
-            copy_headers(std::slice::from_raw_parts(headers, headers_size))
-        };
-        let mut body = Vec::new();
-        if !body_chunks.is_null() && result == CALLOUT_SUCCESS {
-            for chunk in std::slice::from_raw_parts(body_chunks, body_chunks_size) {
-                body.extend(copy(*chunk).unwrap_or_default());
-            }
-        }
+        let (headers, body) =
+            callout_answer(result, headers, headers_size, body_chunks, body_chunks_size);
         config.callout_done(callout_id, &headers, &body);
     })
 }
@@ -827,7 +929,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     end_of_stream: bool,
 ) -> u32 {
     guard("on_http_filter_request_headers", CONTINUE, || {
-        filter(ptr).map_or(CONTINUE, |f| {
+        with_filter(ptr, CONTINUE, |f| {
             f.request_headers(&stream(envoy), end_of_stream)
         })
     })
@@ -842,7 +944,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     end_of_stream: bool,
 ) -> u32 {
     guard("on_http_filter_request_body", CONTINUE, || {
-        filter(ptr).map_or(CONTINUE, |f| f.request_body(&stream(envoy), end_of_stream))
+        with_filter(ptr, CONTINUE, |f| {
+            f.request_body(&stream(envoy), end_of_stream)
+        })
     })
 }
 
@@ -863,7 +967,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     end_of_stream: bool,
 ) -> u32 {
     guard("on_http_filter_response_headers", CONTINUE, || {
-        filter(ptr).map_or(CONTINUE, |f| {
+        with_filter(ptr, CONTINUE, |f| {
             f.response_headers(&stream(envoy), end_of_stream)
         })
     })
@@ -878,7 +982,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     end_of_stream: bool,
 ) -> u32 {
     guard("on_http_filter_response_body", CONTINUE, || {
-        filter(ptr).map_or(CONTINUE, |f| f.response_body(&stream(envoy), end_of_stream))
+        with_filter(ptr, CONTINUE, |f| {
+            f.response_body(&stream(envoy), end_of_stream)
+        })
     })
 }
 
@@ -898,9 +1004,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     ptr: *const c_void,
 ) {
     guard("on_http_filter_stream_complete", (), || {
-        if let Some(f) = filter(ptr) {
-            f.complete();
-        }
+        with_filter(ptr, (), |f| f.complete());
     })
 }
 
@@ -924,17 +1028,27 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
 ) {
 }
 
+/// # Safety
+/// Called by Envoy on the stream's worker; headers and chunks are valid for the call (may be
+/// null).
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _callout_id: u64,
-    _result: u32,
-    _headers: *const HttpHeader,
-    _headers_size: usize,
-    _body_chunks: *const EnvoyBuffer,
-    _body_chunks_size: usize,
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    envoy: *mut c_void,
+    ptr: *const c_void,
+    callout_id: u64,
+    result: u32,
+    headers: *const HttpHeader,
+    headers_size: usize,
+    body_chunks: *const EnvoyBuffer,
+    body_chunks_size: usize,
 ) {
+    guard("on_http_filter_http_callout_done", (), || {
+        let (headers, body) =
+            callout_answer(result, headers, headers_size, body_chunks, body_chunks_size);
+        with_filter(ptr, (), |f| {
+            f.callout_done(&stream(envoy), callout_id, &headers, &body)
+        })
+    })
 }
 
 #[no_mangle]

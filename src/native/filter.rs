@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::abi::{
     Attribute, ConfigHandle, Scheduler, Stream, BODY_STOP_AND_BUFFER, CONTINUE,
-    HEADERS_STOP_ITERATION,
+    HEADERS_STOP_ITERATION, RESPONSE_HEADERS_STOP_ALL,
 };
 use super::shared::STORE;
 use crate::affinity;
@@ -29,9 +29,9 @@ use crate::budget;
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::hints;
 use crate::metrics::{MetricKind, MetricsHost};
 use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
+use crate::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::select::OnAllUnavailable;
 use crate::status::Verdict;
@@ -165,11 +165,6 @@ impl Config {
         };
         for warning in &parsed.warnings {
             log::warn!("{warning}");
-        }
-        if parsed.profiles.iter().any(|p| p.retry.enabled) {
-            log::warn!(
-                "retryOnFailure is not implemented by the native module yet: failed requests are not re-sent (use upstream mode with the route's retry_policy)"
-            );
         }
         if parsed
             .profiles
@@ -371,6 +366,8 @@ pub struct Filter<'c> {
     reading_error: Option<ErrorResponse>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
+    /// Downstream `retryOnFailure`: the request kept for re-sends, and the one in flight.
+    retry: Option<RetryState>,
 }
 
 impl<'c> Filter<'c> {
@@ -381,6 +378,7 @@ impl<'c> Filter<'c> {
             attempt: None,
             reading_error: None,
             rewrite_to: None,
+            retry: None,
         }
     }
 
@@ -460,6 +458,7 @@ impl<'c> Filter<'c> {
                 }
                 let primary = profile.and_then(|p| engine.profile(p));
                 let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
+                let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
                 if has_chain {
                     // The operator's route on this header sends a fallback pool to its provider;
                     // the primary's name is set too, so a client cannot pick a route itself.
@@ -505,6 +504,14 @@ impl<'c> Filter<'c> {
                         is_retry: !avoid.is_empty(),
                         request_id,
                     });
+                } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
+                    self.retry = Some(RetryState::new(
+                        &engine,
+                        primary_profile,
+                        assignment,
+                        s.request_headers(),
+                        end_of_stream,
+                    ));
                 }
                 self.chosen = Some(assignment);
                 CONTINUE
@@ -513,18 +520,46 @@ impl<'c> Filter<'c> {
     }
 
     pub fn request_body(&mut self, s: &Stream, end_of_stream: bool) -> u32 {
-        let Some(model) = self.rewrite_to.as_deref() else {
+        if let Some(model) = self.rewrite_to.as_deref() {
+            // Held (Envoy buffers it) until complete, then rewritten whole.
+            if !end_of_stream {
+                return BODY_STOP_AND_BUFFER;
+            }
+            let body = s.whole_request_body();
+            if let Some(retry) = self.retry.as_mut() {
+                let limit = retry.body_limit(&self.config.engine());
+                retry.body_complete = true;
+                if body.len() <= limit {
+                    retry.body = body.clone();
+                } else {
+                    retry.body_too_large = true;
+                }
+            }
+            if let Some(new_body) = crate::rewrite::rewrite_model(&body, model) {
+                s.replace_request_body(&new_body);
+            }
+            self.rewrite_to = None;
+            return CONTINUE;
+        }
+        let Some(retry) = self.retry.as_mut() else {
             return CONTINUE;
         };
-        // Held (Envoy buffers it) until complete, then rewritten whole.
-        if !end_of_stream {
-            return BODY_STOP_AND_BUFFER;
+        // Kept for a re-send as it streams past, up to the limit.
+        if !retry.body_too_large {
+            let limit = retry.body_limit(&self.config.engine());
+            if retry
+                .body
+                .len()
+                .saturating_add(s.received_request_body_size())
+                > limit
+            {
+                retry.body_too_large = true;
+                retry.body = Vec::new();
+            } else {
+                retry.body.extend(s.received_request_body(usize::MAX));
+            }
         }
-        let body = s.whole_request_body();
-        if let Some(new_body) = crate::rewrite::rewrite_model(&body, model) {
-            s.replace_request_body(&new_body);
-        }
-        self.rewrite_to = None;
+        retry.body_complete = end_of_stream;
         CONTINUE
     }
 
@@ -582,6 +617,43 @@ impl<'c> Filter<'c> {
             engine.record(host, sent, Verdict::Neutral, status, None, &clock);
             return CONTINUE;
         }
+        if let Some(retry) = self.retry.as_mut() {
+            if via_upstream && resend::retriable(&engine, sent.profile, status) {
+                let headers = if engine.wants_retry_hint(sent.profile, first_look) {
+                    s.response_headers()
+                } else {
+                    Vec::new()
+                };
+                record_answer(
+                    &mut engine,
+                    host,
+                    sent,
+                    status,
+                    first_look,
+                    &headers,
+                    None,
+                    &clock,
+                );
+                retry.tried.push(resend::tried_pair(&engine, sent));
+                let now = now_ms();
+                let mut own_cluster = || (Facts { stream: s }).cluster_name();
+                if let Some(next) = resend::plan(&mut engine, host, retry, now, &mut own_cluster) {
+                    // Unlocked while Envoy starts the call: it may answer a failed one at once.
+                    drop(engine);
+                    let id = send(s, &next);
+                    let mut engine = self.config.engine();
+                    match id {
+                        Some(id) => {
+                            resend::started(&mut engine, retry, id, next.sent);
+                            // Held back; the re-send's answer replaces it.
+                            return RESPONSE_HEADERS_STOP_ALL;
+                        }
+                        None => engine.abandon(host, next.sent, now),
+                    }
+                }
+                return CONTINUE;
+            }
+        }
         // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
         let read_body = self.attempt.is_none()
             && engine.wants_error_body(sent.profile, status)
@@ -611,7 +683,10 @@ impl<'c> Filter<'c> {
             &clock,
         );
         if first_look == Verdict::Success {
-            note_budget(&mut engine, host, s, sent, &clock);
+            // Only the remaining counts are read, and a reset only for a count that is 0.
+            resend::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
+                budget::spent_for_ms(family, now_ms, |name| s.response_header(name))
+            });
         }
         CONTINUE
     }
@@ -630,14 +705,115 @@ impl<'c> Filter<'c> {
         CONTINUE
     }
 
+    /// A re-send's answer, on this stream's worker. Whatever happens, the held response must
+    /// not hang: it is replaced by an answer, or let through.
+    pub fn callout_done(
+        &mut self,
+        s: &Stream,
+        id: u64,
+        headers: &[(String, Vec<u8>)],
+        body: &[u8],
+    ) {
+        let host = &self.config.host;
+        let Some(retry) = self.retry.as_mut() else {
+            s.continue_encoding();
+            return;
+        };
+        let Some((in_flight, sent)) = retry.in_flight.take() else {
+            s.continue_encoding();
+            return;
+        };
+        if in_flight != id {
+            retry.in_flight = Some((in_flight, sent));
+            return;
+        }
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        // Envoy's router marks answers that came from the upstream; its own replies to the call
+        // (timeout, reset, no healthy host) say nothing about a key.
+        let from_upstream = headers
+            .iter()
+            .any(|(n, _)| n == "x-envoy-upstream-service-time");
+        let answer = match status {
+            Some(status) if from_upstream => CallAnswer::Upstream {
+                status,
+                headers,
+                body,
+            },
+            local => CallAnswer::Local(local),
+        };
+        let now = now_ms();
+        let mut own_cluster = || (Facts { stream: s }).cluster_name();
+        let mut engine = self.config.engine();
+        let outcome = match resend::on_answer(
+            &mut engine,
+            host,
+            retry,
+            sent,
+            answer,
+            now,
+            &mut own_cluster,
+        ) {
+            Next::Resend {
+                resend: next,
+                otherwise,
+            } => {
+                drop(engine);
+                let id = send(s, &next);
+                engine = self.config.engine();
+                match id {
+                    Some(id) => {
+                        resend::resent(&mut engine, retry, id, next.sent, sent);
+                        return;
+                    }
+                    None => {
+                        engine.abandon(host, next.sent, now);
+                        otherwise
+                    }
+                }
+            }
+            Next::Done(outcome) => outcome,
+        };
+        let outcome = resend::conclude(&mut engine, sent, outcome);
+        let label = resend::reply_label(&engine, sent);
+        // The reply runs this filter's encoder hooks before it returns: no lock held.
+        drop(engine);
+        match outcome {
+            Outcome::NoAnswer => s.send_response(
+                502,
+                &[("content-type", b"application/json")],
+                resend::NO_ANSWER_BODY,
+                resend::NO_ANSWER_DETAILS,
+            ),
+            Outcome::Reply(status) => s.send_response(
+                status,
+                &resend::reply_headers(headers, label.as_deref()),
+                body,
+                resend::REPLY_DETAILS,
+            ),
+        }
+    }
+
     /// The stream ended, however it ended: judge an error body read so far, give back a key
-    /// whose answer never came (a probe, or a vanished client).
+    /// whose answer never came (a probe, a vanished client, or a re-send Envoy cancels because
+    /// the client hung up while it ran).
     pub fn complete(&mut self) {
         self.finish_error_response();
-        if let Some(sent) = self.chosen.take() {
-            self.config
-                .engine()
-                .abandon(&self.config.host, sent, now_ms());
+        let in_flight = self
+            .retry
+            .as_mut()
+            .and_then(|r| r.in_flight.take())
+            .map(|(_, sent)| sent);
+        let unanswered = [self.chosen.take(), in_flight];
+        if unanswered.iter().all(Option::is_none) {
+            return;
+        }
+        let mut engine = self.config.engine();
+        let now = now_ms();
+        for sent in unanswered.into_iter().flatten() {
+            engine.abandon(&self.config.host, sent, now);
         }
     }
 
@@ -645,20 +821,13 @@ impl<'c> Filter<'c> {
         let Some(reading) = self.reading_error.take() else {
             return;
         };
-        let mut engine = self.config.engine();
-        let verdict = engine.verdict(
-            reading.sent.profile,
-            reading.status,
-            hints::is_insufficient_quota(&reading.body),
-        );
-        record_answer(
-            &mut engine,
+        resend::judge_with_body(
+            &mut self.config.engine(),
             &self.config.host,
             reading.sent,
             reading.status,
-            verdict,
             &reading.headers,
-            Some(&reading.body),
+            &reading.body,
             &Clock::new(&now_ms),
         );
     }
@@ -670,52 +839,14 @@ impl Drop for Filter<'_> {
     }
 }
 
-/// Records what an upstream response says about its key; `headers` are needed only when the
-/// verdict takes retry hints.
-#[allow(clippy::too_many_arguments)]
-fn record_answer(
-    engine: &mut Engine,
-    host: &NativeHost,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    headers: &[(String, Vec<u8>)],
-    body: Option<&[u8]>,
-    clock: &Clock,
-) {
-    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
-        let pairs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        hints::retry_hint_ms(&pairs, body, clock.now())
-    } else {
-        None
-    };
-    engine.record(host, sent, verdict, status, hint_ms, clock);
-}
-
-/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
-/// the reset. Only the remaining counts are read, and a reset only for a count that is 0.
-fn note_budget(
-    engine: &mut Engine,
-    host: &NativeHost,
-    s: &Stream,
-    sent: Assignment,
-    clock: &Clock,
-) {
-    let Some(family) = engine.wants_budget(sent.profile) else {
-        return;
-    };
-    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
-    let now_ms = if family == budget::Family::Anthropic {
-        clock.now()
-    } else {
-        0
-    };
-    if let Some(ms) = budget::spent_for_ms(family, now_ms, |name| s.response_header(name)) {
-        engine.spend(host, sent, ms, clock);
-    }
+/// Sends a re-send as this stream's callout; its id, if it went out.
+fn send(s: &Stream, next: &Resend) -> Option<u64> {
+    s.http_callout(
+        &next.cluster,
+        &next.header_refs(),
+        &next.body,
+        next.timeout_ms,
+    )
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the filter does not key. Read

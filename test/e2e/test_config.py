@@ -59,7 +59,6 @@ def chat_of_size(size: int) -> dict:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * size}]}
 
 
-@pytest.mark.native_missing("retryOnFailure (downstream re-sends through HTTP callouts)")
 def test_requests_above_the_default_body_limit_are_served_but_not_resent(envoy_factory, mock):
     # alpha always fails and is never taken out (threshold), so round robin keeps sending
     # requests to it and only retryOnFailure can save those.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 P1, P2 = "sk-test-primary-0001", "sk-test-primary-0002"
 B1 = "sk-test-backup-0001"
 
@@ -73,7 +71,6 @@ def test_traffic_returns_to_the_primary_when_it_recovers(envoy_factory, mock, mo
     envoy.wait_log(r"pool primary: key p\d restored", plugin_only=True)
 
 
-@pytest.mark.native_missing("retryOnFailure (downstream re-sends through HTTP callouts)")
 def test_with_retry_on_failure_the_same_request_continues_on_the_fallback(envoy_factory, mock, mock_factory):
     mock.set_keys({"keys": {P1: {"always": {"status": 429}}, P2: {"always": {"status": 429}}}})
     envoy, backup = start(envoy_factory, mock, mock_factory, retryOnFailure={"enabled": True, "maxRetries": 2})

@@ -41,10 +41,7 @@ def stats_when(envoy, pred, what):
     return wait_for(check, 3, what=what)
 
 
-NO_RETRY_ON_FAILURE = "retryOnFailure (downstream re-sends through HTTP callouts)"
-
-
-@pytest.fixture(params=["upstream", pytest.param("downstream", marks=pytest.mark.native_missing(NO_RETRY_ON_FAILURE))])
+@pytest.fixture(params=["upstream", "downstream"])
 def mode(request):
     return request.param
 
@@ -158,7 +155,6 @@ def test_max_retries_is_respected_and_the_last_failure_is_returned(envoy_factory
     assert r.status == last["status"]
 
 
-@pytest.mark.native_missing(NO_RETRY_ON_FAILURE)
 def test_retry_timeout_is_respected(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"delayMs": 3000}, C: {"delayMs": 3000}}})
     cfg = {"name": "p", "apiTokens": KEYS, "failover": {"failureThreshold": 100},
@@ -178,7 +174,6 @@ def test_retry_timeout_is_respected(envoy_factory, mock):
     pytest.fail("no request met alfa first")
 
 
-@pytest.mark.native_missing(NO_RETRY_ON_FAILURE)
 def test_bodies_over_max_body_bytes_are_not_retried(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"always": {"status": 429}}, C: {"always": {"status": 429}}}})
     cfg = {"name": "p", "apiTokens": KEYS, "failover": {"failureThreshold": 100},
@@ -192,7 +187,6 @@ def test_bodies_over_max_body_bytes_are_not_retried(envoy_factory, mock):
     assert len(mock.requests()) == 3, "a small body is retried with the other keys"
 
 
-@pytest.mark.native_missing(NO_RETRY_ON_FAILURE)
 def test_a_probe_claimed_by_a_re_send_is_given_back_when_the_client_hangs_up(envoy_factory, mock):
     # alfa and bravo each fail once (503, not retried) and wait out a 2 s cooldown. The next
     # request probes alfa, which answers 429; the re-send probes bravo, which takes 3 s, and the
@@ -222,7 +216,6 @@ def test_a_probe_claimed_by_a_re_send_is_given_back_when_the_client_hangs_up(env
     envoy.wait_log(r"key bravo restored", plugin_only=True)
 
 
-@pytest.mark.native_missing(NO_RETRY_ON_FAILURE)
 def test_downstream_retry_forwards_the_request_faithfully_without_client_credentials(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 429}}, B: {"always": {"status": 429}}, C: {}}})
     cfg = {"name": "p", "apiTokens": KEYS, "exposeKeyName": True, "failover": {"failureThreshold": 100},
