@@ -13,6 +13,12 @@ ENVOY_VERSION = 1.40.0
 WASM_TARGET = wasm32-wasip1
 WASM = target/$(WASM_TARGET)/release/ai_key_failover.wasm
 MOCK = target/debug/mock-provider
+# The native Envoy dynamic module: load it with envoy.filters.http.dynamic_modules and
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$(NATIVE_DIR) (module name ai_key_failover).
+NATIVE_DIR = target/native
+NATIVE = $(NATIVE_DIR)/libai_key_failover.so
+# Which hosts `make e2e` (and so `make test`) runs the end-to-end suite against: wasm, native or both.
+AKF_HOSTS ?= wasm native
 ENVOY = $(VENV)/bin/envoy
 VPY = $(VENV)/bin/python
 DEPS_STAMP = $(VENV)/.deps-stamp
@@ -20,19 +26,20 @@ E2E_WORKERS ?= 2
 PYTEST_ARGS ?=
 ADMIN_URL ?= http://127.0.0.1:$(or $(ADMIN_PORT),9901)
 
-.PHONY: help deps rust-deps py-deps build wasm-opt-tool mock node lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
+.PHONY: help deps rust-deps py-deps build build-native wasm-opt-tool mock node lint unit e2e test validate run status clean bench corrupt-writer fuzz soak
 
 help:
 	@echo "make deps      install wasm target, clippy, and the Python venv with Envoy $(ENVOY_VERSION) ($(VENV))"
 	@echo "make build     build the plugin: $(WASM)"
+	@echo "make build-native  build the native Envoy dynamic module: $(NATIVE)"
 	@echo "make mock      build the mock provider: $(MOCK)"
 	@echo "make lint      clippy (wasm + host) with -D warnings, rustfmt --check"
 	@echo "make unit      cargo tests of the plugin and the mock provider"
-	@echo "make e2e       end-to-end tests: real Envoy + plugin + mock (pytest, $(E2E_WORKERS) workers)"
+	@echo "make e2e       end-to-end tests: real Envoy + plugin + mock (pytest, $(E2E_WORKERS) workers), on each of AKF_HOSTS=$(AKF_HOSTS)"
 	@echo "make corrupt-writer  the test-only filter that damages shared state (for make e2e)"
 	@echo "make fuzz      cargo fuzz: every target for FUZZ_RUNS=$(FUZZ_RUNS) inputs (minutes; not in make test)"
 	@echo "make soak      the load test of make e2e, run for SOAK_SECONDS=$(SOAK_SECONDS) s (not in make test)"
-	@echo "make test      deps, lint, unit, build, mock, e2e (what CI runs)"
+	@echo "make test      deps, lint, unit, build, build-native, mock, e2e on both hosts (what CI runs)"
 	@echo "make validate  envoy --mode validate on envoy.yaml and examples/*.yaml"
 	@echo "make run       demo: mock provider on :8081, Envoy gateway on :10000 (admin :9901)"
 	@echo "make status    pools and keys of a running gateway, from its admin (ADMIN_URL=$(ADMIN_URL))"
@@ -95,6 +102,12 @@ wasm-opt-tool:
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); echo "installing binaryen (apt-get)"; \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq binaryen; }
 
+# The same crate, for the host, with the native layer (src/native) and the `native` profile
+# (release plus unwinding, so no panic crosses into Envoy).
+build-native:
+	cargo build --profile native --features native -p ai-key-failover
+	@ls -l $(NATIVE)
+
 mock:
 	cargo build -p mock-provider
 
@@ -116,24 +129,30 @@ corrupt-writer:
 lint:
 	cargo clippy --target $(WASM_TARGET) -p ai-key-failover -- -D warnings
 	cargo clippy --all-targets -p ai-key-failover -- -D warnings
+	cargo clippy --features native -p ai-key-failover -- -D warnings
 	cargo fmt --check
 
 unit:
 	cargo test -p ai-key-failover
 	cargo test -p mock-provider
 
-e2e: deps build mock corrupt-writer node
-	$(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS)
+# One pytest run per host, with the same tests and assertions (harness.py: AKF_HOST). On native,
+# tests marked wasm_only or native_missing are skipped and listed with their reasons.
+e2e: deps build build-native mock corrupt-writer node
+	@set -e; for h in $(AKF_HOSTS); do echo "e2e on the $$h host"; \
+		AKF_HOST=$$h $(VPY) -m pytest test/e2e -n $(E2E_WORKERS) $(PYTEST_ARGS); done
 
-test: deps lint unit build mock e2e
+test: deps lint unit build build-native mock e2e
 
 # Validation runs the plugin's on_configure, which reads the keys of envoy.yaml and the examples
 # from OPENAI_API_KEYS (fromEnv): the mock's demo keys stand in for real ones.
+# examples/envoy-native.yaml loads the native module, from $(NATIVE_DIR).
 VALIDATE_KEYS = demo-key-1,demo-key-2,demo-key-3
 
-validate: deps build
+validate: deps build build-native
 	@set -e; for f in envoy.yaml $(wildcard examples/*.yaml); do \
-		echo "validate $$f"; OPENAI_API_KEYS=$(VALIDATE_KEYS) $(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
+		echo "validate $$f"; OPENAI_API_KEYS=$(VALIDATE_KEYS) ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$(NATIVE_DIR) \
+		$(ENVOY) --mode validate -c $$f -l warning --use-dynamic-base-id; done
 
 run: deps build mock
 	VENV=$(VENV) ENVOY=$(ENVOY) MOCK=$(MOCK) WASM=$(WASM) scripts/run.sh

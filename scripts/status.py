@@ -8,7 +8,8 @@ failure class, keys restored) and one row per key: its name or short hash, avail
 DISABLED (refused by the provider), consecutive failures, seconds of cooldown left, marked-down and
 restored counts.
 
-It reads only GET <admin>/stats?filter=^wasmcustom\\.ai_key_failover\\. and prints only what
+It reads only GET <admin>/stats?filter=^(wasmcustom|dynamicmodulescustom)\\.ai_key_failover\\.
+(the wasm filter's and the native module's stats: Envoy prefixes them differently) and prints only what
 those stat names and values say; the plugin never puts a key in a stat name, so neither does
 this. Python 3 standard library only.
 
@@ -31,8 +32,14 @@ import urllib.request
 from typing import Any
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
-PREFIX = "wasmcustom.ai_key_failover."
-STATS_FILTER = r"^wasmcustom\.ai_key_failover\."
+# Envoy puts `wasmcustom.` before a wasm filter's stats and `dynamicmodulescustom.` before a
+# dynamic module's; the names below the prefix are the same for both hosts.
+PREFIX = "ai_key_failover."
+HOST_PREFIXES = ("wasmcustom.", "dynamicmodulescustom.")
+# A dynamic module run as an upstream filter has its stats in the cluster's scope, under
+# `cluster.<name>.`: those count too.
+STATS_FILTER = r"^(cluster\.[^.]+\.)?(wasmcustom|dynamicmodulescustom)\.ai_key_failover\."
+_CLUSTER_SCOPE = re.compile(r"^cluster\.[^.]+\.")
 CLASSES = ("rate_limit", "server_error", "key_refused", "other", "budget_spent")
 TIMEOUT_S = 3.0
 
@@ -101,13 +108,15 @@ def parse(text: str) -> dict[str, dict[str, Any]]:
 
     for line in text.splitlines():
         name, sep, value = line.partition(": ")
-        if not sep or not name.startswith(PREFIX):
+        name = _CLUSTER_SCOPE.sub("", name, count=1) if not name.startswith(HOST_PREFIXES) else name
+        host_prefix = next((p for p in HOST_PREFIXES if name.startswith(p + PREFIX)), None)
+        if not sep or host_prefix is None:
             continue
         try:
             v = int(value.strip())
         except ValueError:
             continue  # histograms and the like: the plugin defines none
-        rest = name[len(PREFIX):]
+        rest = name[len(host_prefix) + len(PREFIX):]
         if m := _KEY_STAT.fullmatch(rest):
             pool(m[1])["keys"].setdefault(m[2], {})[m[3]] = v
         elif m := _CLASS_STAT.fullmatch(rest):

@@ -1218,7 +1218,7 @@ fn seconds(ms: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config;
     use crate::metrics::fake::FakeMetrics;
@@ -1226,8 +1226,9 @@ mod tests {
     use crate::store::fake::FakeShared;
     use crate::store::StoreError;
 
+    /// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too.
     #[derive(Default)]
-    struct TestHost {
+    pub(crate) struct TestHost {
         shared: FakeShared,
         metrics: FakeMetrics,
     }

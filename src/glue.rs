@@ -20,6 +20,7 @@ use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
 use crate::hints;
 use crate::host::{self, HostShared};
+use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
 use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
 use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
@@ -27,10 +28,6 @@ use crate::waiting::{self, Served};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-const KEY_NAME_HEADER: &str = "x-ai-key-failover-key";
-/// Names the pool that serves a request: on the request, so a route can send a fallback pool's
-/// requests to its provider; on the response with `exposeKeyName`.
-const POOL_HEADER: &str = "x-ai-key-failover-pool";
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -876,18 +873,15 @@ impl Request {
 
 /// `onAllUnavailable: reject`'s answer: 429, `retry-after`, and an OpenAI-style error body.
 fn send_reject(retry_after_secs: u64) {
-    let retry_after = retry_after_secs.to_string();
-    let body = format!(
-        "{{\"error\":{{\"message\":\"Every upstream API key of this route is cooling down after rate limits or errors; retry after {retry_after_secs} s.\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"all_keys_unavailable\"}}}}"
-    );
+    let reply = reply::all_keys_unavailable(retry_after_secs);
     host::send_local_response(
-        429,
-        "ai_key_failover_all_keys_down",
+        u32::from(reply.status),
+        reply.details,
         &[
-            ("retry-after", retry_after.as_bytes()),
-            ("content-type", b"application/json"),
+            ("retry-after", reply.retry_after.as_bytes()),
+            ("content-type", reply.content_type.as_bytes()),
         ],
-        body.as_bytes(),
+        reply.body.as_bytes(),
     );
 }
 

@@ -19,6 +19,8 @@ pub mod health;
 pub mod hints;
 pub mod metrics;
 pub mod pool;
+pub mod reply;
+pub mod resend;
 pub mod rewrite;
 pub mod rules;
 pub mod schedule;
@@ -26,6 +28,9 @@ pub mod select;
 pub mod status;
 pub mod store;
 pub mod waiting;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

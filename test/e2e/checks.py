@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness import WASM_PATH, Envoy, HarnessError, envoy_config, wait_for
+from harness import STATS_PREFIX, WASM_PATH, Envoy, HarnessError, envoy_config, wait_for
 
-PLUGIN_STATS = "wasmcustom.ai_key_failover."
+PLUGIN_STATS = f"{STATS_PREFIX}ai_key_failover."
 
 # What Envoy or V8 writes when a Wasm VM traps, panics or fails: none may ever show up.
 VM_FAILURE = re.compile(r"Function: \S+ failed|Uncaught|RuntimeError|panicked at|wasm trap|VM failed|failed to load")
@@ -52,7 +52,7 @@ def rss_bytes(envoy: Envoy) -> int:
 
 
 def pool_stats(envoy: Envoy, pool: str) -> dict[str, Any]:
-    """The plugin's stats of one pool, named without the `wasmcustom.ai_key_failover.pool.<pool>.` prefix."""
+    """The plugin's stats of one pool, named without the `<STATS_PREFIX>ai_key_failover.pool.<pool>.` prefix."""
     prefix = f"{PLUGIN_STATS}pool.{pool}."
     return {k[len(prefix):]: v for k, v in envoy.stats(PLUGIN_STATS.rstrip(".")).items() if k.startswith(prefix)}
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
     DEFAULT_CLUSTER,
+    HOST,
     Envoy,
     HarnessError,
     Mock,
@@ -31,6 +32,19 @@ from harness import (  # noqa: E402
     read_text,
     tail,
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """With AKF_HOST=native, tests marked wasm_only or native_missing are skipped, each with its
+    reason in the summary (pytest -ra): nothing is left out silently."""
+    if HOST != "native":
+        return
+    for item in items:
+        for name, why in (("wasm_only", "wasm only"), ("native_missing", "not in the native host yet")):
+            marker = item.get_closest_marker(name)
+            if marker is not None:
+                reason = marker.args[0] if marker.args else ""
+                item.add_marker(pytest.mark.skip(reason=f"{why}: {reason}"))
 
 
 @pytest.hookimpl(hookwrapper=True)

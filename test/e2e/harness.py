@@ -30,6 +30,19 @@ from typing import Any, Callable, Iterable
 REPO = Path(__file__).resolve().parents[2]
 WASM_PATH = Path(os.environ.get("AI_KEY_FAILOVER_WASM", REPO / "target/wasm32-wasip1/release/ai_key_failover.wasm"))
 MOCK_PATH = Path(os.environ.get("MOCK_PROVIDER", REPO / "target/debug/mock-provider"))
+# Which host of the plugin the tests run: "wasm" (envoy.filters.http.wasm) or "native" (the
+# dynamic module from `make build-native`, envoy.filters.http.dynamic_modules).
+HOST = os.environ.get("AKF_HOST", "wasm")
+if HOST not in ("wasm", "native"):
+    raise ValueError(f"AKF_HOST must be wasm or native, not {HOST!r}")
+NATIVE_DIR = Path(os.environ.get("AI_KEY_FAILOVER_NATIVE_DIR", REPO / "target/native"))
+NATIVE_MODULE = "ai_key_failover"
+NATIVE_PATH = NATIVE_DIR / f"lib{NATIVE_MODULE}.so"
+# Envoy prefixes the stats a filter defines: `wasmcustom.` for wasm, `dynamicmodulescustom.` for a
+# dynamic module. Everything below the prefix is the same on both hosts.
+STATS_PREFIX = "dynamicmodulescustom." if HOST == "native" else "wasmcustom."
+# The Envoy logger the plugin's own log lines go to.
+PLUGIN_LOGGER = "dynamic_modules" if HOST == "native" else "wasm"
 
 PLUGIN_NAME = "ai-key-failover"
 DEFAULT_CLUSTER = "mock_provider"
@@ -405,6 +418,26 @@ def wasm_filter(configuration: str, wasm_path: Path | str = WASM_PATH, extra: di
     }
 
 
+def native_filter(configuration: str, extra: dict | None = None) -> dict:
+    """The plugin as a dynamic module: the same JSON configuration, as the filter's config string."""
+    if extra:
+        raise HarnessError("extra_filter_options are wasm PluginConfig options; this test is wasm-only")
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": NATIVE_MODULE},
+            "filter_name": PLUGIN_NAME,
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": configuration},
+        },
+    }
+
+
+def plugin_filter(configuration: str, extra: dict | None = None) -> dict:
+    """The plugin's HTTP filter for the host under test (AKF_HOST)."""
+    return native_filter(configuration, extra) if HOST == "native" else wasm_filter(configuration, WASM_PATH, extra)
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -462,10 +495,14 @@ def cluster_config(name: str, port: int, upstream_filters: list[dict] | None = N
 
 
 # The README's recommended tag extraction: Prometheus sees pool, key and failure_class labels.
+# Native: an upstream filter's stats sit in the cluster's scope (`cluster.<name>.` before the
+# prefix); the optional group lets the same tags apply there.
+_P = ("(?:cluster\\.[^.]+\\.)?" if HOST == "native" else "") + re.escape(STATS_PREFIX)
+_CLUSTER_SCOPED = re.compile(rf"^cluster\.[^.]+\.({re.escape(STATS_PREFIX)}.*)$")
 STATS_TAGS = [
-    {"tag_name": "pool", "regex": r"^wasmcustom\.ai_key_failover\.(pool\.([^.]+)\.)"},
-    {"tag_name": "key", "regex": r"^wasmcustom\.ai_key_failover\.pool\.[^.]+\.(key\.([^.]+)\.)"},
-    {"tag_name": "failure_class", "regex": r"^wasmcustom\.ai_key_failover\.pool\.[^.]+\.(class\.([^.]+)\.)"},
+    {"tag_name": "pool", "regex": rf"^{_P}ai_key_failover\.(pool\.([^.]+)\.)"},
+    {"tag_name": "key", "regex": rf"^{_P}ai_key_failover\.pool\.[^.]+\.(key\.([^.]+)\.)"},
+    {"tag_name": "failure_class", "regex": rf"^{_P}ai_key_failover\.pool\.[^.]+\.(class\.([^.]+)\.)"},
 ]
 
 
@@ -474,7 +511,12 @@ def envoy_config(*, upstream_port: int, plugin_config: Any = None, wasm: bool = 
                  extra_clusters: dict[str, int] | None = None, filter_mode: str = "downstream",
                  wasm_path: Path | str = WASM_PATH, listener_port: int = 0, admin_port: int = 0) -> dict:
     """The bootstrap dict (written as JSON, which is YAML: every string is quoted)."""
-    filt = wasm_filter(plugin_config_text(plugin_config), wasm_path, extra_filter_options) if wasm else None
+    if not wasm:
+        filt = None
+    elif HOST == "native":
+        filt = native_filter(plugin_config_text(plugin_config), extra_filter_options)
+    else:
+        filt = wasm_filter(plugin_config_text(plugin_config), wasm_path, extra_filter_options)
     if filter_mode not in ("downstream", "upstream"):
         raise ValueError(f"filter_mode must be downstream or upstream, not {filter_mode!r}")
     http_filters = [filt] if (filt and filter_mode == "downstream") else []
@@ -615,7 +657,10 @@ def scannable_log_text(envoy_log: str) -> str:
 
 
 def plugin_log_text(envoy_log: str) -> str:
-    """What the plugin (and Envoy's wasm runtime) wrote: the records of the `wasm` logger."""
+    """What the plugin (and Envoy's wasm runtime) wrote: the records of the `wasm` logger, or of
+    the `dynamic_modules` logger for the native host."""
+    if HOST == "native":
+        return "\n".join(rec for logger, rec in log_records(envoy_log) if logger == PLUGIN_LOGGER)
     return "\n".join(rec for logger, rec in log_records(envoy_log) if logger == "wasm" or "wasm log" in rec)
 
 
@@ -641,8 +686,10 @@ class Envoy:
         self.plugin_config = plugin_config
         self.concurrency = concurrency
         self.wasm = wasm
-        if wasm and raw_config is None and not WASM_PATH.is_file():
+        if wasm and raw_config is None and HOST == "wasm" and not WASM_PATH.is_file():
             raise HarnessError(f"plugin not built: {WASM_PATH} (run `make build`)")
+        if wasm and raw_config is None and HOST == "native" and not NATIVE_PATH.is_file():
+            raise HarnessError(f"native module not built: {NATIVE_PATH} (run `make build-native`)")
         self.config = raw_config if raw_config is not None else envoy_config(
             upstream_port=upstream_port, plugin_config=plugin_config, wasm=wasm, routes=routes,
             cluster_name=cluster_name, extra_filter_options=extra_filter_options, extra_clusters=extra_clusters,
@@ -665,7 +712,9 @@ class Envoy:
     # lifecycle
     def launch(self) -> None:
         self._out = open(self.stdout_path, "ab")
-        env = {**os.environ, **{k: v for k, v in self.env.items() if v is not None}}
+        # Where Envoy finds lib<name>.so for envoy.filters.http.dynamic_modules.
+        env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR),
+               **{k: v for k, v in self.env.items() if v is not None}}
         for k in [k for k, v in self.env.items() if v is None]:
             env.pop(k, None)
         self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT,
@@ -770,7 +819,16 @@ class Envoy:
     def stats(self, filter: str | None = None) -> dict[str, Any]:
         """Admin /stats as {name: value}; counters/gauges as int, histograms as their text."""
         path = "/stats" + (f"?filter={urllib.parse.quote(filter)}" if filter else "")
-        return parse_stats(self.admin(path).text)
+        stats = parse_stats(self.admin(path).text)
+        # A dynamic module run as an upstream filter defines its stats in the cluster's scope:
+        # `cluster.<name>.dynamicmodulescustom.…`. Each is also listed under the name the
+        # downstream filter (and wasm, in either mode) gives it, so tests read one name.
+        scoped: dict[str, int] = {}
+        for name, value in stats.items():
+            m = _CLUSTER_SCOPED.match(name)
+            if m and isinstance(value, int):
+                scoped[m[1]] = scoped.get(m[1], 0) + value
+        return {**stats, **scoped}
 
     # traffic
     def client(self, timeout: float = 10) -> Client:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import MOCK_PATH, REPO, WASM_PATH, envoy_binary, free_port
+from harness import MOCK_PATH, NATIVE_DIR, NATIVE_PATH, REPO, WASM_PATH, envoy_binary, free_port
 
 SHIPPED = [REPO / "envoy.yaml", *sorted((REPO / "examples").glob("*.yaml"))]
 DEMO_KEYS = ["demo-key-1", "demo-key-2", "demo-key-3"]
@@ -24,8 +24,12 @@ DEMO_ENV = {"OPENAI_API_KEYS": ",".join(DEMO_KEYS)}
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_shipped_envoy_config_validates(path: Path):
+    if "envoy.filters.http.dynamic_modules" in path.read_text():
+        assert NATIVE_PATH.is_file(), f"{path.name} loads the native module: run `make build-native`"
+    # Envoy loads a dynamic module while it validates, from this search path.
+    env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NATIVE_DIR))
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **DEMO_ENV})
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env={**env, **DEMO_ENV})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -55,6 +59,7 @@ def shipped_config(name: str, mock_port: int) -> dict:
     return config
 
 
+@pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
 def test_demo_gateway_answers_every_request_while_the_demo_keys_hit_their_limits(envoy_factory, mock_factory):
     """envoy.yaml: upstream mode with keys from the environment. demo-key-1 allows 3 requests per
     10 s and demo-key-2 five; the mock answers 429 behind the gateway and every client gets 200,
@@ -72,6 +77,7 @@ def test_demo_gateway_answers_every_request_while_the_demo_keys_hit_their_limits
     assert "OPENAI_API_KEYS" in dump and not any(k in dump for k in DEMO_KEYS)
 
 
+@pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
 def test_downstream_example_retries_with_another_key_itself(envoy_factory, mock_factory):
     """examples/envoy-downstream.yaml: the plugin in the listener (as on Higress), retryOnFailure
     re-sends a 429 with another key, so the clients also see only 200s."""
@@ -84,6 +90,21 @@ def test_downstream_example_retries_with_another_key_itself(envoy_factory, mock_
     envoy.wait_log(r"running as a downstream", plugin_only=True)
 
 
+def test_native_example_gateway_injects_and_rotates_the_demo_keys(envoy_factory, mock_factory):
+    """examples/envoy-native.yaml: the demo gateway with the native module (on either host's run:
+    the config names its filter)."""
+    mock = mock_factory.start(demo=True)
+    envoy = envoy_factory.start(raw_config=shipped_config("examples/envoy-native.yaml", mock.port), mock=mock)
+    statuses = [envoy.chat(headers={"authorization": "Bearer not-a-pool-key"}).status for _ in range(12)]
+    received = Counter(mock.keys_received())
+    assert set(received) <= {"demo-key-1", "demo-key-2", "demo-key-3"}, received
+    assert len(received) == 3
+    assert statuses.count(200) >= 10, statuses
+    envoy.wait_log(r"Dynamic module ABI version v0\.2\.0 matched")
+    envoy.wait_log(r"key demo-1 marked down after status 429")
+
+
+@pytest.mark.wasm_only("examples/*.yaml load the wasm filter")
 def test_upstream_retry_example_hides_rate_limits_from_clients(envoy_factory, mock_factory):
     """examples/envoy-upstream-retry.yaml against the demo mock: demo-key-1 allows 3 requests per
     10 s and demo-key-2 five, yet every client request succeeds, streamed ones included."""
@@ -123,6 +144,7 @@ def wasm_exports(module: bytes) -> list[str]:
     return []
 
 
+@pytest.mark.wasm_only("the wasm module's exports; the native module's symbols: test_native.py")
 def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
     """Envoy calls into the VM for every exported callback; the plugin does its end-of-request
     work when the SDK drops the context, so per request it needs no proxy_on_done or proxy_on_log."""
@@ -134,6 +156,7 @@ def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
     assert not exported & {"proxy_on_done", "proxy_on_log", "proxy_on_downstream_data"}
 
 
+@pytest.mark.wasm_only("`make run` (scripts/run.sh) serves the wasm filter")
 def test_make_run_demo_answers_twenty_of_twenty_and_counts_the_429s_it_absorbed(tmp_path):
     """`scripts/run.sh --demo-only`: the scripted part of `make run`, as a user runs it (mock
     --demo, Envoy with envoy.yaml, the keys in OPENAI_API_KEYS). Every request is answered 200,

@@ -263,6 +263,7 @@ def decodes(entry: bytes, n_keys: int) -> bool:
             and struct.unpack_from("<I", entry, len(entry) - 4)[0] == fnv1a32(entry[:-4]))
 
 
+@pytest.mark.wasm_only("corrupt-writer is a wasm filter that damages proxy shared data; the native state is in the module\'s memory, out of any other filter\'s reach")
 @pytest.mark.parametrize("mode", list(REASONS))
 def test_a_corrupt_state_entry_is_replaced_by_fresh_state_with_a_warning(envoy_factory, mock, mode):
     mock.set_keys({"keys": {A: {}, B: {"script": [{"status": 503}]}, C: {}}})
@@ -312,6 +313,7 @@ def test_a_corrupt_state_entry_is_replaced_by_fresh_state_with_a_warning(envoy_f
     assert_vm_healthy(envoy, baseline)
 
 
+@pytest.mark.wasm_only("corrupt-writer is a wasm filter that damages proxy shared data; the native state is in the module\'s memory, out of any other filter\'s reach")
 def test_corruption_in_the_middle_of_load_loses_no_request(envoy_factory, mock):
     # bravo keeps hitting its limit, so workers are writing the state when it gets damaged.
     mock.set_keys({"keys": {A: {}, B: {"limit": 20, "windowMs": 1000}, C: {}}})

@@ -106,6 +106,7 @@ def test_env_keys_are_split_like_the_plugin_splits_a_variable_and_scanned_for():
     assert find_leaks(keys, "pool p: key x ... env-3 ...", "log") == ["$LIST item 2 found in log"]
 
 
+@pytest.mark.wasm_only("the wasm logger's records")
 def test_plugin_log_text_keeps_only_wasm_records():
     log = (
         "[2025-01-01 00:00:00.000][12][debug][router] [source/common/router/router.cc:1] router decoding headers:\n"
@@ -119,6 +120,7 @@ def test_plugin_log_text_keeps_only_wasm_records():
     assert "secret-in-router" not in text and "second line" in text
 
 
+@pytest.mark.wasm_only("the generated wasm filter config")
 def test_generated_config_shape():
     cfg = envoy_config(upstream_port=1234, plugin_config={"apiTokens": ["a"]}, cluster_name="outbound|80||x")
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

@@ -6,7 +6,7 @@ import json
 import time
 from collections import Counter
 
-from checks import lds_bootstrap
+from checks import PLUGIN_STATS, lds_bootstrap
 from harness import free_port, wait_for
 
 A, B, C = "sk-test-hotel-0001", "sk-test-india-0002", "sk-test-juliet-0003"
@@ -95,13 +95,13 @@ def test_a_check_that_times_out_does_not_restore_the_key(envoy_factory, mock):
 
     def failed():
         s = envoy.stats("ai_key_failover")
-        return s if s.get("wasmcustom.ai_key_failover.pool.hc.health_checks_failed", 0) >= 2 else None
+        return s if s.get(f"{PLUGIN_STATS}pool.hc.health_checks_failed", 0) >= 2 else None
 
     s = wait_for(failed, 4, what="failed checks counted")
-    assert s["wasmcustom.ai_key_failover.pool.hc.key.hotel.key_available"] == 0
+    assert s[f"{PLUGIN_STATS}pool.hc.key.hotel.key_available"] == 0
     assert "passed its health check" not in envoy.plugin_log()
-    assert s["wasmcustom.ai_key_failover.pool.hc.health_checks_passed"] == 0
-    assert s["wasmcustom.ai_key_failover.pool.hc.health_checks_sent"] >= 3
+    assert s[f"{PLUGIN_STATS}pool.hc.health_checks_passed"] == 0
+    assert s[f"{PLUGIN_STATS}pool.hc.health_checks_sent"] >= 3
 
 
 def test_no_checks_without_health_check_model(envoy_factory, mock):

@@ -143,6 +143,7 @@ def test_recipe_manifests_are_well_formed_and_say_what_they_were_written_for(pla
     assert "sk-" not in json.dumps(config), "no key in the plugin configuration itself"
 
 
+@pytest.mark.wasm_only("the recipes configure the wasm plugin (vm_config host_env_keys)")
 @pytest.mark.parametrize("platform", RECIPES)
 def test_recipe_plugin_configuration_loads_in_envoy_with_the_keys_of_its_secret(platform, envoy_factory, mock):
     config, host_keys, container_env, _ = RECIPES[platform]()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from checks import lds_bootstrap
-from harness import HarnessError, free_port, wait_for
+from harness import STATS_PREFIX, HarnessError, free_port, wait_for
 
 A, B = "sk-test-sierra-0001", "sk-test-tango-0002"
-PREFIX = "wasmcustom.ai_key_failover.pool.main."
+PREFIX = f"{STATS_PREFIX}ai_key_failover.pool.main."
 
 
 def test_stats_count_requests_transitions_and_follow_availability(envoy_factory, mock):

@@ -17,6 +17,11 @@ import pytest
 
 from harness import REPO, WASM_PATH
 
+# These run the built .wasm in Node.js's V8 with a fake proxy-wasm host, whatever AKF_HOST says.
+pytestmark = pytest.mark.wasm_only(
+    "the built wasm module in Node.js with a fake proxy-wasm host (its callout bookkeeping and "
+    "scripts/wasm-export-swap.py)")
+
 SWAP_SCRIPT = REPO / "scripts/wasm-export-swap.py"
 _spec = importlib.util.spec_from_file_location("wasm_export_swap", SWAP_SCRIPT)
 swap_mod = importlib.util.module_from_spec(_spec)

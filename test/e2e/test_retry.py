@@ -8,12 +8,12 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from harness import wait_for
+from harness import STATS_PREFIX, wait_for
 from test_failover import open_chat
 
 A, B, C = "sk-test-alfa-0001", "sk-test-bravo-0002", "sk-test-coca-0003"
 KEYS = [{"token": A, "name": "alfa"}, {"token": B, "name": "bravo"}, {"token": C, "name": "coca"}]
-PREFIX = "wasmcustom.ai_key_failover.pool.p."
+PREFIX = f"{STATS_PREFIX}ai_key_failover.pool.p."
 
 
 def retry_route(codes=(429, 500, 503), retries=2, timeout="10s", per_try=None):

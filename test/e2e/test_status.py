@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 
-from harness import REPO, free_port, wait_for
+from harness import REPO, STATS_PREFIX, free_port, wait_for
 
 A, B, C = "sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-0003"
 D = "sk-test-delta-0004"
 KEYS = (A, B, C, D)
 STATUS = REPO / "scripts/status.py"
-PREFIX = "wasmcustom.ai_key_failover.pool."
+PREFIX = f"{STATS_PREFIX}ai_key_failover.pool."
 HASH = re.compile(r"key-[0-9a-f]{8}")
 
 CONFIG = {
@@ -68,7 +68,7 @@ def down_gateway(envoy_factory, mock):
     envoy.wait_log(r"key alpha marked down after status 429", plugin_only=True)
 
     def synced():  # gauges and request counters are published once per second
-        s = envoy.stats(r"^wasmcustom\.ai_key_failover\.")
+        s = envoy.stats(PREFIX)
         return (s.get(PREFIX + "main.key.alpha.key_down_until_seconds", 0) > 0
                 and s.get(PREFIX + "main.requests_keyed") == 6 and s.get(PREFIX + "emb.requests_keyed") == 1
                 and s.get(PREFIX + "main.keys_available") == 2)
@@ -150,7 +150,7 @@ def test_status_shows_a_key_refused_until_reload_as_disabled(envoy_factory, mock
     assert sorted(statuses) == [200, 200, 200, 200, 401, 429]
 
     def synced():
-        s = envoy.stats(r"^wasmcustom\.ai_key_failover\.")
+        s = envoy.stats(PREFIX)
         return (s.get(PREFIX + "main.key.alpha.key_disabled") == 1
                 and s.get(PREFIX + "main.key.charlie.key_down_until_seconds", 0) > 0)
 

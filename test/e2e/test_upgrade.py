@@ -18,8 +18,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from checks import BackgroundChats, lds_bootstrap, pool_stats
 from harness import WASM_PATH, HarnessError, free_port, wait_for, wasm_filter
+
+# Two wasm builds sharing proxy shared data across a hot config swap. The native module has one
+# build per process; its state carry-over across config updates is test_reload's.
+pytestmark = pytest.mark.wasm_only("an upgrade between two wasm builds under one vm_id")
 
 A, B, C, D = ("sk-upgrade-alpha-Zr42m0001", "sk-upgrade-bravo-Zr42m0002", "sk-upgrade-charlie-Zr42m0003",
               "sk-upgrade-delta-Zr42m0004")

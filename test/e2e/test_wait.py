@@ -10,6 +10,11 @@ import pytest
 
 from harness import parallel, wait_for
 
+# The native host answers a Hold with the reject answer at once (src/native/filter.rs).
+pytestmark = pytest.mark.native_missing(
+    "onAllUnavailable: wait (holding a request needs the native host to pause a stream and resume "
+    "it from its tick)")
+
 A, B = "sk-test-alfa-0001", "sk-test-bravo-0002"
 KEYS = [{"token": A, "name": "alfa"}, {"token": B, "name": "bravo"}]
 
