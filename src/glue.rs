@@ -18,12 +18,12 @@ use crate::callout::{Callouts, DispatchError, Route};
 use crate::config::{self, Provider};
 use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::hints;
 use crate::host::{self, HostShared};
 use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
+use crate::resend;
 use crate::rewrite::rewrite_model;
 use crate::rules::{host_of_authority, RequestFacts};
-use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::status::Verdict;
 use crate::waiting::{self, Served};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
@@ -632,12 +632,20 @@ impl Context for Request {
         let now = host::now_ms();
         let status = match status {
             Some(status) if from_upstream => {
-                judge_with_body(&mut engine, sent, status, &headers, &body, &Clock::at(now));
+                resend::judge_with_body(
+                    &mut engine,
+                    &HostShared,
+                    sent,
+                    status,
+                    &headers,
+                    &body,
+                    &Clock::at(now),
+                );
                 if (200..300).contains(&status) {
                     note_budget(&mut engine, sent, &Clock::at(now), Some(&headers));
                 }
-                if retriable(&engine, sent.profile, status) {
-                    retry.tried.push(tried_pair(&engine, sent));
+                if resend::retriable(&engine, sent.profile, status) {
+                    retry.tried.push(resend::tried_pair(&engine, sent));
                     if send_retry(&mut engine, retry) {
                         engine.count_retry(sent.profile, RetryOutcome::Failed);
                         return;
@@ -654,7 +662,7 @@ impl Context for Request {
                     None,
                     &Clock::at(now),
                 );
-                retry.tried.push(tried_pair(&engine, sent));
+                retry.tried.push(resend::tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     engine.count_retry(sent.profile, RetryOutcome::Failed);
                     return;
@@ -687,7 +695,9 @@ impl Context for Request {
             .and_then(|_| engine.key_label(sent.profile, sent.key));
         let mut reply: Vec<(&str, &[u8])> = headers
             .iter()
-            .filter(|(n, _)| !n.starts_with(':') && !is_hop_by_hop(n) && n != "content-length")
+            .filter(|(n, _)| {
+                !n.starts_with(':') && !resend::is_hop_by_hop(n) && n != "content-length"
+            })
             .map(|(n, v)| (n.as_str(), v.as_slice()))
             .collect();
         if let Some(label) = &label {
@@ -697,37 +707,6 @@ impl Context for Request {
             host::resume_response();
         }
     }
-}
-
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "te"
-            | "trailer"
-    )
-}
-
-/// Whether `retryOnFailure` re-sends after this status.
-fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
-    engine.profile(profile).is_some_and(|p| {
-        p.retry.enabled
-            && !NEVER_THE_KEYS_FAULT.contains(&status)
-            && p.retry.on_status.iter().any(|s| s.matches(status))
-    })
-}
-
-fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
-    (
-        engine
-            .pool_of(sent.profile)
-            .map_or(usize::MAX, |(pool, _)| pool),
-        sent.key,
-    )
 }
 
 /// Sends the request again with a key it has not tried, if the budget and the pools allow:
@@ -744,7 +723,7 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     let now = host::now_ms();
     let tried = retry.tried.clone();
     let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
-        Decision::UseKey(a) if !tried.contains(&tried_pair(engine, a)) => a,
+        Decision::UseKey(a) if !tried.contains(&resend::tried_pair(engine, a)) => a,
         // No key left that this request has not failed with: the client gets the failure.
         Decision::UseKey(a) => {
             engine.abandon(&HostShared, a, now);
@@ -920,8 +899,9 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        judge_with_body(
+        resend::judge_with_body(
             &mut engine,
+            &HostShared,
             reading.sent,
             reading.status,
             &reading.headers,
@@ -1123,9 +1103,9 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && retriable(&engine, sent.profile, status) {
+            if via_upstream && resend::retriable(&engine, sent.profile, status) {
                 record_live_answer(&mut engine, sent, status, first_look, &clock);
-                retry.tried.push(tried_pair(&engine, sent));
+                retry.tried.push(resend::tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     // Hold this answer back; the retry's answer replaces it.
                     return Action::Pause;
@@ -1303,7 +1283,7 @@ fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Ke
             .map_or("", |p| p.auth.name.as_str());
         let headers = host::request_headers()
             .into_iter()
-            .filter(|(n, _)| *n != auth && !is_hop_by_hop(n) && n != "content-length")
+            .filter(|(n, _)| *n != auth && !resend::is_hop_by_hop(n) && n != "content-length")
             .collect();
         keyed.retry = Some(RetryState {
             profile: primary_profile,
@@ -1334,19 +1314,6 @@ impl Drop for Request {
     }
 }
 
-/// Classifies an upstream response with the error body that was read, and records it.
-fn judge_with_body(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    headers: &[(String, Vec<u8>)],
-    body: &[u8],
-    clock: &Clock,
-) {
-    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
-    record_answer(engine, sent, status, verdict, headers, Some(body), clock);
-}
-
 /// Records a response whose headers are still the host's to read: they are read only when the
 /// verdict takes retry hints, as reading them all costs more than any other host call.
 fn record_live_answer(
@@ -1361,57 +1328,37 @@ fn record_live_answer(
     } else {
         Vec::new()
     };
-    record_answer(engine, sent, status, verdict, &headers, None, clock);
+    resend::record_answer(
+        engine,
+        &HostShared,
+        sent,
+        status,
+        verdict,
+        &headers,
+        None,
+        clock,
+    );
 }
 
-/// Records what an upstream response says about its key; `headers` are needed only when the
-/// verdict takes retry hints.
-fn record_answer(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    headers: &[(String, Vec<u8>)],
-    body: Option<&[u8]>,
-    clock: &Clock,
-) {
-    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
-        let pairs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        hints::retry_hint_ms(&pairs, body, clock.now())
-    } else {
-        None
-    };
-    engine.record(&HostShared, sent, verdict, status, hint_ms, clock);
-}
-
-/// `preemptiveCooldown`: a success that says the key's budget is used up rests the key until
-/// the reset. `headers`: the answer's headers when already read (a re-send's); otherwise only
-/// the remaining counts are read from the host, and a reset only for a count that is 0.
+/// `preemptiveCooldown` (see `resend::note_budget`). `headers`: the answer's headers when
+/// already read (a re-send's); otherwise only the remaining counts are read from the host, and a
+/// reset only for a count that is 0.
 fn note_budget(
     engine: &mut Engine,
     sent: Assignment,
     clock: &Clock,
     headers: Option<&[(String, Vec<u8>)]>,
 ) {
-    let Some(family) = engine.wants_budget(sent.profile) else {
-        return;
-    };
-    // Only Anthropic's resets are absolute times; OpenAI's need no clock read.
-    let now_ms = if family == budget::Family::Anthropic {
-        clock.now()
-    } else {
-        0
-    };
-    let spent_for = match headers {
-        Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
-        None => budget::spent_for_ms(family, now_ms, host::response_header),
-    };
-    if let Some(ms) = spent_for {
-        engine.spend(&HostShared, sent, ms, clock);
-    }
+    resend::note_budget(
+        engine,
+        &HostShared,
+        sent,
+        clock,
+        |family, now_ms| match headers {
+            Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
+            None => budget::spent_for_ms(family, now_ms, host::response_header),
+        },
+    );
 }
 
 fn from_upstream() -> bool {

@@ -3,8 +3,9 @@
 //! host: the host reads, sends and replies; this decides what is recorded, what is sent again,
 //! where, and what the client gets.
 //!
-//! The native host runs on this; the wasm glue (glue.rs) still has its own copy of the same
-//! policy, from before this module, with the callout registry and held requests around it.
+//! Both hosts record answers and judge re-sends with the functions here. The native host also
+//! plans and concludes its re-sends here; the wasm glue still plans its own (`send_retry`), with
+//! the callout registry and held requests around it.
 
 use crate::budget;
 use crate::engine::{Assignment, Clock, Decision, Engine, Host, RetryOutcome};
