@@ -619,21 +619,7 @@ impl<'c> Filter<'c> {
         }
         if let Some(retry) = self.retry.as_mut() {
             if via_upstream && resend::retriable(&engine, sent.profile, status) {
-                let headers = if engine.wants_retry_hint(sent.profile, first_look) {
-                    s.response_headers()
-                } else {
-                    Vec::new()
-                };
-                record_answer(
-                    &mut engine,
-                    host,
-                    sent,
-                    status,
-                    first_look,
-                    &headers,
-                    None,
-                    &clock,
-                );
+                record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
                 retry.tried.push(resend::tried_pair(&engine, sent));
                 let now = now_ms();
                 let mut own_cluster = || (Facts { stream: s }).cluster_name();
@@ -667,21 +653,7 @@ impl<'c> Filter<'c> {
             });
             return CONTINUE;
         }
-        let headers = if engine.wants_retry_hint(sent.profile, first_look) {
-            s.response_headers()
-        } else {
-            Vec::new()
-        };
-        record_answer(
-            &mut engine,
-            host,
-            sent,
-            status,
-            first_look,
-            &headers,
-            None,
-            &clock,
-        );
+        record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
         if first_look == Verdict::Success {
             // Only the remaining counts are read, and a reset only for a count that is 0.
             resend::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
@@ -840,6 +812,25 @@ impl Drop for Filter<'_> {
 }
 
 /// Sends a re-send as this stream's callout; its id, if it went out.
+/// Records a response whose headers are still Envoy's to read: they are read only when the
+/// verdict takes retry hints.
+fn record_live_answer(
+    engine: &mut Engine,
+    host: &dyn crate::engine::Host,
+    s: &Stream,
+    sent: Assignment,
+    status: u16,
+    verdict: Verdict,
+    clock: &Clock,
+) {
+    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
+        s.response_headers()
+    } else {
+        Vec::new()
+    };
+    record_answer(engine, host, sent, status, verdict, &headers, None, clock);
+}
+
 fn send(s: &Stream, next: &Resend) -> Option<u64> {
     s.http_callout(
         &next.cluster,
