@@ -22,6 +22,16 @@ use crate::codec::{self, DecodeError};
 use crate::pool::{Event, Health, KeyState, PoolState, FOREVER};
 use crate::select::{PoolView, Selection};
 
+/// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
+/// (None: the entry does not exist): no CAS, or 0, writes unconditionally; a write to an absent
+/// entry succeeds whatever its CAS; otherwise the numbers must match.
+pub fn cas_admits(cas: Option<u32>, current: Option<u32>) -> bool {
+    match (cas, current) {
+        (Some(want), Some(have)) => want == 0 || want == have,
+        _ => true,
+    }
+}
+
 /// Attempts before a change gives up; each failed attempt means another worker changed the
 /// state in between, which is rare outside storms of failures.
 pub const MAX_CAS_ATTEMPTS: usize = 16;
@@ -605,10 +615,8 @@ pub mod fake {
             }
             self.sets.set(self.sets.get() + 1);
             let current = self.entries.borrow().get(key).map(|e| e.1);
-            if let (Some(want), Some(have)) = (cas, current) {
-                if want != 0 && want != have {
-                    return Err(StoreError::CasMismatch);
-                }
+            if !super::cas_admits(cas, current) {
+                return Err(StoreError::CasMismatch);
             }
             let next = self.next_cas();
             self.entries

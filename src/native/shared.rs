@@ -60,10 +60,8 @@ impl SharedData for InProcessShared {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
         let mut entries = self.lock();
         let current = entries.map.get(key).map(|e| e.1);
-        if let (Some(want), Some(have)) = (cas, current) {
-            if want != 0 && want != have {
-                return Err(StoreError::CasMismatch);
-            }
+        if !crate::store::cas_admits(cas, current) {
+            return Err(StoreError::CasMismatch);
         }
         let next = entries.last_cas.wrapping_add(1).max(1);
         entries.last_cas = next;
