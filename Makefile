@@ -83,7 +83,7 @@ WASM_OPT_FLAGS = -Oz -ocimfs 100 $(WASM_FEATURES)
 # call into the VM, and the network-filter and gRPC callbacks are not compiled at all.
 # Before that, scripts/wasm-export-swap.py gives the plugin's own answer handler the name
 # proxy_on_http_call_response, which the SDK's (it panics on a call the SDK did not send) had:
-# see src/callout.rs. wasm-metadce then drops the SDK's handler with the other unused code.
+# see src/wasm/callout.rs. wasm-metadce then drops the SDK's handler with the other unused code.
 # cargo hard-links its artifact to $(WASM) on every build, so the optimized module is written
 # anew each time, from cargo's own copy in deps/, to a new file (never through the hard link).
 build: wasm-opt-tool

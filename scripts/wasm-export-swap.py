@@ -6,7 +6,7 @@
 The export NAME is removed, and the export REPLACEMENT is renamed NAME; every other byte of the
 module is kept. A Rust symbol cannot take the name of the proxy-wasm SDK's `#[no_mangle]`
 callback it replaces (the link would have two), so the plugin exports its own under another
-name and the build swaps it in after linking (see src/callout.rs for why). The swap is refused,
+name and the build swaps it in after linking (see src/wasm/callout.rs for why). The swap is refused,
 and nothing is written, unless both exports exist, both are functions, and their signatures
 match: the host calls the export with the ABI's arguments.
 

@@ -1,38 +1,19 @@
-//! ai-key-failover: a proxy-wasm HTTP filter that holds a pool of upstream API keys, puts one on
-//! each request, takes a key out of rotation when the provider answers with a failure, and brings
-//! it back when its cooldown has passed. Pool state is shared by every worker through proxy
-//! shared data.
+//! ai-key-failover: an HTTP filter for Envoy and Higress that holds a pool of upstream API keys,
+//! puts one on each request, takes a key out of rotation when the provider answers with a
+//! failure, and brings it back when its cooldown has passed or a health check says it is well.
 //!
-//! Everything but `glue` is plain Rust, testable on the host with injected time.
+//! - [`core`]: everything that decides: configuration, the pool state machine, key selection,
+//!   failure classification and retry hints, `_rules_`, the shared-state schema and CAS store,
+//!   metrics bookkeeping, retry and health-check planning. Plain Rust with injected time and an
+//!   injected host (`core::engine::Host`), tested on the build machine.
+//! - [`wasm`]: the proxy-wasm host (Envoy and Higress, `wasm32-wasip1`).
+//! - [`native`]: the Envoy dynamic-module host (stock Envoy, `--features native`).
+//!
+//! Calls go from a host into `core`, never back: `core` names no host, and each host only moves
+//! bytes between Envoy and the core's decisions.
 
-pub mod abi;
-pub mod affinity;
-pub mod attempts;
-pub mod budget;
-pub mod callout;
-pub mod codec;
-pub mod config;
-pub mod credentials;
-pub mod engine;
-pub mod env_keys;
-pub mod health;
-pub mod hints;
-pub mod metrics;
-pub mod pool;
-pub mod reply;
-pub mod resend;
-pub mod rewrite;
-pub mod rules;
-pub mod schedule;
-pub mod select;
-pub mod status;
-pub mod store;
-pub mod waiting;
+pub mod core;
+pub mod wasm;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
-
-#[cfg(target_arch = "wasm32")]
-mod glue;
-#[cfg(target_arch = "wasm32")]
-mod host;

@@ -1,4 +1,4 @@
-//! The native host's filter: what glue.rs does for wasm, over the dynamic-module ABI.
+//! The native host's filter: what `wasm/filter.rs` does for wasm, over the dynamic-module ABI.
 //!
 //! One `Config` per filter configuration holds the engine behind a mutex: Envoy creates the
 //! config on the main thread and every worker's streams use it, so all of them share one cached
@@ -24,18 +24,18 @@ use super::abi::{
     HEADERS_STOP_ITERATION, RESPONSE_HEADERS_STOP_ALL,
 };
 use super::shared::STORE;
-use crate::affinity;
-use crate::budget;
-use crate::config::{self, Provider};
-use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::metrics::{MetricKind, MetricsHost};
-use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
-use crate::rules::{host_of_authority, RequestFacts};
-use crate::select::OnAllUnavailable;
-use crate::status::Verdict;
-use crate::store::{SharedData, StoreError};
+use crate::core::affinity;
+use crate::core::budget;
+use crate::core::config::{self, Provider};
+use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
+use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::metrics::{MetricKind, MetricsHost};
+use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
+use crate::core::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
+use crate::core::rules::{host_of_authority, RequestFacts};
+use crate::core::select::OnAllUnavailable;
+use crate::core::status::Verdict;
+use crate::core::store::{SharedData, StoreError};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -535,7 +535,7 @@ impl<'c> Filter<'c> {
                     retry.body_too_large = true;
                 }
             }
-            if let Some(new_body) = crate::rewrite::rewrite_model(&body, model) {
+            if let Some(new_body) = crate::core::rewrite::rewrite_model(&body, model) {
                 s.replace_request_body(&new_body);
             }
             self.rewrite_to = None;
@@ -816,7 +816,7 @@ impl Drop for Filter<'_> {
 /// verdict takes retry hints.
 fn record_live_answer(
     engine: &mut Engine,
-    host: &dyn crate::engine::Host,
+    host: &dyn crate::core::engine::Host,
     s: &Stream,
     sent: Assignment,
     status: u16,

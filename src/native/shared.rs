@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::store::{SharedData, StoreError};
+use crate::core::store::{SharedData, StoreError};
 
 #[derive(Default)]
 struct Entries {
@@ -60,7 +60,7 @@ impl SharedData for InProcessShared {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
         let mut entries = self.lock();
         let current = entries.map.get(key).map(|e| e.1);
-        if !crate::store::cas_admits(cas, current) {
+        if !crate::core::store::cas_admits(cas, current) {
             return Err(StoreError::CasMismatch);
         }
         let next = entries.last_cas.wrapping_add(1).max(1);
@@ -99,7 +99,7 @@ mod tests {
         assert_eq!(v, None, "a removed entry has no value");
         assert!(cas.is_some(), "but keeps a CAS number");
         assert_eq!(
-            h.set("k", b"e", Some(crate::store::CREATE_CAS)),
+            h.set("k", b"e", Some(crate::core::store::CREATE_CAS)),
             Err(StoreError::CasMismatch),
             "CREATE_CAS loses to an entry someone else created"
         );
@@ -124,7 +124,7 @@ mod tests {
                             let write = h.set(
                                 "n",
                                 &(n + 1).to_le_bytes(),
-                                Some(cas.unwrap_or(crate::store::CREATE_CAS)),
+                                Some(cas.unwrap_or(crate::core::store::CREATE_CAS)),
                             );
                             if write.is_ok() {
                                 break;

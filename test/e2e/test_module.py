@@ -3,7 +3,7 @@ no answer can trap the VM; and the build step that swaps it in (scripts/wasm-exp
 
 The SDK's `proxy_on_http_call_response` panics on a token it did not register, and a panic traps
 the VM (every request through it then fails). The plugin issues its calls itself and exports its
-own handler under that name (see src/callout.rs), which drops an answer nobody waits for.
+own handler under that name (see src/wasm/callout.rs), which drops an answer nobody waits for.
 """
 
 from __future__ import annotations

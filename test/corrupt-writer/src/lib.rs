@@ -139,7 +139,7 @@ fn remove(key: &str) -> Result<(), Status> {
     hostcalls::set_shared_data(key, None, None)
 }
 
-/// The plugin's checksum (src/codec.rs): FNV-1a over everything before it, appended.
+/// The plugin's checksum (src/core/codec.rs): FNV-1a over everything before it, appended.
 fn signed(mut body: Vec<u8>) -> Vec<u8> {
     let mut hash: u32 = 0x811c_9dc5;
     for &b in &body {

@@ -37,7 +37,7 @@ fn mix(mut x: u64) -> u64 {
 /// Where a session falls on the circle. FNV-1a over the raw header bytes (any bytes, UTF-8 or
 /// not), then mixed: FNV alone clusters short, similar values such as `user-1`, `user-2`.
 pub fn session_hash(value: &[u8]) -> u32 {
-    (mix(crate::config::fnv1a64(value)) >> 32) as u32
+    (mix(crate::core::config::fnv1a64(value)) >> 32) as u32
 }
 
 impl Ring {
@@ -93,11 +93,11 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::Rng;
+    use crate::core::select::Rng;
 
     fn fingerprints(n: usize) -> Vec<u64> {
         (0..n)
-            .map(|i| crate::config::fnv1a64(format!("sk-{i}").as_bytes()))
+            .map(|i| crate::core::config::fnv1a64(format!("sk-{i}").as_bytes()))
             .collect()
     }
 

@@ -4,7 +4,7 @@
 //! then indexes into it. The view lists the available keys and, for `weighted`, an alias table
 //! over them (Vose), so a weighted pick is two random numbers and a comparison.
 
-use crate::pool::{Health, KeyState, PoolState, SentAs};
+use crate::core::pool::{Health, KeyState, PoolState, SentAs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {
@@ -132,7 +132,7 @@ pub struct PoolView {
     earliest_down: Option<(usize, u64)>,
     next_change_ms: Option<u64>,
     /// `affinity`: the consistent-hash ring of the keys in rotation.
-    affinity: Option<crate::affinity::Ring>,
+    affinity: Option<crate::core::affinity::Ring>,
 }
 
 fn indices_where(state: &PoolState, keep: impl Fn(&KeyState) -> bool) -> Vec<u32> {
@@ -162,7 +162,9 @@ impl PoolView {
         // for good only as a last resort.
         let rank = |k: &KeyState| match k.health {
             Health::CoolingDown | Health::Spent => (0, k.down_until_ms),
-            Health::Disabled if k.down_until_ms != crate::pool::FOREVER => (0, k.down_until_ms),
+            Health::Disabled if k.down_until_ms != crate::core::pool::FOREVER => {
+                (0, k.down_until_ms)
+            }
             Health::Probing => (1, k.probe_until_ms),
             _ => (2, u64::MAX),
         };
@@ -185,7 +187,7 @@ impl PoolView {
     }
 
     /// Filters `full` (every configured key's ring) down to the keys `state` has in rotation.
-    pub fn set_affinity(&mut self, full: &crate::affinity::Ring, state: &PoolState) {
+    pub fn set_affinity(&mut self, full: &crate::core::affinity::Ring, state: &PoolState) {
         self.affinity = Some(full.only(|k| state.keys.get(k).is_some_and(KeyState::is_available)));
     }
 
@@ -289,8 +291,8 @@ impl PoolView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{Failure, Policy};
-    use crate::status::FailureClass;
+    use crate::core::pool::{Failure, Policy};
+    use crate::core::status::FailureClass;
 
     const P: Policy = Policy {
         failure_threshold: 1,

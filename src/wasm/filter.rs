@@ -12,19 +12,19 @@ use std::rc::{Rc, Weak};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::affinity;
-use crate::budget;
-use crate::callout::{Callouts, DispatchError, Route};
-use crate::config::{self, Provider};
-use crate::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::host::{self, HostShared};
-use crate::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::resend;
-use crate::rewrite::rewrite_model;
-use crate::rules::{host_of_authority, RequestFacts};
-use crate::status::Verdict;
-use crate::waiting::{self, Served};
+use crate::core::affinity;
+use crate::core::budget;
+use crate::core::config::{self, Provider};
+use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
+use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
+use crate::core::resend;
+use crate::core::rewrite::rewrite_model;
+use crate::core::rules::{host_of_authority, RequestFacts};
+use crate::core::status::Verdict;
+use crate::core::waiting::{self, Served};
+use crate::wasm::callout::{Callouts, DispatchError, Route};
+use crate::wasm::host::{self, HostShared};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -136,7 +136,7 @@ struct Held {
 
 impl Context for Root {}
 
-/// What the answer to one of our `dispatch_http_call`s is for (see `crate::callout`).
+/// What the answer to one of our `dispatch_http_call`s is for (see `crate::wasm::callout`).
 enum Callout {
     /// A `retryOnFailure` re-send of this request.
     Retry(Weak<RefCell<Request>>),
@@ -226,7 +226,7 @@ impl Drop for ActiveRequest {
 }
 
 /// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
-/// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::callout`).
+/// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::wasm::callout`).
 /// Nothing here can trap: an answer nobody waits for is dropped.
 #[no_mangle]
 pub extern "C" fn ai_key_failover_on_http_call_response(

@@ -18,9 +18,9 @@
 //! build, still serving draining connections under the same `vm_id`, keeps its own entries
 //! (`previous`), which this build reads once on load and never writes.
 
-use crate::codec::{self, DecodeError};
-use crate::pool::{Event, Health, KeyState, PoolState, FOREVER};
-use crate::select::{PoolView, Selection};
+use crate::core::codec::{self, DecodeError};
+use crate::core::pool::{Event, Health, KeyState, PoolState, FOREVER};
+use crate::core::select::{PoolView, Selection};
 
 /// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
 /// (None: the entry does not exist): no CAS, or 0, writes unconditionally; a write to an absent
@@ -61,7 +61,7 @@ pub enum StoreError {
     Host(String),
 }
 
-/// The two shared-data calls we need; implemented by the host glue, and by a map in tests.
+/// The two shared-data calls we need; implemented by each host, and by a map in tests.
 pub trait SharedData {
     /// The value (None when absent or removed) and its CAS number (None when absent).
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
@@ -95,7 +95,7 @@ pub struct PoolStore {
     view: PoolView,
     /// `affinity`: the ring of every configured key, built once; the view holds the ring of
     /// the keys in rotation, filtered from it whenever the view is rebuilt.
-    ring: Option<crate::affinity::Ring>,
+    ring: Option<crate::core::affinity::Ring>,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
     /// Set when the stored entry is a newer build's, so that warning too is logged once per VM.
@@ -251,14 +251,14 @@ impl PoolStore {
 
     /// Keeps a session-affinity ring of this pool's keys (some profile sets `affinity`).
     pub fn with_affinity(mut self) -> Self {
-        let ring = crate::affinity::Ring::build(&self.fingerprints, &self.weights);
+        let ring = crate::core::affinity::Ring::build(&self.fingerprints, &self.weights);
         self.view.set_affinity(&ring, &self.state);
         self.ring = Some(ring);
         self
     }
 
     /// The ring of every configured key, when affinity is on.
-    pub fn ring(&self) -> Option<&crate::affinity::Ring> {
+    pub fn ring(&self) -> Option<&crate::core::affinity::Ring> {
         self.ring.as_ref()
     }
 
@@ -413,11 +413,11 @@ impl PoolStore {
     /// Where health checks go, as some worker learned it from live traffic.
     pub fn read_target(&self, host: &dyn SharedData) -> Option<(String, String)> {
         let (bytes, _) = host.get(&self.target_key).ok()?;
-        crate::health::decode_target(&present(bytes)?)
+        crate::core::health::decode_target(&present(bytes)?)
     }
 
     pub fn write_target(&self, host: &dyn SharedData, cluster: &str, authority: &str) {
-        let value = crate::health::encode_target(cluster, authority);
+        let value = crate::core::health::encode_target(cluster, authority);
         let Ok((bytes, cas)) = host.get(&self.target_key) else {
             return;
         };
@@ -662,7 +662,7 @@ pub mod fake {
 mod tests {
     use super::fake::FakeShared;
     use super::*;
-    use crate::pool::Policy;
+    use crate::core::pool::Policy;
     use std::cell::{Cell, RefCell};
 
     const P: Policy = Policy {
@@ -674,10 +674,10 @@ mod tests {
         disable_ms: 0,
     };
 
-    fn fail(status: u16) -> crate::pool::Failure {
-        crate::pool::Failure {
+    fn fail(status: u16) -> crate::core::pool::Failure {
+        crate::core::pool::Failure {
             status,
-            class: crate::status::FailureClass::RateLimit,
+            class: crate::core::status::FailureClass::RateLimit,
             hint_ms: None,
             jitter_permille: 0,
         }
@@ -1109,7 +1109,7 @@ mod tests {
         b.refresh(&host).unwrap();
         assert_eq!(
             b.state().keys[0],
-            crate::pool::KeyState::fresh(4),
+            crate::core::pool::KeyState::fresh(4),
             "a new key starts available"
         );
         assert_eq!(
@@ -1159,8 +1159,8 @@ mod tests {
         let mut a = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
         load(&host, &mut a, 0).unwrap();
         let forever = Policy { disable_ms: 0, ..P };
-        let refused = crate::pool::Failure {
-            class: crate::status::FailureClass::KeyRefused,
+        let refused = crate::core::pool::Failure {
+            class: crate::core::status::FailureClass::KeyRefused,
             ..fail(401)
         };
         a.update(&host, 10, |s| {

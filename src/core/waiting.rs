@@ -1,14 +1,14 @@
 //! `onAllUnavailable: "wait"`: requests that found no key, held per worker until one returns.
 //!
 //! A request that finds every key out is paused (Envoy keeps what it already buffered, and its
-//! watermarks stop reading more) and queued here with a deadline. The glue runs the queue on
+//! watermarks stop reading more) and queued here with a deadline. The host runs the queue on
 //! ticks, which it makes frequent while anything is held (`tick_period_ms`): in arrival order,
 //! each entry is sent if a key can serve it now; an entry whose deadline has passed gets the
 //! `reject` answer. Entries of one group (the request's profile) keep their order: once one
 //! cannot be served, later ones of its group are not tried before it on that run. A key that
 //! returns through its probe therefore takes exactly one held request (the probe), and the rest
 //! follow once that probe has succeeded: requests are released no faster than keys return.
-//! Entries whose client hung up are forgotten (the glue's `gone`). The queue is bounded; a
+//! Entries whose client hung up are forgotten (the host filter's `gone`). The queue is bounded; a
 //! request that finds it full is rejected at once. Nothing here talks to the host.
 
 /// Held requests per worker, at most. Each keeps a connection, its headers and up to Envoy's
@@ -37,7 +37,7 @@ impl<T> Default for Queue<T> {
     }
 }
 
-/// What the glue did with an entry it was asked to serve.
+/// What the host did with an entry it was asked to serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
     /// Sent with a key (or answered): it leaves the queue.

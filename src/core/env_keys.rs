@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 
-use crate::config::ConfigError;
+use crate::core::config::ConfigError;
 
 /// Reads one environment variable of the VM; `None` when it is not set.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<OsString>;
@@ -166,7 +166,7 @@ mod tests {
 
     // The `fromEnv` entry as the configuration parser sees it.
 
-    use crate::config::{parse_with_env, PluginConfig};
+    use crate::core::config::{parse_with_env, PluginConfig};
 
     fn parse(json: &str, pairs: &[(&str, &str)]) -> Result<PluginConfig, ConfigError> {
         parse_with_env(json.as_bytes(), &env_of(pairs))
@@ -339,7 +339,7 @@ mod tests {
 
     #[test]
     fn the_key_limit_counts_the_keys_a_variable_expands_to() {
-        let many = (0..crate::config::MAX_KEYS_PER_POOL)
+        let many = (0..crate::core::config::MAX_KEYS_PER_POOL)
             .map(|i| format!("sk-{i}"))
             .collect::<Vec<_>>()
             .join(",");

@@ -8,8 +8,8 @@
 //! remaining counts are read first and a reset only for a count that is 0. The parsers are
 //! `hints`' own; bad values are ignored, like bad hints.
 
-use crate::config::Provider;
-use crate::hints;
+use crate::core::config::Provider;
+use crate::core::hints;
 
 /// Which headers a provider reports its budget in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

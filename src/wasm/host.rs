@@ -8,9 +8,9 @@ use std::ptr::{null, null_mut};
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
-use crate::callout::{dispatch_result, DispatchError};
-use crate::metrics::{MetricKind, MetricsHost};
-use crate::store::{SharedData, StoreError};
+use crate::core::metrics::{MetricKind, MetricsHost};
+use crate::core::store::{SharedData, StoreError};
+use crate::wasm::callout::{dispatch_result, DispatchError};
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -280,7 +280,7 @@ pub fn send_local_response(
     headers: &[(&str, &[u8])],
     body: &[u8],
 ) -> bool {
-    let map = crate::abi::serialize_header_map(headers);
+    let map = crate::wasm::header_map::serialize_header_map(headers);
     // SAFETY: every pointer and length describes a live slice for the call.
     unsafe {
         proxy_send_local_response(
@@ -306,7 +306,7 @@ fn header_map(map_type: MapType) -> Vec<(String, Vec<u8>)> {
     // SAFETY: out-pointers are valid; the host allocates the result through our allocator.
     match unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) } {
         Status::Ok => owned(data, size)
-            .map(|bytes| crate::abi::deserialize_header_map(&bytes))
+            .map(|bytes| crate::wasm::header_map::deserialize_header_map(&bytes))
             .unwrap_or_default(),
         _ => Vec::new(),
     }
@@ -357,7 +357,7 @@ pub fn call_response(body_size: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
 /// Sends a request of our own to `cluster` through the raw import: unlike the SDK's
 /// `dispatch_http_call`, which panics on any status but Ok/BadArgument/InternalFailure, every
 /// status but Ok is an `Err` the caller handles. The SDK does not learn the token, so the
-/// caller must register it (`crate::callout`) for `glue::on_http_call_response` to route the
+/// caller must register it (`crate::wasm::callout`) for `wasm::filter::on_http_call_response` to route the
 /// answer. Header values that are not UTF-8 are dropped, as they were when this went through
 /// the SDK's text API: a re-send carries what it always carried.
 pub fn dispatch_http_call(
@@ -371,8 +371,8 @@ pub fn dispatch_http_call(
         .filter(|(_, v)| std::str::from_utf8(v).is_ok())
         .copied()
         .collect();
-    let headers = crate::abi::serialize_header_map(&text);
-    let trailers = crate::abi::serialize_header_map(&[]);
+    let headers = crate::wasm::header_map::serialize_header_map(&text);
+    let trailers = crate::wasm::header_map::serialize_header_map(&[]);
     let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
     let mut token: u32 = 0;
     // SAFETY: every pointer and length describes a live slice for the call; `token` is a

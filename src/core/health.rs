@@ -5,9 +5,9 @@
 //! (renewed every second, lapsing when its holder stops ticking). This module holds the pure
 //! parts: who leads, who is due a check, where the check goes and what it looks like.
 
-use crate::config::{AuthHeader, HealthCheck, Provider};
-use crate::pool::PoolState;
-use crate::schedule::Every;
+use crate::core::config::{AuthHeader, HealthCheck, Provider};
+use crate::core::pool::PoolState;
+use crate::core::schedule::Every;
 
 /// Three renewals: a holder that misses two in a row loses the lease.
 pub const LEASE_MS: u64 = 3_000;
@@ -93,7 +93,7 @@ impl PoolChecks {
             .iter()
             .enumerate()
             // A spent key returns by itself at its reset; a check would only spend more.
-            .filter(|(_, k)| !k.is_available() && k.health != crate::pool::Health::Spent)
+            .filter(|(_, k)| !k.is_available() && k.health != crate::core::pool::Health::Spent)
             .filter(|(i, k)| {
                 !self.in_flight.get(*i).copied().unwrap_or(true)
                     && now_ms >= k.down_since_ms.saturating_add(min_cooldown_ms)
@@ -280,8 +280,8 @@ pub fn decode_target(bytes: &[u8]) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{Failure, Policy};
-    use crate::status::FailureClass;
+    use crate::core::pool::{Failure, Policy};
+    use crate::core::status::FailureClass;
 
     fn check(interval_ms: u64) -> HealthCheck {
         HealthCheck {

@@ -1,17 +1,17 @@
 //! One VM's view of the plugin: the parsed config, a cached store per pool, and the decisions a
 //! request needs. Free of proxy-wasm so the whole flow runs in host tests against a fake store;
-//! `glue` only reads headers and properties and calls in here.
+//! a host (`wasm`, `native`) only reads headers and properties and calls in here.
 
-use crate::attempts::Attempts;
-use crate::config::{HealthCheck, PluginConfig, Profile};
-use crate::health::{self, CheckRequest, PoolChecks};
-use crate::metrics::{MetricsHost, PoolMetrics};
-use crate::pool::{Event, Failure, PoolState, SentAs, FOREVER};
-use crate::rules::RequestFacts;
-use crate::schedule::{self, Every};
-use crate::select::{OnAllUnavailable, Rng, Selection};
-use crate::status::{classify, FailureClass, Verdict};
-use crate::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
+use crate::core::attempts::Attempts;
+use crate::core::config::{HealthCheck, PluginConfig, Profile};
+use crate::core::health::{self, CheckRequest, PoolChecks};
+use crate::core::metrics::{MetricsHost, PoolMetrics};
+use crate::core::pool::{Event, Failure, PoolState, SentAs, FOREVER};
+use crate::core::rules::RequestFacts;
+use crate::core::schedule::{self, Every};
+use crate::core::select::{OnAllUnavailable, Rng, Selection};
+use crate::core::status::{classify, FailureClass, Verdict};
+use crate::core::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
 
 /// How long a probe may stay unanswered before another request may probe the key. Long enough
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
@@ -350,11 +350,11 @@ impl Engine {
             profile.failover.respect_retry_after,
         );
         let verdict = answer.status.map(|s| {
-            crate::status::classify(
+            crate::core::status::classify(
                 s,
                 &profile.failover.failover_on_status,
                 &profile.failover.disable_on_status,
-                crate::hints::is_insufficient_quota(answer.body),
+                crate::core::hints::is_insufficient_quota(answer.body),
             )
         });
         let label = self
@@ -421,7 +421,7 @@ impl Engine {
                             .iter()
                             .map(|(n, v)| (n.as_str(), v.as_slice()))
                             .collect();
-                        crate::hints::retry_hint_ms(&pairs, Some(answer.body), now_ms)
+                        crate::core::hints::retry_hint_ms(&pairs, Some(answer.body), now_ms)
                     })
                     .flatten();
                 let failure = Failure {
@@ -585,7 +585,7 @@ impl Engine {
             }
         }
         // Nothing in the whole chain can serve: `onAllUnavailable` of the profile decides.
-        let views: Vec<(usize, &crate::select::PoolView)> = (0..chain_len)
+        let views: Vec<(usize, &crate::core::select::PoolView)> = (0..chain_len)
             .filter_map(|position| {
                 let i = self.chain_member(primary, position)?;
                 let pool = self.config.profiles.get(i)?.pool;
@@ -941,12 +941,12 @@ impl Engine {
 
     /// `failover.preemptiveCooldown`: the budget headers a success of this profile should be
     /// read for, or None (off, failover off, or a provider that sends none).
-    pub fn wants_budget(&self, profile: usize) -> Option<crate::budget::Family> {
+    pub fn wants_budget(&self, profile: usize) -> Option<crate::core::budget::Family> {
         let p = self.config.profiles.get(profile)?;
         if !(p.failover.enabled && p.failover.preemptive_cooldown) {
             return None;
         }
-        crate::budget::family(p.provider)
+        crate::core::budget::family(p.provider)
     }
 
     /// A success said the key's budget is used up for `spent_for_ms`: the key rests until the
@@ -1220,11 +1220,11 @@ fn seconds(ms: u64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config;
-    use crate::metrics::fake::FakeMetrics;
-    use crate::metrics::MetricKind;
-    use crate::store::fake::FakeShared;
-    use crate::store::StoreError;
+    use crate::core::config;
+    use crate::core::metrics::fake::FakeMetrics;
+    use crate::core::metrics::MetricKind;
+    use crate::core::store::fake::FakeShared;
+    use crate::core::store::StoreError;
 
     /// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too.
     #[derive(Default)]
@@ -2217,7 +2217,10 @@ pub(crate) mod tests {
 
     impl CountingHost {
         fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
-            let name = format!("{}/{entry_suffix}", crate::store::entry_prefix(pool_id));
+            let name = format!(
+                "{}/{entry_suffix}",
+                crate::core::store::entry_prefix(pool_id)
+            );
             self.ops
                 .borrow()
                 .iter()
@@ -2361,7 +2364,7 @@ pub(crate) mod tests {
 
     #[test]
     fn checks_remember_whether_their_authority_was_only_the_cluster_name() {
-        use crate::health::AuthoritySource;
+        use crate::core::health::AuthoritySource;
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000,
                       "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
@@ -2463,7 +2466,7 @@ pub(crate) mod tests {
         for (cfg, wanted) in [
             (
                 r#"{"apiTokens": ["a"]}"#,
-                crate::config::PREEMPTIVE_COOLDOWN_DEFAULT,
+                crate::core::config::PREEMPTIVE_COOLDOWN_DEFAULT,
             ),
             (
                 r#"{"apiTokens": ["a"], "failover": {"preemptiveCooldown": true}}"#,
@@ -2496,7 +2499,9 @@ pub(crate) mod tests {
         w.start(&host, 0);
         let g = w.profile_for(&mut NoFacts);
         let session = |i: usize| Ask {
-            session: Some(crate::affinity::session_hash(format!("s{i}").as_bytes())),
+            session: Some(crate::core::affinity::session_hash(
+                format!("s{i}").as_bytes(),
+            )),
         };
         let pick = |w: &mut Engine, i: usize, now: u64| {
             use_key(w.decide_with(&host, g, &Clock::at(now), &[], session(i)))

@@ -7,7 +7,7 @@
 //! failure sends it back down for longer), or Spent: a success said its budget is used up, so it
 //! rests until the provider's reset and is Available again then, with no probe.
 
-use crate::status::FailureClass;
+use crate::core::status::FailureClass;
 
 /// A `down_until_ms` that never comes: a refused key with `disableDuration: 0`.
 pub const FOREVER: u64 = u64::MAX;

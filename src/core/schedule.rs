@@ -10,7 +10,7 @@
 //! - stats are flushed and gauges re-derived once a second (`HOUSEKEEPING_MS`);
 //! - the health-check lease is renewed once a second (`health::LEASE_RENEW_MS`).
 
-use crate::config::PluginConfig;
+use crate::core::config::PluginConfig;
 
 /// The fastest tick: every 100 ms. Each tick is one VM call on every worker plus the main
 /// thread; below this the cost grows faster than anything a key's return gains.
@@ -96,7 +96,7 @@ impl Every {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::core::config;
 
     fn periods(json: &str) -> Vec<u64> {
         let c = config::parse(json.as_bytes()).unwrap();

@@ -15,7 +15,7 @@
 //! what the previous one knew; a version newer than ours is reported as such
 //! (`DecodeError::NewerVersion`) so it is left alone rather than replaced.
 
-use crate::pool::{Health, KeyState, PoolState};
+use crate::core::pool::{Health, KeyState, PoolState};
 
 const MAGIC: &[u8; 3] = b"AKF";
 pub const VERSION: u8 = 3;
@@ -193,7 +193,7 @@ mod tests {
         s.keys[1].strikes = 2;
         s.keys[2].consecutive_failures = 3;
         s.keys[2].health = Health::Disabled;
-        s.keys[2].down_until_ms = crate::pool::FOREVER;
+        s.keys[2].down_until_ms = crate::core::pool::FOREVER;
         s.keys[3].health = Health::Probing;
         s.keys[3].probe_until_ms = 99;
         s.keys[0].health = Health::Spent;

@@ -7,12 +7,12 @@
 //! plans and concludes its re-sends here; the wasm glue still plans its own (`send_retry`), with
 //! the callout registry and held requests around it.
 
-use crate::budget;
-use crate::engine::{Assignment, Clock, Decision, Engine, Host, RetryOutcome};
-use crate::hints;
-use crate::reply::{KEY_NAME_HEADER, POOL_HEADER};
-use crate::rewrite::rewrite_model;
-use crate::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::core::budget;
+use crate::core::engine::{Assignment, Clock, Decision, Engine, Host, RetryOutcome};
+use crate::core::hints;
+use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
+use crate::core::rewrite::rewrite_model;
+use crate::core::status::{Verdict, NEVER_THE_KEYS_FAULT};
 
 /// Records what an upstream response says about its key; `headers` are needed only when the
 /// verdict takes retry hints (`Engine::wants_retry_hint`), `body` only for a body's hint.
@@ -393,7 +393,7 @@ mod tests {
     fn engine(retry: &str) -> Engine {
         let text =
             format!(r#"{{"name": "p", "apiTokens": ["sk-a", "sk-b"], "retryOnFailure": {retry}}}"#);
-        Engine::new(crate::config::parse(text.as_bytes()).unwrap(), 1)
+        Engine::new(crate::core::config::parse(text.as_bytes()).unwrap(), 1)
     }
 
     #[test]
@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn a_re_sends_success_that_reports_the_budget_spent_rests_its_key() {
-        let host = crate::engine::tests::TestHost::default();
+        let host = crate::core::engine::tests::TestHost::default();
         let mut e = engine(r#"{"enabled": true}, "failover": {"preemptiveCooldown": true}"#);
         e.start(&host, 0);
         let profile = e.profile_for(&mut NoFacts).unwrap();
@@ -486,7 +486,7 @@ mod tests {
 
     struct NoFacts;
 
-    impl crate::rules::RequestFacts for NoFacts {
+    impl crate::core::rules::RequestFacts for NoFacts {
         fn route_name(&mut self) -> Option<String> {
             None
         }

@@ -9,10 +9,10 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::env_keys::{self, EnvLookup};
-use crate::rules::{DomainPattern, Matcher};
-use crate::select::{OnAllUnavailable, Selection};
-use crate::status::{shadowed_codes, StatusPattern};
+use crate::core::env_keys::{self, EnvLookup};
+use crate::core::rules::{DomainPattern, Matcher};
+use crate::core::select::{OnAllUnavailable, Selection};
+use crate::core::status::{shadowed_codes, StatusPattern};
 
 pub const MAX_KEYS_PER_POOL: usize = 10_000;
 const MAX_TOKEN_LEN: usize = 4096;
@@ -195,8 +195,8 @@ pub struct HealthCheck {
 }
 
 impl Failover {
-    pub fn policy(&self) -> crate::pool::Policy {
-        crate::pool::Policy {
+    pub fn policy(&self) -> crate::core::pool::Policy {
+        crate::core::pool::Policy {
             failure_threshold: self.failure_threshold,
             cooldown_ms: self.cooldown_ms,
             backoff_permille: self.backoff_permille,
@@ -900,11 +900,11 @@ impl<'a> Builder<'a> {
             "must be the name of an Envoy cluster",
             |s| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| (0x21..=0x7e).contains(&b)),
         )?;
-        if model.is_some() && interval_ms < crate::schedule::MIN_TICK_MS {
+        if model.is_some() && interval_ms < crate::core::schedule::MIN_TICK_MS {
             self.warn(format!(
                 "{}: {interval_ms} ms is shorter than the plugin's fastest tick; keys are checked every {} ms at most",
                 field("healthCheckInterval"),
-                crate::schedule::MIN_TICK_MS
+                crate::core::schedule::MIN_TICK_MS
             ));
         }
         let authority = text(
@@ -2187,7 +2187,7 @@ mod tests {
         );
         let stats: std::collections::HashSet<String> = labels
             .iter()
-            .map(|l| crate::metrics::key_metric_name("p", l, "available"))
+            .map(|l| crate::core::metrics::key_metric_name("p", l, "available"))
             .collect();
         assert_eq!(stats.len(), 3, "one stat per key: {stats:?}");
         assert!(labels.iter().all(|l| !l.contains("collide")), "{labels:?}");

@@ -9,8 +9,8 @@
 //! tick; transition counters are bumped once, by the worker whose write made the transition;
 //! gauges are re-derived from the shared state on tick, writing only values that changed.
 
-use crate::pool::{Event, Health, PoolState, FOREVER};
-use crate::status::FailureClass;
+use crate::core::pool::{Event, Health, PoolState, FOREVER};
+use crate::core::status::FailureClass;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricKind {
@@ -44,7 +44,7 @@ struct KeyGauges {
 }
 
 impl KeyGauges {
-    fn of(state: &crate::pool::KeyState) -> Self {
+    fn of(state: &crate::core::pool::KeyState) -> Self {
         // A key waiting for or holding its probe is still out of rotation.
         let down = state.health != Health::Available;
         KeyGauges {
@@ -182,8 +182,8 @@ impl PoolMetrics {
         self.pending_fallen_back += 1;
     }
 
-    pub fn count_retry(&mut self, outcome: crate::engine::RetryOutcome) {
-        use crate::engine::RetryOutcome::{Failed, Started, Succeeded};
+    pub fn count_retry(&mut self, outcome: crate::core::engine::RetryOutcome) {
+        use crate::core::engine::RetryOutcome::{Failed, Started, Succeeded};
         let slot = match outcome {
             Started => 0,
             Succeeded => 1,
@@ -371,7 +371,7 @@ pub mod fake {
 mod tests {
     use super::fake::FakeMetrics;
     use super::*;
-    use crate::pool::{Failure, Policy, SentAs};
+    use crate::core::pool::{Failure, Policy, SentAs};
 
     const P: Policy = Policy {
         failure_threshold: 1,

@@ -1,0 +1,30 @@
+//! The pure core: every decision the filter makes, free of any host. A host gives it shared data
+//! and stats through `engine::Host` and the time as a number; nothing here calls out.
+//!
+//! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
+//! their transitions) → `select` (which key a request gets) → `status` and `hints` (what an
+//! answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
+//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
+//! names and updates stats.
+
+pub mod affinity;
+pub mod attempts;
+pub mod budget;
+pub mod codec;
+pub mod config;
+pub mod credentials;
+pub mod engine;
+pub mod env_keys;
+pub mod health;
+pub mod hints;
+pub mod metrics;
+pub mod pool;
+pub mod reply;
+pub mod resend;
+pub mod rewrite;
+pub mod rules;
+pub mod schedule;
+pub mod select;
+pub mod status;
+pub mod store;
+pub mod waiting;
