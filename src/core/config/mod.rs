@@ -89,6 +89,8 @@ const DEFAULT_RETRY_ON_STATUS: [&str; 2] = ["429", "5xx"];
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 256 * 1024;
 const MAX_BODY_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
 
+/// Why a configuration was refused: `field` is its path (`_rules_[0].failover.cooldownDuration`;
+/// empty for the document as a whole), `message` what it must be. Shown as `field: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub field: String,
@@ -153,10 +155,14 @@ impl KeyConfig {
     }
 }
 
+/// How logs and stats name an unnamed key or pool: `key-` or `pool-` and the top 32 bits of its
+/// fingerprint, never the key.
 pub fn short_hash(kind: &str, fingerprint: u64) -> String {
     format!("{kind}-{:08x}", fingerprint >> 32)
 }
 
+/// FNV-1a, 64 bits: a key's fingerprint (how shared state matches records to keys) and, over the
+/// sorted fingerprints, a pool's id.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
@@ -284,6 +290,7 @@ pub struct PluginConfig {
     /// Some profile has fallbacks: the pool header then means something to routes.
     pub has_fallbacks: bool,
 }
+
 /// What the tests of every part of `config` start from: a config that loads, one that is refused,
 /// and a table of refused configs with the field and the words each error must have.
 #[cfg(test)]

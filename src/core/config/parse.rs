@@ -552,20 +552,20 @@ impl<'a> Builder<'a> {
             1,
             MAX_SUCCESS_THRESHOLD,
         )? as u32;
-        let text = |name: &str, message: &str, valid: fn(&str) -> bool| {
+        let text_field = |name: &str, message: &str, valid: fn(&str) -> bool| {
             text(obj.get(name), &field(name), valid, message)
         };
-        let model = text(
+        let model = text_field(
             "healthCheckModel",
             "must be a model name such as \"gpt-4o-mini\" (printable ASCII, no spaces); it turns on health checks",
             |s| !s.is_empty() && s.len() <= 256 && is_visible_ascii(s) && !s.contains(['"', '\\']),
         )?;
-        let path = text(
+        let path = text_field(
             "healthCheckPath",
             "must be a request path starting with '/', such as \"/v1/chat/completions\"",
             |s| s.starts_with('/') && s.len() <= 2048 && is_visible_ascii(s),
         )?;
-        let cluster = text(
+        let cluster = text_field(
             "healthCheckCluster",
             "must be the name of an Envoy cluster",
             |s| !s.is_empty() && s.len() <= 1024 && is_visible_ascii(s),
@@ -577,7 +577,7 @@ impl<'a> Builder<'a> {
                 crate::core::schedule::MIN_TICK_MS
             ));
         }
-        let authority = text(
+        let authority = text_field(
             "healthCheckAuthority",
             "must be the provider's host name, as in \"api.openai.com\" or \"my-resource.openai.azure.com:443\"",
             is_authority,
