@@ -198,7 +198,7 @@ pub struct HealthCheck {
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub success_threshold: u32,
-    /// None: the provider's usual path (see `Provider::health_check_path`).
+    /// None: the provider's usual path (see `health::default_path`).
     pub path: Option<String>,
     /// None: the cluster that served the pool's traffic, learned from live requests.
     pub cluster: Option<String>,

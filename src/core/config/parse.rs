@@ -211,7 +211,7 @@ fn parse_matcher(rule: &Map<String, Value>, path: &str) -> Result<Matcher, Confi
 // made `Builder::profile` one 13 KB function. V8 compiles every function of the module with
 // TurboFan at load, and its scratch memory grows faster than the function; the allocator keeps
 // that memory. Split into parts, the same code costs Envoy about 1 MiB less resident memory
-// (bench/README.md). None of it runs per request.
+// (README.md, Performance). None of it runs per request.
 struct Builder<'a> {
     env: EnvLookup<'a>,
     pools: Vec<PoolKeys>,
