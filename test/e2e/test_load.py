@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from checks import assert_vm_healthy, pool_stats, rss_bytes, wait_pool_stats, wasm_stats
+from harness import until
 
 SOAK_SECONDS = float(os.environ.get("AKF_SOAK_SECONDS", "0"))
 ROUND = 10_000          # requests per round; the mock's log is checked and cleared after each
@@ -250,11 +251,12 @@ def test_marked_down_equals_restored_plus_still_down(envoy_factory, mock):
     envoy = envoy_factory.start({"name": POOL, "apiTokens": [{"token": a, "name": "k0"}, {"token": b, "name": "k1"}],
                                  "failover": {"cooldownDuration": 1000}})
     with envoy.client() as c:
-        deadline = time.monotonic() + 8
-        while "key k0 restored" not in envoy.plugin_log(settle=0) and time.monotonic() < deadline:
+        def served_then_log() -> str:
             assert c.chat().status in (200, 503)
-            time.sleep(0.05)
-    assert "key k0 restored" in envoy.plugin_log()
+            return envoy.plugin_log(settle=0)
+
+        # Out 1 s, a failed probe, out 2 s (each plus jitter), then a probe that succeeds.
+        until(served_then_log, lambda log: "key k0 restored" in log, 8, what="k0 restored")
     assert "time out 2 in a row" in envoy.plugin_log(), "the probe failed once"
     s = wait_pool_stats(envoy, POOL, lambda s: s.get("key.k0.key_restored") == 1 and s.get("keys_available") == 2)
     still_down = 1 - s["key.k0.key_available"]

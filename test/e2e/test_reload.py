@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 from checks import BackgroundChats, lds_bootstrap
-from harness import free_port, wait_for
+from harness import free_port, send_until_status, wait_for
 
 A, B, C = "sk-test-uniform-0001", "sk-test-victor-0002", "sk-test-whiskey-0003"
 
@@ -24,8 +24,7 @@ def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(en
     envoy.port = port
 
     with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
+        send_until_status(c.chat, 429)
     envoy.wait_log(r"key uniform marked down", plugin_only=True)
 
     # Traffic keeps flowing through the swap.
