@@ -25,11 +25,8 @@ def test_stats_count_requests_transitions_and_follow_availability(envoy_factory,
     b_label = [n for n in envoy.stats("ai_key_failover") if ".key." in n and ".sierra." not in n][0].split(".key.")[1].split(".")[0]
     assert b_label.startswith("key-") and len(b_label) == 12
 
-    def synced():
-        s = envoy.stats("ai_key_failover")
-        return s if s.get(PREFIX + "requests_rejected") == 1 else None
-
-    s = wait_for(synced, 3, what="counters flushed on tick")
+    s = until(lambda: envoy.stats("ai_key_failover"), lambda s: s.get(PREFIX + "requests_rejected") == 1, 3,
+              what="counters flushed on tick")
     assert s[PREFIX + "keys_configured"] == 2
     assert s[PREFIX + "keys_available"] == 0
     assert s[PREFIX + "requests_keyed"] == 2
@@ -49,11 +46,9 @@ def test_stats_count_requests_transitions_and_follow_availability(envoy_factory,
           lambda ready: ready >= {"sierra", b_label}, timeout=1.65 + 1 + LOAD_SLACK_S, what="both time outs over")
     assert [envoy.chat().status for _ in range(2)] == [200, 200]
 
-    def restored():
-        s = envoy.stats("ai_key_failover")
-        return s if s.get(PREFIX + "keys_restored") == 2 and s.get(PREFIX + "keys_available") == 2 else None
-
-    s = wait_for(restored, 4, what="keys restored and gauges synced")
+    s = until(lambda: envoy.stats("ai_key_failover"),
+              lambda s: s.get(PREFIX + "keys_restored") == 2 and s.get(PREFIX + "keys_available") == 2, 4,
+              what="keys restored and gauges synced")
     assert s[PREFIX + "key.sierra.key_restored"] == 1
     assert s[PREFIX + "key.sierra.key_available"] == 1
     assert s[PREFIX + "key.sierra.key_down_until_seconds"] == 0
