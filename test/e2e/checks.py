@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness import STATS_PREFIX, WASM_PATH, Envoy, HarnessError, envoy_config, wait_for
+from harness import STATS_PREFIX, WASM_PATH, Envoy, HarnessError, envoy_config, until, wait_for
 
 PLUGIN_STATS = f"{STATS_PREFIX}ai_key_failover."
 
@@ -37,7 +37,10 @@ def assert_vm_healthy(envoy: Envoy, baseline: dict[str, int]) -> None:
     now = wasm_stats(envoy)
     for name, value in now.items():
         if "vm_reload" in name or name.endswith(".created") or name.endswith(".active") or name.endswith("wasm_vm_count"):
-            assert value == baseline.get(name, value), f"Wasm stat {name} went from {baseline.get(name)} to {value}"
+            # A stat missing from the baseline was 0 then: it showing up now is a VM created or
+            # reloaded since.
+            was = baseline.get(name, 0)
+            assert value == was, f"Wasm stat {name} went from {was} to {value}"
     bad = vm_failures_in_log(envoy)
     assert not bad, "Wasm VM failure in Envoy's log:\n" + "\n".join(bad[:10])
     assert not envoy.exited(), "Envoy exited"
@@ -63,6 +66,30 @@ def wait_pool_stats(envoy: Envoy, pool: str, pred, timeout: float = 5, what: str
         s = pool_stats(envoy, pool)
         return s if pred(s) else None
     return wait_for(check, timeout, interval=0.2, what=what)
+
+
+def assert_no_key_marked_down(stats: dict[str, Any], n_keys: int) -> None:
+    """No mark-down counted in these pool stats (from pool_stats), per key or per class. Every key's
+    counter must be there: a renamed or missing stat fails, rather than passing as "none is above 0"."""
+    per_key = {k: v for k, v in stats.items() if k.startswith("key.") and k.endswith(".key_marked_down")}
+    assert len(per_key) == n_keys, f"{n_keys} keys, but key_marked_down counters for {sorted(per_key)}"
+    marked = {k: v for k, v in stats.items() if k.endswith("key_marked_down") or k.endswith("keys_marked_down")}
+    assert not any(marked.values()), marked
+
+
+DOWNSTREAM_RESETS = "http.e2e.downstream_rq_rx_reset"
+
+
+def downstream_resets(envoy: Envoy) -> int:
+    """How many requests on the test listener their clients have reset (hung up mid-request)."""
+    return envoy.stats(DOWNSTREAM_RESETS).get(DOWNSTREAM_RESETS, 0)
+
+
+def wait_downstream_resets(envoy: Envoy, n: int, timeout: float = 5) -> int:
+    """Wait until Envoy has counted `n` requests reset by their clients in all: by then it has
+    ended those streams, and the plugin has seen them end."""
+    return until(lambda: downstream_resets(envoy), lambda v: v >= n, timeout,
+                 what=f"Envoy to count {n} requests reset by their clients ({DOWNSTREAM_RESETS})")
 
 
 def lds_bootstrap(tmp_path: Path, mock_port: int, listener_port: int, plugin_config: dict):

@@ -51,6 +51,10 @@ DEFAULT_ROUTES = [
     ("route-embeddings", "/v1/embeddings"),
     ("route-default", "/"),
 ]
+# What a loaded 2-core CI machine (two test workers, each with its Envoy and mock) may add to one
+# request's round trip or one timer's firing: timing windows add it instead of hoping for an idle
+# machine. Unloaded, a round trip through Envoy and the mock takes a few ms.
+LOAD_SLACK_S = 0.5
 
 
 class HarnessError(AssertionError):
@@ -87,16 +91,48 @@ def read_text(path: Path) -> str:
         return ""
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
-    """Poll pred() until it returns a truthy value; return it, or raise HarnessError on timeout."""
+def _shown(value: Any, limit: int = 500) -> str:
+    """repr(value), cut to `limit` characters: a log's end (its latest lines), anything else's start."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return "..." + text[-limit:] if isinstance(value, str) else text[:limit] + "..."
+
+
+def until(sample: Callable[[], Any], done: Callable[[Any], Any] = bool, timeout: float = 5, what: str = "condition",
+          interval: float = 0.05) -> Any:
+    """Call sample() every `interval` s until done(value) holds, and return that value. After
+    `timeout` s, raise HarnessError naming what it waited for and the last value it saw, so a
+    regression fails with the state it got stuck in instead of hanging until pytest's timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        v = pred()
-        if v:
-            return v
+        value = sample()
+        if done(value):
+            return value
         if time.monotonic() > deadline:
-            raise HarnessError(f"timed out after {timeout}s waiting for {what}")
+            raise HarnessError(f"timed out after {timeout}s waiting for {what}; last saw {_shown(value)}")
         time.sleep(interval)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll pred() until it returns a truthy value; return it, or raise HarnessError on timeout."""
+    return until(pred, bool, timeout, what, interval)
+
+
+def send_until_status(send: Callable[[], "Response"], status: int, max_requests: int = 20,
+                      timeout: float = 15) -> "Response":
+    """Call send() (one request, e.g. `client.chat`) until an answer has `status`; return that
+    answer. Fails after `max_requests` requests or `timeout` s, with the statuses it got: the
+    bounded form of `while c.chat().status != 429: pass`."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < max_requests and time.monotonic() < deadline:
+        r = send()
+        if r.status == status:
+            return r
+        seen.append(r.status)
+    raise HarnessError(f"no answer with status {status} in {len(seen)} requests "
+                       f"({time.monotonic() - deadline + timeout:.1f}s); got {seen}")
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:

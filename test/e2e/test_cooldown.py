@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from harness import LOAD_SLACK_S, send_until_status, until
+
 A, B = "sk-test-xray-0001", "sk-test-yankee-0002"
 LONG = {"cooldownDuration": 60000}
 
@@ -18,13 +20,14 @@ def pool(**failover):
 
 
 def until_429(client):
-    while client.chat().status != 429:
-        pass
-    return time.monotonic()
+    """Sends until xray's 429; returns when that request was sent: no later than the mark-down it
+    caused, so a time measured from it is never shorter than the time out."""
+    r = send_until_status(client.chat, 429)
+    return time.monotonic() - r.elapsed
 
 
 def returns_after(envoy, mock, earliest: float, latest: float):
-    """Polls with fresh requests until xray serves again; returns when (s since the 429)."""
+    """Polls with fresh requests until xray serves again; returns when (s since the 429 was sent)."""
     with envoy.client() as c:
         t0 = until_429(c)
         mock.clear()
@@ -92,8 +95,7 @@ def stays_out_past_the_cooldown(envoy, mock, status: int) -> None:
     """Sends until xray answers `status`, then for 2.5 s (over twice the 1 s cooldown): every
     request succeeds, and only yankee is used."""
     with envoy.client() as c:
-        while c.chat().status != status:
-            pass
+        send_until_status(c.chat, status)
         mock.clear()
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:
@@ -123,17 +125,21 @@ def test_insufficient_quota_keeps_a_key_out_past_the_cooldown(envoy_factory, moc
 def test_a_key_failing_repeatedly_stays_out_longer_each_time(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"always": {"status": 503}}, B: {}}})
     envoy = envoy_factory.start(pool(cooldownDuration=1000, cooldownBackoff=2))
+
+    def xray_times(c):
+        c.chat()
+        return [r["time_ms"] for r in mock.requests() if r["key"] == A]
+
     with envoy.client() as c:
-        deadline = time.monotonic() + 8.5
-        while time.monotonic() < deadline:
-            c.chat()
-            time.sleep(0.02)
-    times = [r["time_ms"] for r in mock.requests() if r["key"] == A]
+        # Four uses of xray: the failure, then a probe after 1 s, 2 s and 4 s (each +10% jitter),
+        # each reached at most one request's round trip after the time out ended.
+        times = until(lambda: xray_times(c), lambda t: len(t) >= 4, timeout=7.7 + 4 * LOAD_SLACK_S,
+                      what="xray's failure and three probes", interval=0.02)
     gaps = [(b - a) / 1000 for a, b in zip(times, times[1:])]
     assert len(gaps) >= 3, gaps
-    # 1 s, 2 s, 4 s, each plus up to 10% jitter (and a request interval of slack).
+    # 1 s, 2 s, 4 s, each plus up to 10% jitter (and a request's round trip of slack).
     for got, base in zip(gaps, (1.0, 2.0, 4.0)):
-        assert base <= got <= base * 1.1 + 0.25, gaps
+        assert base <= got <= base * 1.1 + LOAD_SLACK_S, gaps
     envoy.wait_log(r"key xray marked down after status 503 \(server_error\); back in 4\.\ds, time out 3 in a row",
                    plugin_only=True)
 

@@ -9,8 +9,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from checks import wait_pool_stats
-from harness import wait_for
+from checks import wait_downstream_resets, wait_pool_stats
+from harness import send_until_status, wait_for
 
 A, B, C = "sk-test-alpha-0001", "sk-test-bravo-0002", "sk-test-charlie-0003"
 
@@ -40,8 +40,7 @@ def take_alpha_out_until_its_probe_is_due(envoy):
     """alpha's script starts with a 429; sends until it comes, then waits for the tick that ends
     the 1 s cooldown."""
     with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
+        send_until_status(c.chat, 429)
     envoy.wait_log(r"key alpha time out over; the next request probes it", timeout=4, plugin_only=True)
 
 
@@ -83,17 +82,21 @@ def test_key_returns_after_its_cooldown_and_not_before(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"script": [{"status": 429}]}, B: {}}})
     envoy = envoy_factory.start(keys_config(failover={"cooldownDuration": 2000}))
     with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
-        marked_at = time.monotonic()
+        r = send_until_status(c.chat, 429)
+        # The mark-down happened while the 429 was on its way: after it was sent, before it came.
+        answered_at = time.monotonic()
+        sent_at = answered_at - r.elapsed
         mock.clear()
-        while time.monotonic() < marked_at + 1.7:
+        # Requests sent until 1.7 s after the 429 was sent reach the plugin before its 2 s time
+        # out ends (0.3 s of slack for the last one's trip).
+        while time.monotonic() < sent_at + 1.7:
             assert c.chat().status == 200
             time.sleep(0.05)
         assert set(mock.keys_received()) == {B}, "alpha is cooling down"
         # 2 s plus up to 10% jitter: then the next request probes alpha, and its success
-        # puts alpha back in the rotation.
-        time.sleep(max(0.0, marked_at + 2.3 - time.monotonic()))
+        # puts alpha back in the rotation. Waiting for a time is all there is: the probe is the
+        # first request after it.
+        time.sleep(max(0.0, answered_at + 2.3 - time.monotonic()))
         mock.clear()
         for _ in range(5):
             assert c.chat().status == 200
@@ -118,8 +121,7 @@ def test_threshold_two_needs_two_consecutive_failures(envoy_factory, mock):
     envoy = envoy_factory.start(keys_config(failover={"failureThreshold": 2}))
     send(envoy, 12)
     assert Counter(mock.keys_received()) == {A: 2, B: 10}
-    log = envoy.wait_log(r"key alpha marked down after status 503", plugin_only=True)
-    assert log
+    envoy.wait_log(r"key alpha marked down after status 503", plugin_only=True)
 
 
 def test_a_success_resets_the_failure_count(envoy_factory, mock):
@@ -198,11 +200,13 @@ def test_clients_cannot_empty_the_pool_with_bad_requests(envoy_factory, mock):
 def test_client_disconnect_does_not_mark_the_key(envoy_factory, mock):
     mock.set_keys({"keys": {A: {"delayMs": 800}, B: {"delayMs": 800}}})
     envoy = envoy_factory.start(keys_config(failover={"failoverOnStatus": ["4.*", "5.*"]}))
-    for _ in range(4):
+    for i in range(4):
         s = open_chat(envoy)
-        time.sleep(0.1)
+        # Hang up while the provider holds the request (it answers after 800 ms).
+        wait_for(lambda: len(mock.requests()) == i + 1, 5, what=f"request {i + 1} to reach the provider")
         s.close()
-    time.sleep(1.2)
+    # Judged once Envoy has ended the four streams the clients reset.
+    wait_downstream_resets(envoy, 4)
     assert "marked down" not in envoy.plugin_log()
     assert send(envoy, 4) == [200] * 4
 
@@ -216,7 +220,7 @@ def test_a_probe_whose_client_disconnects_is_given_back_at_once(envoy_factory, m
     s = open_chat(envoy)
     wait_for(lambda: mock.keys_received() == [A], timeout=3, what="the probe to reach alpha")
     s.close()
-    time.sleep(0.3)
+    wait_downstream_resets(envoy, 1)
     mock.clear()
     # Had the probe not been given back, alpha would stay claimed for a minute and this would go
     # to bravo.

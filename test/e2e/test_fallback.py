@@ -65,6 +65,8 @@ def test_traffic_returns_to_the_primary_when_it_recovers(envoy_factory, mock, mo
     with envoy.client() as c:
         assert [c.chat().status for _ in range(2)] == [429, 429]
         assert c.chat().headers["x-ai-key-failover-pool"] == "backup"
+        # Time is the condition: retry-after 1 puts both primary keys back 1 s after their 429s,
+        # and the next request probes one. 0.3 s more than that, which load only lengthens.
         time.sleep(1.3)
         pools = [c.chat().headers["x-ai-key-failover-pool"] for _ in range(6)]
     assert pools == ["primary"] * 6

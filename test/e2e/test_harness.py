@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.request
 
 import pytest
 
@@ -36,8 +37,11 @@ def test_envoy_without_filter_proxies_to_mock(envoy_factory, mock):
     # The admin stats see the request on the generated route's cluster.
     stats = envoy.stats()
     assert stats["cluster.mock_provider.upstream_rq_completed"] >= 1
-    assert "listener_e2e" not in envoy.url  # sanity: url is a plain http://127.0.0.1:port
-    assert envoy.url == f"http://127.0.0.1:{envoy.port}"
+    # envoy.url is the listener's (not admin's) address: a request to it reaches the mock.
+    with urllib.request.urlopen(envoy.url + "/v1/models", timeout=10) as r:
+        assert r.status == 200
+    assert [q["path"] for q in sorted(mock.requests(), key=lambda q: q["seq"])] == [
+        "/v1/chat/completions", "/v1/models"]
 
 
 def test_mock_limit_gives_429_through_envoy(envoy_factory, mock):

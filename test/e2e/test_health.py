@@ -74,7 +74,7 @@ def test_one_check_per_down_key_per_interval_however_many_workers(envoy_factory,
     envoy = envoy_factory.start(pool(), concurrency=4)
     take_out(envoy, mock, A, B)
     mock.clear()
-    time.sleep(4.2)
+    time.sleep(4.2)  # a window of four 1 s intervals (and a little) in which to count the checks
     per_key = Counter(c["key"] for c in checks(mock))
     # 4 workers and the main thread all tick every second; one lease holder checks.
     assert set(per_key) == {A, B}, "available keys are never checked"
@@ -110,7 +110,7 @@ def test_no_checks_without_health_check_model(envoy_factory, mock):
     del cfg["failover"]["healthCheckModel"]
     envoy = envoy_factory.start(cfg)
     take_out(envoy, mock, A)
-    time.sleep(2.5)
+    time.sleep(2.5)  # two and a half healthCheckIntervals in which no check may come
     assert checks(mock) == []
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from checks import BackgroundChats, lds_bootstrap
-from harness import free_port, wait_for
+from harness import free_port, send_until_status, until, wait_for
 
 A, B, C = "sk-test-uniform-0001", "sk-test-victor-0002", "sk-test-whiskey-0003"
 
@@ -24,17 +23,17 @@ def test_reload_keeps_cooling_keys_out_adds_new_keys_and_applies_new_settings(en
     envoy.port = port
 
     with envoy.client() as c:
-        while c.chat().status != 429:
-            pass
+        send_until_status(c.chat, 429)
     envoy.wait_log(r"key uniform marked down", plugin_only=True)
 
     # Traffic keeps flowing through the swap.
     with BackgroundChats(envoy, threads=4, keep_alive=False) as load:
-        time.sleep(0.5)
+        until(lambda: len(load.results), lambda n: n >= 20, 10, what="traffic before the swap")
         mock.clear()
         swap(v2)
         wait_for(lambda: "x-ai-key-failover-key" in envoy.chat().headers, 10, what="the new config to serve")
-        time.sleep(0.5)
+        n = len(load.results)
+        until(lambda: len(load.results), lambda m: m >= n + 20, 10, what="traffic after the swap")
     statuses = [status for status, _ in load.results]
     assert not load.errors, load.errors[:5]
 

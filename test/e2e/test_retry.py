@@ -60,7 +60,9 @@ def test_two_of_three_keys_failing_still_serves_every_request(envoy_factory, moc
     envoy = start(envoy_factory, mode, concurrency=2)
     statuses = [envoy.chat().status for _ in range(20)]
     assert statuses == [200] * 20
-    for request_id, keys in keys_by_request(mock).items():
+    by_request = keys_by_request(mock)
+    assert len(by_request) == 20, by_request
+    for request_id, keys in by_request.items():
         assert len(keys) == len(set(keys)), f"a retry reused a failed key: {keys}"
         assert keys[-1] == C
     # The threshold (5) takes alfa and bravo out after enough failures, across attempts.
@@ -79,7 +81,9 @@ def test_a_retry_never_reuses_a_key_that_failed_for_the_request(envoy_factory, m
     envoy = start(envoy_factory, mode, threshold=100, extra={"selection": "random"})
     for _ in range(6):
         assert envoy.chat().status == 503
-    for keys in keys_by_request(mock).values():
+    by_request = keys_by_request(mock)
+    assert len(by_request) == 6, "every 503 is the provider's, not Envoy's"
+    for keys in by_request.values():
         assert len(keys) == 3 and len(set(keys)) == 3, keys
 
 
@@ -148,7 +152,9 @@ def test_max_retries_is_respected_and_the_last_failure_is_returned(envoy_factory
     for _ in range(4):
         r = envoy.chat()
         assert r.status in (429, 503)
-    for keys in keys_by_request(mock).values():
+    by_request = keys_by_request(mock)
+    assert len(by_request) == 4, "every answer is the provider's, not Envoy's"
+    for keys in by_request.values():
         assert len(keys) == 2, keys
     # The client got the answer of its last attempt.
     last = [r for r in sorted(mock.requests(), key=lambda r: r["seq"])][-1]
