@@ -86,6 +86,10 @@ pub enum Attribute {
 pub const CONTINUE: u32 = 0;
 /// `..._request_headers_status_StopIteration`: the local reply is being sent.
 pub const HEADERS_STOP_ITERATION: u32 = 1;
+/// `..._request_headers_status_StopAllIterationAndWatermark`: a request held by `wait`; its body
+/// stays in Envoy (flow control stops reading more) and reaches the body hook once it continues,
+/// as wasm's `Action::Pause` does.
+pub const REQUEST_HEADERS_STOP_ALL: u32 = 4;
 /// `..._request_body_status_StopIterationAndBuffer`: Envoy keeps the chunks until we continue.
 pub const BODY_STOP_AND_BUFFER: u32 = 1;
 /// `..._response_headers_status_StopAllIterationAndWatermark`: a re-send's answer will replace
@@ -167,6 +171,14 @@ extern "C" {
         timeout_milliseconds: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_get_concurrency() -> u32;
     fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: *mut c_void,
         attribute: u32,
@@ -428,6 +440,20 @@ impl Stream {
     pub fn continue_encoding(&self) {
         // SAFETY: as above.
         unsafe { envoy_dynamic_module_callback_http_filter_continue_encoding(self.ptr) }
+    }
+
+    /// Lets a held request continue upstream. Envoy runs this filter's body hook for what it
+    /// buffered before it returns, so call it from no hook of this filter.
+    pub fn continue_decoding(&self) {
+        // SAFETY: as above.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.ptr) }
+    }
+
+    /// A way to run `Filter::scheduled` on this stream's worker later, from any thread.
+    pub fn scheduler(&self) -> Option<StreamScheduler> {
+        // SAFETY: as above.
+        let ptr = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) };
+        (!ptr.is_null()).then_some(StreamScheduler { ptr })
     }
 
     pub fn attribute(&self, attribute: Attribute) -> Option<Vec<u8>> {
@@ -704,6 +730,40 @@ impl Drop for Scheduler {
         // SAFETY: created by scheduler_new, deleted once.
         unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.ptr) }
     }
+}
+
+/// Runs `Filter::scheduled` on the stream's worker when committed, from any thread. Envoy
+/// keeps only a weak reference to the stream in it: an event committed after the stream is gone
+/// is dropped, never delivered.
+pub struct StreamScheduler {
+    ptr: *mut c_void,
+}
+
+// SAFETY: Envoy's stream scheduler posts to the stream's dispatcher, which any thread may do.
+unsafe impl Send for StreamScheduler {}
+// SAFETY: as above.
+unsafe impl Sync for StreamScheduler {}
+
+impl StreamScheduler {
+    pub fn commit(&self) {
+        // SAFETY: the scheduler lives until `drop`.
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(self.ptr, 0) }
+    }
+}
+
+impl Drop for StreamScheduler {
+    fn drop(&mut self) {
+        // SAFETY: created by scheduler_new, deleted once; it holds no more than a weak
+        // reference to the stream, so it may go on any thread, before or after the stream.
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.ptr) }
+    }
+}
+
+/// Envoy's worker count; only on the main thread (a configuration is created there).
+pub fn concurrency() -> u32 {
+    // SAFETY: no arguments; `Config::new` calls it from `on_http_filter_config_new`, on the
+    // main thread, as Envoy requires.
+    unsafe { envoy_dynamic_module_callback_get_concurrency() }
 }
 
 struct Logger;
@@ -1008,8 +1068,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     })
 }
 
-// Hooks Envoy requires the module to export but this filter has no use for: it starts no
-// per-stream callouts or streams, schedules nothing per stream, keeps no per-route config.
+// Hooks Envoy requires the module to export but this filter has no use for: it opens no
+// HTTP streams of its own and keeps no per-route config.
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
@@ -1149,12 +1209,21 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
 ) {
 }
 
+/// # Safety
+/// Called by Envoy on the stream's worker for an event its scheduler committed.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    envoy: *mut c_void,
+    ptr: *const c_void,
     _event_id: u64,
 ) {
+    guard("on_http_filter_scheduled", (), || {
+        let s = stream(envoy);
+        // Continued once the filter's hook is over: Envoy runs its body hook from inside.
+        if with_filter(ptr, false, |f| f.scheduled(&s)) {
+            s.continue_decoding();
+        }
+    })
 }
 
 #[no_mangle]

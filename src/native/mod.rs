@@ -10,6 +10,8 @@ pub mod shared;
 mod abi;
 #[cfg(feature = "native")]
 mod filter;
+#[cfg(feature = "native")]
+mod waiting;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -8,12 +8,7 @@ import time
 
 import pytest
 
-from harness import parallel, wait_for
-
-# The native host answers a Hold with the reject answer at once (src/native/filter.rs).
-pytestmark = pytest.mark.native_missing(
-    "onAllUnavailable: wait (holding a request needs the native host to pause a stream and resume "
-    "it from its tick)")
+from harness import STATS_PREFIX, parallel, wait_for
 
 A, B = "sk-test-alfa-0001", "sk-test-bravo-0002"
 KEYS = [{"token": A, "name": "alfa"}, {"token": B, "name": "bravo"}]
@@ -64,7 +59,7 @@ def test_a_wait_shorter_than_the_outage_ends_in_the_reject_answer(envoy_factory,
     assert waited >= 0.35, f"rejected after {waited:.2f}s, before maxWaitMs"
     assert mock.requests() == [], "the upstream is not contacted"
     s = wait_for(lambda: (st := envoy.stats("requests_rejected")) and
-                 st.get("wasmcustom.ai_key_failover.pool.p.requests_rejected") == 1 and st,
+                 st.get(f"{STATS_PREFIX}ai_key_failover.pool.p.requests_rejected") == 1 and st,
                  5, what="one rejection counted")
     assert s
 
