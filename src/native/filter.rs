@@ -30,6 +30,7 @@ use crate::core::budget;
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::env_keys::HostEnv;
 use crate::core::metrics::{MetricKind, MetricsHost};
 use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
 use crate::core::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
@@ -162,7 +163,7 @@ impl Drop for Config {
 impl Config {
     /// Parses the filter's config string; `None` (after logging why) makes Envoy refuse it.
     pub fn new(handle: ConfigHandle, _name: &[u8], text: &[u8]) -> Option<Config> {
-        let parsed = match config::parse(text) {
+        let parsed = match config::parse_with_env(text, &HostEnv::EnvoyProcess) {
             Ok(parsed) => parsed,
             Err(e) => {
                 log::error!("invalid configuration: {e}");
