@@ -324,19 +324,6 @@ mod tests {
     fn a_held_request_waits_until_a_key_returns_or_its_wait_is_over() {
         use crate::core::engine::tests::TestHost;
         use crate::core::engine::Assignment;
-        use crate::core::rules::RequestFacts;
-        struct NoFacts;
-        impl RequestFacts for NoFacts {
-            fn route_name(&mut self) -> Option<String> {
-                None
-            }
-            fn cluster_name(&mut self) -> Option<String> {
-                None
-            }
-            fn host(&mut self) -> Option<String> {
-                None
-            }
-        }
         let host = TestHost::default();
         let config = crate::core::config::parse(
             br#"{"name": "p", "apiTokens": ["sk-a"], "onAllUnavailable": "wait",
@@ -345,7 +332,9 @@ mod tests {
         .unwrap();
         let mut engine = Engine::new(config, 1);
         engine.start(&host, 0);
-        let profile = engine.profile_for(&mut NoFacts);
+        // The configuration's only profile, the global one.
+        let profile = Some(0);
+        assert!(engine.profile(0).is_some_and(|p| p.max_wait_ms == 2_000));
         let ask = Ask::default();
         let Some(Decision::UseKey(sent)) = release(&mut engine, &host, profile, &[], ask, 0, false)
         else {

@@ -19,7 +19,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use super::abi::{Stream, StreamScheduler};
+use super::abi::{Scheduler, Stream};
 use crate::core::engine::{Assignment, Decision, Engine, Host};
 use crate::core::waiting::{self, Arrival, Queue, Served, MAX_HELD};
 
@@ -34,7 +34,7 @@ enum State {
 
 /// One held request. Its filter owns it; the queue has a weak reference.
 pub struct Held {
-    scheduler: StreamScheduler,
+    scheduler: Scheduler,
     state: Mutex<State>,
 }
 
