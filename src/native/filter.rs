@@ -9,7 +9,9 @@
 //! Time comes from the system clock. A thread per config wakes at the engine's tick period (100 ms
 //! to 1 s, as the shortest cooldown or check interval needs) and commits an event to Envoy's
 //! config scheduler, so `scheduled` runs on the main thread like wasm's `on_tick`: timeouts end
-//! and health checks go out without traffic.
+//! and health checks go out without traffic. With a profile that uses `onAllUnavailable: wait`
+//! it wakes every 50 ms, and the tick also lets held requests go (`super::waiting`); a held
+//! request comes back to its own worker through `Filter::scheduled`.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
