@@ -2,10 +2,13 @@
 //! its key(s) from that variable when the configuration is loaded, so the key is neither in the
 //! filter configuration nor in Envoy's `/config_dump`.
 //!
-//! Envoy passes a variable of its own process into the VM only when the filter's
-//! `vm_config.environment_variables.host_env_keys` lists it (Istio: `vmConfig.env` with
-//! `valueFrom: HOST`; Envoy Gateway: `env.hostKeys`). The lookup is injected, so the parser stays a
-//! pure function that host tests drive with a map; the plugin passes [`process_env`].
+//! Where the variable comes from depends on the host ([`HostEnv`]): the wasm VM sees a variable
+//! of Envoy's process only when the filter's `vm_config.environment_variables.host_env_keys`
+//! lists it (Istio: `vmConfig.env` with `valueFrom: HOST`; Envoy Gateway: `env.hostKeys`); the
+//! native module runs in Envoy's process and reads the variable there. Either way only the
+//! variables the configuration names are read, one by one. The lookup is injected
+//! ([`Environment`]), so the parser stays a pure function that host tests drive with a map, and
+//! an error for a missing or empty variable says how to set it for the host that reads it.
 //!
 //! One variable may hold a list (a Kubernetes Secret with several keys): items are separated by
 //! commas or newlines, and each is trimmed. Empty items (a trailing newline, `a,,b`) are skipped,
@@ -15,25 +18,57 @@ use std::ffi::OsString;
 
 use crate::core::config::ConfigError;
 
-/// Reads one environment variable of the VM; `None` when it is not set.
-pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<OsString>;
+/// The environment `fromEnv` entries are read from.
+pub trait Environment {
+    /// One variable's value; `None` when it is not set.
+    fn var(&self, name: &str) -> Option<OsString>;
+    /// Where the variable was looked for, for "is not set …".
+    fn looked_in(&self) -> &'static str;
+    /// How to get `var` there, for every error about a missing or empty variable.
+    fn how_to_pass(&self, var: &str) -> String;
+}
 
-/// The VM's own environment: on wasm32-wasip1 that is what Envoy passed through WASI.
-pub fn process_env(name: &str) -> Option<OsString> {
-    std::env::var_os(name)
+pub type EnvLookup<'a> = &'a dyn Environment;
+
+/// The host's own environment, as each host sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostEnv {
+    /// The wasm VM's: on wasm32-wasip1, what Envoy passed through WASI (`host_env_keys`).
+    WasmVm,
+    /// The native module's: Envoy's own process environment.
+    EnvoyProcess,
+}
+
+impl Environment for HostEnv {
+    fn var(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
+    }
+
+    fn looked_in(&self) -> &'static str {
+        match self {
+            HostEnv::WasmVm => "in the plugin's VM",
+            HostEnv::EnvoyProcess => "in Envoy's environment",
+        }
+    }
+
+    fn how_to_pass(&self, var: &str) -> String {
+        match self {
+            HostEnv::WasmVm => format!(
+                "set {var} in Envoy's environment and list it in the wasm filter's \
+                 vm_config.environment_variables.host_env_keys: [\"{var}\"] \
+                 (Istio: vmConfig.env {{name: {var}, valueFrom: HOST}}; Envoy Gateway: env.hostKeys)"
+            ),
+            HostEnv::EnvoyProcess => format!(
+                "set {var} in the environment Envoy is started with (the container's env, the \
+                 service unit's Environment=); the native module reads it there when the \
+                 configuration loads"
+            ),
+        }
+    }
 }
 
 /// Longer names are refused: a variable name is an identifier, not a place for text.
 const MAX_VAR_NAME_LEN: usize = 128;
-
-/// How to get a variable to the plugin, for every error about a missing or empty one.
-fn how_to_pass(var: &str) -> String {
-    format!(
-        "set {var} in Envoy's environment and list it in the wasm filter's \
-         vm_config.environment_variables.host_env_keys: [\"{var}\"] \
-         (Istio: vmConfig.env {{name: {var}, valueFrom: HOST}}; Envoy Gateway: env.hostKeys)"
-    )
-}
 
 /// A POSIX-style variable name: letters, digits and `_`, not starting with a digit. The name is
 /// quoted in errors and logs, so nothing else is let through.
@@ -59,10 +94,11 @@ pub fn read_keys(env: EnvLookup, var: &str, field: &str) -> Result<Vec<String>, 
              at most {MAX_VAR_NAME_LEN} characters"
         )));
     }
-    let Some(raw) = env(var) else {
+    let Some(raw) = env.var(var) else {
         return Err(fail(format!(
-            "environment variable {var} is not set in the plugin's VM; {}",
-            how_to_pass(var)
+            "environment variable {var} is not set {}; {}",
+            env.looked_in(),
+            env.how_to_pass(var)
         )));
     };
     // Never echo the value, not even part of it: it is a secret, valid or not.
@@ -82,7 +118,7 @@ pub fn read_keys(env: EnvLookup, var: &str, field: &str) -> Result<Vec<String>, 
         return Err(fail(format!(
             "environment variable {var} is empty (or holds only separators); it must hold at \
              least one API key; {}",
-            how_to_pass(var)
+            env.how_to_pass(var)
         )));
     }
     Ok(keys)
@@ -92,17 +128,39 @@ pub fn read_keys(env: EnvLookup, var: &str, field: &str) -> Result<Vec<String>, 
 mod tests {
     use super::*;
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let pairs: Vec<(String, OsString)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        move |name| {
-            pairs
+    /// A host's environment holding exactly `pairs`.
+    struct Vars {
+        pairs: Vec<(String, OsString)>,
+        host: HostEnv,
+    }
+
+    impl Environment for Vars {
+        fn var(&self, name: &str) -> Option<OsString> {
+            self.pairs
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         }
+        fn looked_in(&self) -> &'static str {
+            self.host.looked_in()
+        }
+        fn how_to_pass(&self, var: &str) -> String {
+            self.host.how_to_pass(var)
+        }
+    }
+
+    fn vars_of<V: Into<OsString> + Clone>(pairs: &[(&str, V)], host: HostEnv) -> Vars {
+        Vars {
+            pairs: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone().into()))
+                .collect(),
+            host,
+        }
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> Vars {
+        vars_of(pairs, HostEnv::WasmVm)
     }
 
     fn read(pairs: &[(&str, &str)], var: &str) -> Result<Vec<String>, ConfigError> {
@@ -139,10 +197,43 @@ mod tests {
     }
 
     #[test]
+    fn the_native_module_is_told_to_set_the_variable_in_envoys_environment() {
+        let native = |pairs: &[(&str, &str)]| {
+            read_keys(
+                &vars_of(pairs, HostEnv::EnvoyProcess),
+                "OPENAI_KEYS",
+                "apiTokens[0].fromEnv",
+            )
+            .unwrap_err()
+        };
+        for (e, says) in [
+            (native(&[]), "OPENAI_KEYS is not set in Envoy's environment"),
+            (native(&[("OPENAI_KEYS", " , ")]), "OPENAI_KEYS is empty"),
+        ] {
+            assert!(e.message.contains(says), "{e}");
+            assert!(
+                e.message
+                    .contains("set OPENAI_KEYS in the environment Envoy is started with"),
+                "{e}"
+            );
+            assert!(!e.message.contains("host_env_keys"), "a wasm-only fix: {e}");
+        }
+    }
+
+    #[test]
+    fn each_host_reads_its_own_environment_one_named_variable_at_a_time() {
+        // The test process's own environment stands in for both: PATH is set, this is not.
+        for host in [HostEnv::WasmVm, HostEnv::EnvoyProcess] {
+            assert!(host.var("PATH").is_some());
+            assert_eq!(host.var("AKF_UNIT_NOT_SET_ANYWHERE"), None);
+        }
+    }
+
+    #[test]
     fn a_value_that_is_not_utf8_is_refused_without_quoting_it() {
         use std::os::unix::ffi::OsStringExt;
         let raw = OsString::from_vec(b"sk-secret-\xff\xfe".to_vec());
-        let env = move |name: &str| (name == "K").then(|| raw.clone());
+        let env = vars_of(&[("K", raw)], HostEnv::WasmVm);
         let e = read_keys(&env, "K", "apiTokens[0].fromEnv").unwrap_err();
         assert!(e.message.contains("K is not valid UTF-8"), "{e}");
         assert!(!e.to_string().contains("sk-secret"), "{e}");

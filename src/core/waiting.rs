@@ -9,7 +9,11 @@
 //! returns through its probe therefore takes exactly one held request (the probe), and the rest
 //! follow once that probe has succeeded: requests are released no faster than keys return.
 //! Entries whose client hung up are forgotten (the host filter's `gone`). The queue is bounded; a
-//! request that finds it full is rejected at once. Nothing here talks to the host.
+//! request that finds it full is rejected at once. Nothing here talks to the host: [`release`]
+//! asks the engine (through its injected host) what a held request gets, and each host applies
+//! that to the request as it would have at its arrival.
+
+use crate::core::engine::{Ask, Clock, Decision, Engine, Host};
 
 /// Held requests per worker, at most. Each keeps a connection, its headers and up to Envoy's
 /// buffer limit of its body in Envoy, and an entry here; 256 per worker is far beyond a burst
@@ -19,6 +23,22 @@ pub const MAX_HELD: usize = 256;
 /// How often the queue runs while it holds anything: a returning key is used within this, and
 /// a deadline is met within this. An idle worker keeps its usual tick.
 pub const HELD_TICK_MS: u32 = 50;
+
+/// What a request's headers said, kept while it is held so that it can be sent on later as it
+/// would have been at its arrival.
+pub struct Arrival {
+    pub profile: Option<usize>,
+    /// Whether the filter runs as an upstream filter (per retry attempt).
+    pub upstream: bool,
+    /// Upstream mode: the request's `x-request-id`, which its attempts share.
+    pub request_id: Option<String>,
+    /// Upstream mode: the (pool, key) pairs earlier attempts of this request failed with.
+    pub avoid: Vec<(usize, usize)>,
+    pub ask: Ask,
+    pub end_of_stream: bool,
+    /// Whether a client's pool header is removed (some pool has fallbacks).
+    pub drop_pool_header: bool,
+}
 
 struct Entry<T> {
     item: T,
@@ -84,6 +104,12 @@ impl<T> Queue<T> {
         self.entries.iter().any(|e| e.group == group)
     }
 
+    /// Whether a new request of `group` must queue behind held ones (arrival order) rather than
+    /// ask for a key: only while some of its group are held and there is room for it.
+    pub fn queues_behind(&self, group: usize) -> bool {
+        !self.entries.is_empty() && self.has_room() && self.holds_group(group)
+    }
+
     /// One pass in arrival order. `gone`: the client hung up (dropped silently). `serve`: send
     /// it now if a key can take it. `expire`: its deadline passed and no key could take it.
     pub fn run(
@@ -122,6 +148,44 @@ impl<T> Queue<T> {
             idle_ms.min(HELD_TICK_MS)
         }
     }
+}
+
+/// What a held request gets when the queue runs: `None` while no key can serve it and its wait
+/// is not `over`. A wait that is over with still no key becomes the `reject` answer, counted as
+/// rejected then (once, not on every look while it was held).
+pub fn release(
+    engine: &mut Engine,
+    host: &dyn Host,
+    profile: Option<usize>,
+    avoid: &[(usize, usize)],
+    ask: Ask,
+    now_ms: u64,
+    over: bool,
+) -> Option<Decision> {
+    match engine.decide_with(host, profile, &Clock::at(now_ms), avoid, ask) {
+        Decision::Hold {
+            retry_after_secs, ..
+        } => {
+            if !over {
+                return None;
+            }
+            if let Some(profile) = profile {
+                engine.count_rejected(profile);
+            }
+            Some(Decision::Reject { retry_after_secs })
+        }
+        decision => Some(decision),
+    }
+}
+
+/// Whether a tick at `now_ms` also does the periodic work (the engine's tick, health checks):
+/// ticks come every [`HELD_TICK_MS`] while requests are held, and the periodic work keeps the
+/// engine's pace `base_ms`, last done at `last_ms`.
+pub fn periodic_work_due(now_ms: u64, last_ms: u64, base_ms: u64) -> bool {
+    now_ms
+        .saturating_sub(last_ms)
+        .saturating_add(u64::from(HELD_TICK_MS))
+        >= base_ms
 }
 
 #[cfg(test)]
@@ -226,5 +290,76 @@ mod tests {
         assert_eq!(q.tick_period_ms(1_000), HELD_TICK_MS);
         assert_eq!(q.tick_period_ms(20), 20);
         assert_eq!(Queue::<u8>::default().bound, MAX_HELD);
+    }
+
+    #[test]
+    fn a_new_request_queues_behind_its_group_only_while_there_is_room() {
+        let mut q = Queue::new(2);
+        assert!(!q.queues_behind(0), "nothing held: it asks for a key");
+        q.push(1, 0, 10).unwrap();
+        assert!(q.queues_behind(0) && !q.queues_behind(1));
+        q.push(2, 1, 10).unwrap();
+        assert!(
+            !q.queues_behind(0),
+            "full: it gets the reject answer instead"
+        );
+    }
+
+    #[test]
+    fn the_periodic_work_keeps_the_engines_pace_under_fast_ticks() {
+        assert!(periodic_work_due(1_000, 0, 1_000));
+        assert!(
+            periodic_work_due(960, 0, 1_000),
+            "within one fast tick of its time"
+        );
+        assert!(!periodic_work_due(900, 0, 1_000));
+        assert!(periodic_work_due(u64::MAX, 0, u64::MAX));
+        assert!(
+            !periodic_work_due(0, u64::MAX, 1_000),
+            "a clock that went back waits"
+        );
+    }
+
+    #[test]
+    fn a_held_request_waits_until_a_key_returns_or_its_wait_is_over() {
+        use crate::core::engine::tests::TestHost;
+        use crate::core::engine::Assignment;
+        let host = TestHost::default();
+        let config = crate::core::config::parse(
+            br#"{"name": "p", "apiTokens": ["sk-a"], "onAllUnavailable": "wait",
+                 "failover": {"cooldownDuration": 1000}}"#,
+        )
+        .unwrap();
+        let mut engine = Engine::new(config, 1);
+        engine.start(&host, 0);
+        // The configuration's only profile, the global one.
+        let profile = Some(0);
+        assert!(engine.profile(0).is_some_and(|p| p.max_wait_ms == 2_000));
+        let ask = Ask::default();
+        let Some(Decision::UseKey(sent)) = release(&mut engine, &host, profile, &[], ask, 0, false)
+        else {
+            panic!("a key that is in serves at once");
+        };
+        let verdict = engine.verdict(sent.profile, 429, false);
+        engine.record(&host, sent, verdict, 429, None, &Clock::at(0));
+        assert_eq!(
+            release(&mut engine, &host, profile, &[], ask, 10, false),
+            None
+        );
+        let over = release(&mut engine, &host, profile, &[], ask, 20, true);
+        assert!(
+            matches!(
+                over,
+                Some(Decision::Reject {
+                    retry_after_secs: 1 | 2
+                })
+            ),
+            "{over:?}"
+        );
+        let back = release(&mut engine, &host, profile, &[], ask, 2_100, false);
+        assert!(
+            matches!(back, Some(Decision::UseKey(Assignment { key: 0, .. }))),
+            "{back:?}"
+        );
     }
 }

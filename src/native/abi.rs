@@ -10,6 +10,10 @@
 //! No panic crosses this boundary: every exported hook runs its body under `catch_unwind` (the
 //! native build unwinds, `[profile.native]`) and on a panic logs it and answers as if the filter
 //! were absent (continue, no change).
+//!
+//! Sizes and counts here come from Envoy: arithmetic on them is checked (the lint below).
+
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::ffi::c_void;
 use std::ptr::{null, null_mut};
@@ -86,6 +90,10 @@ pub enum Attribute {
 pub const CONTINUE: u32 = 0;
 /// `..._request_headers_status_StopIteration`: the local reply is being sent.
 pub const HEADERS_STOP_ITERATION: u32 = 1;
+/// `..._request_headers_status_StopAllIterationAndWatermark`: a request held by `wait`; its body
+/// stays in Envoy (flow control stops reading more) and reaches the body hook once it continues,
+/// as wasm's `Action::Pause` does.
+pub const REQUEST_HEADERS_STOP_ALL: u32 = 4;
 /// `..._request_body_status_StopIterationAndBuffer`: Envoy keeps the chunks until we continue.
 pub const BODY_STOP_AND_BUFFER: u32 = 1;
 /// `..._response_headers_status_StopAllIterationAndWatermark`: a re-send's answer will replace
@@ -167,6 +175,14 @@ extern "C" {
         timeout_milliseconds: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_get_concurrency() -> u32;
     fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: *mut c_void,
         attribute: u32,
@@ -260,6 +276,45 @@ fn module_headers(headers: &[(&str, &[u8])]) -> Vec<HttpHeader> {
         .collect()
 }
 
+/// A stream's and a configuration's callout take the same arguments.
+type CalloutStart = unsafe extern "C" fn(
+    *mut c_void,
+    *mut u64,
+    ModuleBuffer,
+    *mut HttpHeader,
+    usize,
+    ModuleBuffer,
+    u64,
+) -> u32;
+
+/// Starts a callout with `start` for `owner` (the stream or configuration it belongs to); its
+/// id, or `None` when Envoy could not start it.
+fn callout(
+    start: CalloutStart,
+    owner: *mut c_void,
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Option<u64> {
+    let mut headers = module_headers(headers);
+    let mut id: u64 = 0;
+    // SAFETY: `owner` is the object `start` takes, alive for the call; every other pointer
+    // describes a live slice or value for the call.
+    let result = unsafe {
+        start(
+            owner,
+            &mut id,
+            ModuleBuffer::of(cluster.as_bytes()),
+            headers.as_mut_ptr(),
+            headers.len(),
+            ModuleBuffer::of(body),
+            timeout_ms,
+        )
+    };
+    (result == CALLOUT_INIT_SUCCESS).then_some(id)
+}
+
 /// The stream a hook was called for. Only handed out for the duration of that hook.
 pub struct Stream {
     ptr: *mut c_void,
@@ -308,7 +363,8 @@ impl Stream {
         }
     }
 
-    fn headers(&self, map: u32) -> Vec<(String, Vec<u8>)> {
+    /// Every header of `map` as Envoy holds it: its buffers are valid only for this hook.
+    fn raw_headers(&self, map: u32) -> Vec<HttpHeader> {
         // SAFETY: as above.
         let count = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.ptr, map) };
         if count == 0 {
@@ -329,40 +385,18 @@ impl Stream {
         } {
             return Vec::new();
         }
-        copy_headers(&out)
+        out
+    }
+
+    fn headers(&self, map: u32) -> Vec<(String, Vec<u8>)> {
+        copy_headers(&self.raw_headers(map))
     }
 
     /// Which of `names` the request carries, from one look at the header map: cheaper than a
     /// call per name, since each call into Envoy costs about as much as the map walk.
     pub fn request_has<const N: usize>(&self, names: [&str; N]) -> [bool; N] {
         let mut found = [false; N];
-        // SAFETY: as above.
-        let count = unsafe {
-            envoy_dynamic_module_callback_http_get_headers_size(self.ptr, REQUEST_HEADER)
-        };
-        if count == 0 {
-            return found;
-        }
-        let mut headers = vec![
-            HttpHeader {
-                key_ptr: null(),
-                key_length: 0,
-                value_ptr: null(),
-                value_length: 0,
-            };
-            count
-        ];
-        // SAFETY: `headers` has room for the `count` headers Envoy just reported.
-        if !unsafe {
-            envoy_dynamic_module_callback_http_get_headers(
-                self.ptr,
-                REQUEST_HEADER,
-                headers.as_mut_ptr(),
-            )
-        } {
-            return found;
-        }
-        for header in &headers {
+        for header in &self.raw_headers(REQUEST_HEADER) {
             if header.key_ptr.is_null() {
                 continue;
             }
@@ -407,27 +441,38 @@ impl Stream {
         body: &[u8],
         timeout_ms: u64,
     ) -> Option<u64> {
-        let mut headers = module_headers(headers);
-        let mut id: u64 = 0;
-        // SAFETY: every pointer describes a live slice or value for the call.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_http_callout(
-                self.ptr,
-                &mut id,
-                ModuleBuffer::of(cluster.as_bytes()),
-                headers.as_mut_ptr(),
-                headers.len(),
-                ModuleBuffer::of(body),
-                timeout_ms,
-            )
-        };
-        (result == CALLOUT_INIT_SUCCESS).then_some(id)
+        callout(
+            envoy_dynamic_module_callback_http_filter_http_callout,
+            self.ptr,
+            cluster,
+            headers,
+            body,
+            timeout_ms,
+        )
     }
 
     /// Lets a held response continue to the client.
     pub fn continue_encoding(&self) {
         // SAFETY: as above.
         unsafe { envoy_dynamic_module_callback_http_filter_continue_encoding(self.ptr) }
+    }
+
+    /// Lets a held request continue upstream. Envoy runs this filter's body hook for what it
+    /// buffered before it returns, so call it from no hook of this filter.
+    pub fn continue_decoding(&self) {
+        // SAFETY: as above.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.ptr) }
+    }
+
+    /// A way to run `Filter::scheduled` on this stream's worker later, from any thread.
+    pub fn scheduler(&self) -> Option<Scheduler> {
+        // SAFETY: as above.
+        let ptr = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) };
+        (!ptr.is_null()).then_some(Scheduler {
+            ptr,
+            commit: envoy_dynamic_module_callback_http_filter_scheduler_commit,
+            delete: envoy_dynamic_module_callback_http_filter_scheduler_delete,
+        })
     }
 
     pub fn attribute(&self, attribute: Attribute) -> Option<Vec<u8>> {
@@ -652,7 +697,11 @@ impl ConfigHandle {
         // SAFETY: plain pointer argument.
         let ptr =
             unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.ptr) };
-        (!ptr.is_null()).then_some(Scheduler { ptr })
+        (!ptr.is_null()).then_some(Scheduler {
+            ptr,
+            commit: envoy_dynamic_module_callback_http_filter_config_scheduler_commit,
+            delete: envoy_dynamic_module_callback_http_filter_config_scheduler_delete,
+        })
     }
 
     /// Sends a request of our own; the answer comes to `Config::callout_done` on the main
@@ -664,46 +713,52 @@ impl ConfigHandle {
         body: &[u8],
         timeout_ms: u64,
     ) -> Option<u64> {
-        let mut headers = module_headers(headers);
-        let mut id: u64 = 0;
-        // SAFETY: every pointer describes a live slice or value for the call.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_http_callout(
-                self.ptr,
-                &mut id,
-                ModuleBuffer::of(cluster.as_bytes()),
-                headers.as_mut_ptr(),
-                headers.len(),
-                ModuleBuffer::of(body),
-                timeout_ms,
-            )
-        };
-        (result == CALLOUT_INIT_SUCCESS).then_some(id)
+        callout(
+            envoy_dynamic_module_callback_http_filter_config_http_callout,
+            self.ptr,
+            cluster,
+            headers,
+            body,
+            timeout_ms,
+        )
     }
 }
 
-/// Runs `Config::scheduled` on Envoy's main thread when committed, from any thread.
+/// One of Envoy's schedulers: an event committed from any thread runs a hook later on the
+/// thread the scheduler belongs to. A configuration's runs `Config::scheduled` on the main
+/// thread; a stream's runs `Filter::scheduled` on its worker, and never once the stream is gone
+/// (Envoy keeps only a weak reference to the stream in it).
 pub struct Scheduler {
     ptr: *mut c_void,
+    commit: unsafe extern "C" fn(*mut c_void, u64),
+    delete: unsafe extern "C" fn(*mut c_void),
 }
 
-// SAFETY: Envoy's config scheduler exists to be committed from other threads.
+// SAFETY: Envoy's schedulers exist to be committed from other threads (they post to a
+// dispatcher), and deleting one touches no more than its weak reference to its owner.
 unsafe impl Send for Scheduler {}
 // SAFETY: as above.
 unsafe impl Sync for Scheduler {}
 
 impl Scheduler {
     pub fn commit(&self) {
-        // SAFETY: the scheduler lives until `drop`.
-        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.ptr, 0) }
+        // SAFETY: the scheduler lives until `drop`; `commit` is its own kind's.
+        unsafe { (self.commit)(self.ptr, 0) }
     }
 }
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        // SAFETY: created by scheduler_new, deleted once.
-        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.ptr) }
+        // SAFETY: created by its kind's scheduler_new, deleted once, with its kind's delete.
+        unsafe { (self.delete)(self.ptr) }
     }
+}
+
+/// Envoy's worker count; only on the main thread (a configuration is created there).
+pub fn concurrency() -> u32 {
+    // SAFETY: no arguments; `Config::new` calls it from `on_http_filter_config_new`, on the
+    // main thread, as Envoy requires.
+    unsafe { envoy_dynamic_module_callback_get_concurrency() }
 }
 
 struct Logger;
@@ -920,80 +975,30 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(ptr: *const
     })
 }
 
-/// # Safety
-/// Called by Envoy with the stream's filter objects, on the stream's worker.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
-    envoy: *mut c_void,
-    ptr: *const c_void,
-    end_of_stream: bool,
-) -> u32 {
-    guard("on_http_filter_request_headers", CONTINUE, || {
-        with_filter(ptr, CONTINUE, |f| {
-            f.request_headers(&stream(envoy), end_of_stream)
-        })
-    })
+/// Exports hooks that hand the filter its stream and `end_of_stream` and answer with its
+/// status: each runs the filter's method of the same name, under `guard` and `with_filter`.
+macro_rules! stream_hooks {
+    ($($export:ident => $method:ident;)*) => {$(
+        /// # Safety
+        /// Called by Envoy with the stream's filter objects, on the stream's worker.
+        #[no_mangle]
+        pub unsafe extern "C" fn $export(
+            envoy: *mut c_void,
+            ptr: *const c_void,
+            end_of_stream: bool,
+        ) -> u32 {
+            guard(concat!("on_http_filter_", stringify!($method)), CONTINUE, || {
+                with_filter(ptr, CONTINUE, |f| f.$method(&stream(envoy), end_of_stream))
+            })
+        }
+    )*};
 }
 
-/// # Safety
-/// As above.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    envoy: *mut c_void,
-    ptr: *const c_void,
-    end_of_stream: bool,
-) -> u32 {
-    guard("on_http_filter_request_body", CONTINUE, || {
-        with_filter(ptr, CONTINUE, |f| {
-            f.request_body(&stream(envoy), end_of_stream)
-        })
-    })
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-) -> u32 {
-    CONTINUE
-}
-
-/// # Safety
-/// As above.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
-    envoy: *mut c_void,
-    ptr: *const c_void,
-    end_of_stream: bool,
-) -> u32 {
-    guard("on_http_filter_response_headers", CONTINUE, || {
-        with_filter(ptr, CONTINUE, |f| {
-            f.response_headers(&stream(envoy), end_of_stream)
-        })
-    })
-}
-
-/// # Safety
-/// As above.
-#[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    envoy: *mut c_void,
-    ptr: *const c_void,
-    end_of_stream: bool,
-) -> u32 {
-    guard("on_http_filter_response_body", CONTINUE, || {
-        with_filter(ptr, CONTINUE, |f| {
-            f.response_body(&stream(envoy), end_of_stream)
-        })
-    })
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-) -> u32 {
-    CONTINUE
+stream_hooks! {
+    envoy_dynamic_module_on_http_filter_request_headers => request_headers;
+    envoy_dynamic_module_on_http_filter_request_body => request_body;
+    envoy_dynamic_module_on_http_filter_response_headers => response_headers;
+    envoy_dynamic_module_on_http_filter_response_body => response_body;
 }
 
 /// # Safety
@@ -1008,8 +1013,114 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     })
 }
 
-// Hooks Envoy requires the module to export but this filter has no use for: it starts no
-// per-stream callouts or streams, schedules nothing per stream, keeps no per-route config.
+/// Exports hooks that do nothing: Envoy requires every hook of the ABI, and a status hook
+/// answers `CONTINUE`.
+macro_rules! unused_hooks {
+    ($($export:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty = $value:expr)?;)*) => {$(
+        #[no_mangle]
+        pub extern "C" fn $export($($arg: $ty),*) $(-> $ret)? {
+            $($value)?
+        }
+    )*};
+}
+
+// Hooks Envoy requires the module to export but this filter has no use for: trailers pass as
+// they are, it opens no HTTP streams of its own, keeps no per-route config, and leaves
+// watermarks and local replies to Envoy.
+unused_hooks! {
+    envoy_dynamic_module_on_http_filter_request_trailers(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+    ) -> u32 = CONTINUE;
+    envoy_dynamic_module_on_http_filter_response_trailers(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+    ) -> u32 = CONTINUE;
+    envoy_dynamic_module_on_http_filter_per_route_config_destroy(_ptr: *const c_void);
+    envoy_dynamic_module_on_http_filter_http_stream_headers(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _stream_id: u64,
+        _headers: *const HttpHeader,
+        _headers_size: usize,
+        _end_stream: bool,
+    );
+    envoy_dynamic_module_on_http_filter_http_stream_data(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _stream_id: u64,
+        _data: *const EnvoyBuffer,
+        _data_count: usize,
+        _end_stream: bool,
+    );
+    envoy_dynamic_module_on_http_filter_http_stream_trailers(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _stream_id: u64,
+        _trailers: *const HttpHeader,
+        _trailers_size: usize,
+    );
+    envoy_dynamic_module_on_http_filter_http_stream_complete(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _stream_id: u64,
+    );
+    envoy_dynamic_module_on_http_filter_http_stream_reset(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _stream_id: u64,
+        _reason: u32,
+    );
+    envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+        _config_envoy_ptr: *mut c_void,
+        _config_ptr: *const c_void,
+        _stream_id: u64,
+        _headers: *const HttpHeader,
+        _headers_size: usize,
+        _end_stream: bool,
+    );
+    envoy_dynamic_module_on_http_filter_config_http_stream_data(
+        _config_envoy_ptr: *mut c_void,
+        _config_ptr: *const c_void,
+        _stream_id: u64,
+        _data: *const EnvoyBuffer,
+        _data_count: usize,
+        _end_stream: bool,
+    );
+    envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+        _config_envoy_ptr: *mut c_void,
+        _config_ptr: *const c_void,
+        _stream_id: u64,
+        _trailers: *const HttpHeader,
+        _trailers_size: usize,
+    );
+    envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+        _config_envoy_ptr: *mut c_void,
+        _config_ptr: *const c_void,
+        _stream_id: u64,
+    );
+    envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+        _config_envoy_ptr: *mut c_void,
+        _config_ptr: *const c_void,
+        _stream_id: u64,
+        _reason: u32,
+    );
+    envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+    );
+    envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+    );
+    envoy_dynamic_module_on_http_filter_local_reply(
+        _envoy: *mut c_void,
+        _ptr: *const c_void,
+        _response_code: u32,
+        _details: EnvoyBuffer,
+        _reset_imminent: bool,
+    ) -> u32 = CONTINUE;
+}
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
@@ -1020,12 +1131,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
         "ai_key_failover takes no per-route config: per-route behaviour comes from _rules_"
     );
     null()
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
-    _ptr: *const c_void,
-) {
 }
 
 /// # Safety
@@ -1051,133 +1156,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     })
 }
 
+/// # Safety
+/// Called by Envoy on the stream's worker for an event its scheduler committed.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _stream_id: u64,
-    _headers: *const HttpHeader,
-    _headers_size: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _stream_id: u64,
-    _trailers: *const HttpHeader,
-    _trailers_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _stream_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _stream_id: u64,
-    _reason: u32,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
-    _config_envoy_ptr: *mut c_void,
-    _config_ptr: *const c_void,
-    _stream_id: u64,
-    _headers: *const HttpHeader,
-    _headers_size: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
-    _config_envoy_ptr: *mut c_void,
-    _config_ptr: *const c_void,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
-    _config_envoy_ptr: *mut c_void,
-    _config_ptr: *const c_void,
-    _stream_id: u64,
-    _trailers: *const HttpHeader,
-    _trailers_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
-    _config_envoy_ptr: *mut c_void,
-    _config_ptr: *const c_void,
-    _stream_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
-    _config_envoy_ptr: *mut c_void,
-    _config_ptr: *const c_void,
-    _stream_id: u64,
-    _reason: u32,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    envoy: *mut c_void,
+    ptr: *const c_void,
     _event_id: u64,
 ) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
-    _envoy: *mut c_void,
-    _ptr: *const c_void,
-    _response_code: u32,
-    _details: EnvoyBuffer,
-    _reset_imminent: bool,
-) -> u32 {
-    CONTINUE
+    guard("on_http_filter_scheduled", (), || {
+        let s = stream(envoy);
+        // Continued once the filter's hook is over: Envoy runs its body hook from inside.
+        if with_filter(ptr, false, |f| f.scheduled(&s)) {
+            s.continue_decoding();
+        }
+    })
 }

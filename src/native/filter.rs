@@ -9,7 +9,9 @@
 //! Time comes from the system clock. A thread per config wakes at the engine's tick period (100 ms
 //! to 1 s, as the shortest cooldown or check interval needs) and commits an event to Envoy's
 //! config scheduler, so `scheduled` runs on the main thread like wasm's `on_tick`: timeouts end
-//! and health checks go out without traffic.
+//! and health checks go out without traffic. With a profile that uses `onAllUnavailable: wait`
+//! it wakes every 50 ms, and the tick also lets held requests go (`super::waiting`); a held
+//! request comes back to its own worker through `Filter::scheduled`.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -20,15 +22,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::abi::{
-    Attribute, ConfigHandle, Scheduler, Stream, BODY_STOP_AND_BUFFER, CONTINUE,
-    HEADERS_STOP_ITERATION, RESPONSE_HEADERS_STOP_ALL,
+    self, Attribute, ConfigHandle, Scheduler, Stream, BODY_STOP_AND_BUFFER, CONTINUE,
+    HEADERS_STOP_ITERATION, REQUEST_HEADERS_STOP_ALL, RESPONSE_HEADERS_STOP_ALL,
 };
 use super::shared::STORE;
+use super::waiting::{Held, Waiting};
 use crate::core::affinity;
 use crate::core::budget;
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::env_keys::HostEnv;
 use crate::core::metrics::{MetricKind, MetricsHost};
 use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
 use crate::core::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
@@ -36,6 +40,7 @@ use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
 use crate::core::status::Verdict;
 use crate::core::store::{SharedData, StoreError};
+use crate::core::waiting::{Arrival, HELD_TICK_MS};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -140,6 +145,10 @@ pub struct Config {
     /// 0: not known yet, 1: downstream, 2: upstream; learned on the first request.
     mode: AtomicU8,
     checks: Mutex<Checks>,
+    /// `onAllUnavailable: wait`: the held requests; only when some profile waits.
+    waiting: Option<Waiting>,
+    /// The engine's tick period: the periodic work keeps it while held requests tick faster.
+    base_tick_ms: u64,
     /// Dropped first (fields drop in order): no tick runs once the config goes.
     ticker: Option<Ticker>,
 }
@@ -156,7 +165,7 @@ impl Drop for Config {
 impl Config {
     /// Parses the filter's config string; `None` (after logging why) makes Envoy refuse it.
     pub fn new(handle: ConfigHandle, _name: &[u8], text: &[u8]) -> Option<Config> {
-        let parsed = match config::parse(text) {
+        let parsed = match config::parse_with_env(text, &HostEnv::EnvoyProcess) {
             Ok(parsed) => parsed,
             Err(e) => {
                 log::error!("invalid configuration: {e}");
@@ -166,15 +175,11 @@ impl Config {
         for warning in &parsed.warnings {
             log::warn!("{warning}");
         }
-        if parsed
+        let waiting = parsed
             .profiles
             .iter()
             .any(|p| p.on_all_unavailable == OnAllUnavailable::Wait)
-        {
-            log::warn!(
-                "onAllUnavailable \"wait\" is not implemented by the native module yet: with every key down, requests get the \"reject\" answer at once"
-            );
-        }
+            .then(|| Waiting::new(abi::concurrency()));
         let pools: Vec<String> = parsed
             .pools
             .iter()
@@ -188,7 +193,13 @@ impl Config {
         let host = NativeHost { handle };
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&host, now_ms());
-        let period = Duration::from_millis(engine.tick_period_ms());
+        let base_tick_ms = engine.tick_period_ms();
+        // Held requests are looked at every HELD_TICK_MS (wasm speeds its tick up only while
+        // it holds any; here an idle tick costs the main thread one event and no engine work).
+        let period = Duration::from_millis(match waiting {
+            Some(_) => base_tick_ms.min(u64::from(HELD_TICK_MS)),
+            None => base_tick_ms,
+        });
         let ticker = handle
             .scheduler()
             .and_then(|scheduler| Ticker::start(scheduler, period));
@@ -200,6 +211,8 @@ impl Config {
             engine: Mutex::new(engine),
             mode: AtomicU8::new(0),
             checks: Mutex::new(Checks::default()),
+            waiting,
+            base_tick_ms,
             ticker,
         })
     }
@@ -240,6 +253,20 @@ impl Config {
     /// The tick, on the main thread.
     pub fn scheduled(&self) {
         let now = now_ms();
+        let periodic = self
+            .waiting
+            .as_ref()
+            .is_none_or(|w| w.periodic_work_due(now, self.base_tick_ms));
+        if periodic {
+            self.periodic_work(now);
+        }
+        if let Some(waiting) = self.waiting.as_ref().filter(|w| w.is_holding()) {
+            waiting.run(&mut self.engine(), &self.host, now);
+        }
+    }
+
+    /// The engine's tick (time outs, stats) and the health checks due.
+    fn periodic_work(&self, now: u64) {
         let due = {
             let mut engine = self.engine();
             engine.tick(&self.host, now);
@@ -368,6 +395,8 @@ pub struct Filter<'c> {
     rewrite_to: Option<String>,
     /// Downstream `retryOnFailure`: the request kept for re-sends, and the one in flight.
     retry: Option<RetryState>,
+    /// Set while `onAllUnavailable: wait` holds this request.
+    held: Option<Arc<Held>>,
 }
 
 impl<'c> Filter<'c> {
@@ -379,6 +408,7 @@ impl<'c> Filter<'c> {
             reading_error: None,
             rewrite_to: None,
             retry: None,
+            held: None,
         }
     }
 
@@ -406,13 +436,93 @@ impl<'c> Filter<'c> {
             .and_then(|p| engine.affinity_header(p))
             .and_then(|name| s.request_header(name))
             .map(|value| affinity::session_hash(&value));
-        let clock = Clock::new(&now_ms);
-        let decision = engine.decide_with(host, profile, &clock, &avoid, Ask { session });
-        if let (Decision::Hold { .. }, Some(profile)) = (decision, profile) {
-            // `wait` needs a request paused and resumed from the tick, which this host does not
-            // do yet (logged at load): the request gets what `reject` gives, counted as rejected.
-            engine.count_rejected(profile);
+        let arrival = Arrival {
+            profile,
+            upstream,
+            request_id,
+            avoid,
+            ask: Ask { session },
+            end_of_stream,
+            drop_pool_header,
+        };
+        // Arrival order: while requests of this profile are held, a new one waits behind them.
+        if let (Some(p), Some(waiting)) = (profile, &config.waiting) {
+            if waiting.queues_behind(p) {
+                let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
+                // The queue has room, so the reject answer's wait is never used here.
+                return self.hold(s, engine, arrival, max_wait_ms, 1);
+            }
         }
+        let clock = Clock::new(&now_ms);
+        let decision = engine.decide_with(host, profile, &clock, &arrival.avoid, arrival.ask);
+        if let Decision::Hold {
+            max_wait_ms,
+            retry_after_secs,
+        } = decision
+        {
+            return self.hold(s, engine, arrival, max_wait_ms, retry_after_secs);
+        }
+        self.apply(s, engine, arrival, decision)
+    }
+
+    /// Holds the request (`onAllUnavailable: wait`) until a key returns or `max_wait_ms` ends;
+    /// with the queue full, it gets the `reject` answer now.
+    fn hold(
+        &mut self,
+        s: &Stream,
+        mut engine: MutexGuard<'_, Engine>,
+        arrival: Arrival,
+        max_wait_ms: u64,
+        retry_after_secs: u64,
+    ) -> u32 {
+        let group = arrival.profile.unwrap_or(usize::MAX);
+        let deadline = now_ms().saturating_add(max_wait_ms);
+        let held = match &self.config.waiting {
+            Some(waiting) => waiting.hold(s, arrival, deadline),
+            None => Err(arrival),
+        };
+        match held {
+            Ok(held) => {
+                self.held = Some(held);
+                REQUEST_HEADERS_STOP_ALL
+            }
+            Err(arrival) => {
+                engine.count_rejected(group);
+                self.apply(s, engine, arrival, Decision::Reject { retry_after_secs })
+            }
+        }
+    }
+
+    /// A held request's event, on its worker: the queue let it go with a decision, applied as
+    /// at its arrival. True: the request goes on (the caller continues it, after this hook).
+    pub fn scheduled(&mut self, s: &Stream) -> bool {
+        let Some((decision, arrival)) = self.held.as_ref().and_then(|h| h.take_released()) else {
+            return false;
+        };
+        self.held = None;
+        let engine = self.config.engine();
+        self.apply(s, engine, arrival, decision) == CONTINUE
+    }
+
+    /// Acts on the key decision for a request: sends it with its key (or untouched), or answers
+    /// it as `reject` does.
+    fn apply(
+        &mut self,
+        s: &Stream,
+        mut engine: MutexGuard<'_, Engine>,
+        arrival: Arrival,
+        decision: Decision,
+    ) -> u32 {
+        let host = &self.config.host;
+        let Arrival {
+            profile,
+            upstream,
+            request_id,
+            avoid,
+            end_of_stream,
+            drop_pool_header,
+            ..
+        } = arrival;
         match decision {
             Decision::Untouched => {
                 if drop_pool_header {
@@ -769,8 +879,9 @@ impl<'c> Filter<'c> {
     }
 
     /// The stream ended, however it ended: judge an error body read so far, give back a key
-    /// whose answer never came (a probe, a vanished client, or a re-send Envoy cancels because
-    /// the client hung up while it ran).
+    /// whose answer never came (a probe, a vanished client, a request held by `wait` whose key
+    /// was decided as its client hung up, or a re-send Envoy cancels because the client hung up
+    /// while it ran).
     pub fn complete(&mut self) {
         self.finish_error_response();
         let in_flight = self
@@ -778,7 +889,9 @@ impl<'c> Filter<'c> {
             .as_mut()
             .and_then(|r| r.in_flight.take())
             .map(|(_, sent)| sent);
-        let unanswered = [self.chosen.take(), in_flight];
+        // A held request whose client hung up leaves the queue, with a key decided for it.
+        let released = self.held.take().and_then(|held| held.forget());
+        let unanswered = [self.chosen.take(), in_flight, released];
         if unanswered.iter().all(Option::is_none) {
             return;
         }

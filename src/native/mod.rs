@@ -2,7 +2,8 @@
 //! loaded by `envoy.filters.http.dynamic_modules`; `make build-native`).
 //!
 //! `shared` (the in-process store) builds on every host target so `cargo test` covers it; the
-//! ABI layer and the filter build only with the `native` feature, since they call into Envoy.
+//! ABI layer (`abi`), the filter (`filter`) and the requests `onAllUnavailable: wait` holds
+//! (`waiting`) build only with the `native` feature, since they call into Envoy.
 
 pub mod shared;
 
@@ -10,6 +11,8 @@ pub mod shared;
 mod abi;
 #[cfg(feature = "native")]
 mod filter;
+#[cfg(feature = "native")]
+mod waiting;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -22,7 +22,7 @@ use crate::core::resend;
 use crate::core::rewrite::rewrite_model;
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::status::Verdict;
-use crate::core::waiting::{self, Served};
+use crate::core::waiting::{self, Arrival, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
 use crate::wasm::host::{self, HostShared};
 
@@ -102,17 +102,6 @@ impl Waiting {
             self.tick_ms.set(wanted);
         }
     }
-}
-
-/// What a request's headers said, kept while it is held so that its key can be put on later.
-struct Arrival {
-    profile: Option<usize>,
-    upstream: bool,
-    request_id: Option<String>,
-    avoid: Vec<(usize, usize)>,
-    ask: Ask,
-    end_of_stream: bool,
-    drop_pool_header: bool,
 }
 
 /// What a keyed request remembers for its later callbacks.
@@ -334,9 +323,11 @@ impl RootContext for Root {
         let now = host::now_ms();
         // Ticks come every HELD_TICK_MS while requests are held; the periodic work keeps the
         // engine's pace.
-        if now.saturating_sub(self.last_tick_work_ms) + u64::from(waiting::HELD_TICK_MS)
-            >= u64::from(self.waiting.base_ms.get())
-        {
+        if waiting::periodic_work_due(
+            now,
+            self.last_tick_work_ms,
+            u64::from(self.waiting.base_ms.get()),
+        ) {
             self.last_tick_work_ms = now;
             self.tick_work(now);
         }
@@ -443,22 +434,25 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
             return Served::NotYet;
         };
         let a = &held.arrival;
-        let clock = Clock::at(now);
-        match engine.decide_with(&HostShared, a.profile, &clock, &a.avoid, a.ask) {
-            Decision::Hold {
-                retry_after_secs, ..
-            } => {
-                if !over {
-                    return Served::NotYet;
-                }
-                if let Some(profile) = a.profile {
-                    engine.count_rejected(profile);
-                }
-                (None, Some(retry_after_secs))
-            }
-            Decision::Reject { retry_after_secs } => (None, Some(retry_after_secs)),
-            Decision::Untouched => (Some(Keyed::default()), None),
-            Decision::UseKey(assignment) => (Some(put_key(&mut engine, a, assignment)), None),
+        let released = waiting::release(
+            &mut engine,
+            &HostShared,
+            a.profile,
+            &a.avoid,
+            a.ask,
+            now,
+            over,
+        );
+        match released {
+            None => return Served::NotYet,
+            Some(
+                Decision::Reject { retry_after_secs }
+                | Decision::Hold {
+                    retry_after_secs, ..
+                },
+            ) => (None, Some(retry_after_secs)),
+            Some(Decision::Untouched) => (Some(Keyed::default()), None),
+            Some(Decision::UseKey(assignment)) => (Some(put_key(&mut engine, a, assignment)), None),
         }
     };
     if let Some(retry_after_secs) = reject {
@@ -965,7 +959,7 @@ impl HttpContext for Request {
                 .waiting
                 .queue
                 .try_borrow()
-                .is_ok_and(|q| !q.is_empty() && q.has_room() && q.holds_group(p));
+                .is_ok_and(|q| q.queues_behind(p));
             if queued {
                 let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
                 // The queue has room, so the reject answer's wait is never used here.

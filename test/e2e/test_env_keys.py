@@ -1,5 +1,6 @@
-"""Keys from the environment: `{"fromEnv": "VAR"}` entries read Envoy's own environment variables,
-passed into the VM by `vm_config.environment_variables.host_env_keys`, at configuration load.
+"""Keys from the environment: `{"fromEnv": "VAR"}` entries read Envoy's own environment variables
+at configuration load: the wasm VM sees those `vm_config.environment_variables.host_env_keys`
+passes in; the native module runs in Envoy's process and reads them there.
 
 The factory's secret scan knows the values passed through `env=` (harness.env_keys), so a leak of
 an environment key into the plugin's log or /stats fails every test here as it would for a key
@@ -12,21 +13,23 @@ from collections import Counter
 import pytest
 
 from checks import wait_pool_stats
-
-# The native module's config parser reads Envoy's own environment (no allow-list like the VM's
-# host_env_keys), and its error for a missing variable tells the user to use host_env_keys.
-pytestmark = pytest.mark.native_missing(
-    "fromEnv on the native host: host_env_keys is the wasm VM's allow-list; the native module has "
-    "none yet and its error hint names host_env_keys")
+from harness import HOST
 
 ALPHA = "sk-test-env-alpha-7f3c91"
 TRIO = ["sk-test-env-trio-1-a8d2", "sk-test-env-trio-2-c41e", "sk-test-env-trio-3-95b7"]
 FROM_CONFIG = "sk-test-env-inline-2d6f"
 
 
-def host_env(*names: str) -> dict:
-    """The wasm filter option that passes these variables of Envoy's process into the VM."""
+def host_env(*names: str) -> dict | None:
+    """The wasm filter option that passes these variables of Envoy's process into the VM; the
+    native module needs none (it is in Envoy's process)."""
+    if HOST == "native":
+        return None
     return {"vm_config": {"environment_variables": {"host_env_keys": list(names)}}}
+
+
+# What the error for a missing or empty variable tells the operator to do, per host.
+HOW_TO_SET = {"wasm": "host_env_keys", "native": "in the environment Envoy is started with"}[HOST]
 
 
 def test_keys_from_the_environment_are_used_and_shown_nowhere(envoy_factory, mock):
@@ -74,10 +77,13 @@ def test_a_missing_variable_makes_envoy_refuse_the_configuration_naming_it(envoy
     lines = [line for line in log.splitlines() if "invalid configuration" in line]
     assert lines, log[-3000:]
     assert "apiTokens[0].fromEnv: environment variable AKF_E2E_NOT_SET is not set" in lines[0], lines[0]
-    assert "host_env_keys" in lines[0], lines[0]
+    assert HOW_TO_SET in lines[0], lines[0]
+    if HOST == "native":
+        assert "host_env_keys" not in lines[0], "the native module has no host_env_keys to set"
     assert mock.requests() == []
 
 
+@pytest.mark.wasm_only("the native module runs in Envoy's process: Envoy's environment is its own")
 def test_a_variable_envoy_has_but_does_not_pass_to_the_vm_is_refused(envoy_factory, mock):
     """The value reaches the plugin only through host_env_keys: Envoy's own environment is not
     the VM's."""

@@ -11,11 +11,6 @@ import pytest
 from checks import downstream_resets, wait_downstream_resets, wait_pool_stats
 from harness import parallel
 
-# The native host answers a Hold with the reject answer at once (src/native/filter.rs).
-pytestmark = pytest.mark.native_missing(
-    "onAllUnavailable: wait (holding a request needs the native host to pause a stream and resume "
-    "it from its tick)")
-
 A, B = "sk-test-alfa-0001", "sk-test-bravo-0002"
 KEYS = [{"token": A, "name": "alfa"}, {"token": B, "name": "bravo"}]
 
@@ -34,8 +29,9 @@ def take_both_out(envoy, mock, retry_after: str) -> float:
 @pytest.mark.parametrize("mode", ["downstream", "upstream"])
 def test_requests_arriving_while_every_key_is_out_are_held_and_served_when_one_returns(envoy_factory, mock, mode):
     mock.set_keys({"keys": {A: {}, B: {}}})
+    # Two workers: the requests are held on both (wasm: a queue each; native: one for both).
     envoy = envoy_factory.start({"name": "p", "apiTokens": KEYS, "onAllUnavailable": "wait", "maxWaitMs": 5000,
-                                 "failover": {"cooldownDuration": 60000}}, filter_mode=mode)
+                                 "failover": {"cooldownDuration": 60000}}, filter_mode=mode, concurrency=2)
     out_at = take_both_out(envoy, mock, "1")
     results = parallel(lambda c, i: (c.chat(), time.monotonic()), 4, 4, connect=envoy.client)
     statuses = [r.status for r, _ in results]

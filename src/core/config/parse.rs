@@ -69,7 +69,7 @@ const FAILOVER_FIELDS: &[&str] = &[
 
 /// Parses the configuration, reading `fromEnv` keys from the VM's environment.
 pub fn parse(text: &[u8]) -> Result<PluginConfig, ConfigError> {
-    parse_with_env(text, &env_keys::process_env)
+    parse_with_env(text, &env_keys::HostEnv::WasmVm)
 }
 
 /// Parses the configuration; `env` answers the `fromEnv` entries of `apiTokens`.
