@@ -25,17 +25,19 @@ use super::abi::{
 };
 use super::shared::STORE;
 use crate::core::affinity;
+use crate::core::answer::{self, record_answer, CallAnswer};
 use crate::core::budget;
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::metrics::{MetricKind, MetricsHost};
 use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
+use crate::core::retry::{self, AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
 use crate::core::status::Verdict;
 use crate::core::store::{SharedData, StoreError};
+use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -288,17 +290,8 @@ impl Config {
         let Some((pool, key)) = pair else {
             return;
         };
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's router marks answers that came from the upstream; its own replies to the call
-        // (timeout, no healthy host, reset) say nothing about a key.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
         let answer = CheckAnswer {
-            status: status.filter(|_| from_upstream),
+            status: CallAnswer::of(headers, body).upstream_status(),
             headers,
             body,
         };
@@ -339,14 +332,6 @@ impl RequestFacts for Facts<'_> {
             .request_header(":authority")
             .map(|a| host_of_authority(&String::from_utf8_lossy(&a)))
     }
-}
-
-/// Upstream mode: which downstream request this attempt belongs to.
-struct Attempt {
-    /// Read with the request: an upstream filter cannot read request headers once the response
-    /// has begun, and any attempt may fail.
-    request_id: Option<String>,
-    is_retry: bool,
 }
 
 struct ErrorResponse {
@@ -393,14 +378,11 @@ impl<'c> Filter<'c> {
         let drop_pool_header = engine.config().has_fallbacks;
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream {
-            s.request_header("x-request-id").map(into_text)
+            s.request_header(REQUEST_ID_HEADER).map(into_text)
         } else {
             None
         };
-        let avoid = request_id
-            .as_deref()
-            .map(|id| engine.failed_for(id))
-            .unwrap_or_default();
+        let avoid = upstream_attempt::failed_before(&engine, request_id.as_deref());
         // One header read, only where `affinity` is configured; the value is only hashed.
         let session = profile
             .and_then(|p| engine.affinity_header(p))
@@ -497,13 +479,8 @@ impl<'c> Filter<'c> {
                     }
                 }
                 if upstream {
-                    if !avoid.is_empty() {
-                        engine.count_retry(assignment.profile, RetryOutcome::Started);
-                    }
-                    self.attempt = Some(Attempt {
-                        is_retry: !avoid.is_empty(),
-                        request_id,
-                    });
+                    self.attempt =
+                        Some(Attempt::keyed(&mut engine, assignment, request_id, &avoid));
                 } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
                     self.retry = Some(RetryState::new(
                         &engine,
@@ -527,13 +504,7 @@ impl<'c> Filter<'c> {
             }
             let body = s.whole_request_body();
             if let Some(retry) = self.retry.as_mut() {
-                let limit = retry.body_limit(&self.config.engine());
-                retry.body_complete = true;
-                if body.len() <= limit {
-                    retry.body = body.clone();
-                } else {
-                    retry.body_too_large = true;
-                }
+                retry.keep_whole_body(&body);
             }
             if let Some(new_body) = crate::core::rewrite::rewrite_model(&body, model) {
                 s.replace_request_body(&new_body);
@@ -545,21 +516,11 @@ impl<'c> Filter<'c> {
             return CONTINUE;
         };
         // Kept for a re-send as it streams past, up to the limit.
-        if !retry.body_too_large {
-            let limit = retry.body_limit(&self.config.engine());
-            if retry
-                .body
-                .len()
-                .saturating_add(s.received_request_body_size())
-                > limit
-            {
-                retry.body_too_large = true;
-                retry.body = Vec::new();
-            } else {
-                retry.body.extend(s.received_request_body(usize::MAX));
-            }
-        }
-        retry.body_complete = end_of_stream;
+        retry.keep_body_chunk(
+            end_of_stream,
+            || s.received_request_body_size(),
+            || Some(s.received_request_body(usize::MAX)),
+        );
         CONTINUE
     }
 
@@ -582,31 +543,14 @@ impl<'c> Filter<'c> {
         }
         let Some(status) = s
             .response_header(":status")
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
+            .and_then(|v| answer::parse_status(&v))
         else {
             engine.abandon(host, sent, now_ms());
             return CONTINUE;
         };
         let clock = Clock::new(&now_ms);
         if let Some(attempt) = &self.attempt {
-            // Before Envoy starts the next attempt, so that attempt avoids this key. A status
-            // that is not the key's fault is not remembered.
-            if let Some(id) = &attempt.request_id {
-                if status >= 400 {
-                    engine.note_failed_attempt(id, sent, status, clock.now());
-                } else {
-                    // No attempt follows an answer that reached the client.
-                    engine.forget_attempts(id);
-                }
-            }
-            if attempt.is_retry {
-                let outcome = if (200..300).contains(&status) {
-                    RetryOutcome::Succeeded
-                } else {
-                    RetryOutcome::Failed
-                };
-                engine.count_retry(sent.profile, outcome);
-            }
+            attempt.answered(&mut engine, sent, status, &clock);
         }
         let first_look = engine.verdict(sent.profile, status, false);
         // Asked only of answers that could count: a success needs no host call.
@@ -618,24 +562,16 @@ impl<'c> Filter<'c> {
             return CONTINUE;
         }
         if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && resend::retriable(&engine, sent.profile, status) {
+            if via_upstream && retry::retriable(&engine, sent.profile, status) {
                 record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
-                retry.tried.push(resend::tried_pair(&engine, sent));
-                let now = now_ms();
-                let mut own_cluster = || (Facts { stream: s }).cluster_name();
-                if let Some(next) = resend::plan(&mut engine, host, retry, now, &mut own_cluster) {
-                    // Unlocked while Envoy starts the call: it may answer a failed one at once.
-                    drop(engine);
-                    let id = send(s, &next);
-                    let mut engine = self.config.engine();
-                    match id {
-                        Some(id) => {
-                            resend::started(&mut engine, retry, id, next.sent);
-                            // Held back; the re-send's answer replaces it.
-                            return RESPONSE_HEADERS_STOP_ALL;
-                        }
-                        None => engine.abandon(host, next.sent, now),
-                    }
+                drop(engine);
+                let dispatch = NativeDispatch {
+                    config: self.config,
+                    stream: s,
+                };
+                if retry.after_first_failure(&dispatch, sent, now_ms()) {
+                    // Held back; the re-send's answer replaces it.
+                    return RESPONSE_HEADERS_STOP_ALL;
                 }
                 return CONTINUE;
             }
@@ -656,7 +592,7 @@ impl<'c> Filter<'c> {
         record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
         if first_look == Verdict::Success {
             // Only the remaining counts are read, and a reset only for a count that is 0.
-            resend::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
+            answer::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
                 budget::spent_for_ms(family, now_ms, |name| s.response_header(name))
             });
         }
@@ -686,85 +622,21 @@ impl<'c> Filter<'c> {
         headers: &[(String, Vec<u8>)],
         body: &[u8],
     ) {
-        let host = &self.config.host;
         let Some(retry) = self.retry.as_mut() else {
             s.continue_encoding();
             return;
         };
-        let Some((in_flight, sent)) = retry.in_flight.take() else {
-            s.continue_encoding();
-            return;
+        let dispatch = NativeDispatch {
+            config: self.config,
+            stream: s,
         };
-        if in_flight != id {
-            retry.in_flight = Some((in_flight, sent));
-            return;
-        }
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's router marks answers that came from the upstream; its own replies to the call
-        // (timeout, reset, no healthy host) say nothing about a key.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
-        let answer = match status {
-            Some(status) if from_upstream => CallAnswer::Upstream {
-                status,
-                headers,
-                body,
-            },
-            local => CallAnswer::Local(local),
-        };
-        let now = now_ms();
-        let mut own_cluster = || (Facts { stream: s }).cluster_name();
-        let mut engine = self.config.engine();
-        let outcome = match resend::on_answer(
-            &mut engine,
-            host,
-            retry,
-            sent,
-            answer,
-            now,
-            &mut own_cluster,
-        ) {
-            Next::Resend {
-                resend: next,
-                otherwise,
-            } => {
-                drop(engine);
-                let id = send(s, &next);
-                engine = self.config.engine();
-                match id {
-                    Some(id) => {
-                        resend::resent(&mut engine, retry, id, next.sent, sent);
-                        return;
-                    }
-                    None => {
-                        engine.abandon(host, next.sent, now);
-                        otherwise
-                    }
-                }
+        match retry.on_call_answer(&dispatch, id, headers, body, now_ms()) {
+            AfterCall::NotOurs | AfterCall::Resent => {}
+            AfterCall::PassThrough => s.continue_encoding(),
+            // The reply runs this filter's encoder hooks before it returns: no lock is held.
+            AfterCall::Reply(reply) => {
+                s.send_response(reply.status, &reply.headers(), reply.body, reply.details)
             }
-            Next::Done(outcome) => outcome,
-        };
-        let outcome = resend::conclude(&mut engine, sent, outcome);
-        let label = resend::reply_label(&engine, sent);
-        // The reply runs this filter's encoder hooks before it returns: no lock held.
-        drop(engine);
-        match outcome {
-            Outcome::NoAnswer => s.send_response(
-                502,
-                &[("content-type", b"application/json")],
-                resend::NO_ANSWER_BODY,
-                resend::NO_ANSWER_DETAILS,
-            ),
-            Outcome::Reply(status) => s.send_response(
-                status,
-                &resend::reply_headers(headers, label.as_deref()),
-                body,
-                resend::REPLY_DETAILS,
-            ),
         }
     }
 
@@ -773,11 +645,7 @@ impl<'c> Filter<'c> {
     /// the client hung up while it ran).
     pub fn complete(&mut self) {
         self.finish_error_response();
-        let in_flight = self
-            .retry
-            .as_mut()
-            .and_then(|r| r.in_flight.take())
-            .map(|(_, sent)| sent);
+        let in_flight = self.retry.as_mut().and_then(RetryState::take_in_flight);
         let unanswered = [self.chosen.take(), in_flight];
         if unanswered.iter().all(Option::is_none) {
             return;
@@ -793,7 +661,7 @@ impl<'c> Filter<'c> {
         let Some(reading) = self.reading_error.take() else {
             return;
         };
-        resend::judge_with_body(
+        answer::judge_with_body(
             &mut self.config.engine(),
             &self.config.host,
             reading.sent,
@@ -811,12 +679,11 @@ impl Drop for Filter<'_> {
     }
 }
 
-/// Sends a re-send as this stream's callout; its id, if it went out.
 /// Records a response whose headers are still Envoy's to read: they are read only when the
 /// verdict takes retry hints.
 fn record_live_answer(
     engine: &mut Engine,
-    host: &dyn crate::core::engine::Host,
+    host: &dyn Host,
     s: &Stream,
     sent: Assignment,
     status: u16,
@@ -831,13 +698,39 @@ fn record_live_answer(
     record_answer(engine, host, sent, status, verdict, &headers, None, clock);
 }
 
-fn send(s: &Stream, next: &Resend) -> Option<u64> {
-    s.http_callout(
-        &next.cluster,
-        &next.header_refs(),
-        &next.body,
-        next.timeout_ms,
-    )
+/// The retry state machine's host: this stream, and its config's engine (locked only while the
+/// engine decides or records, never while Envoy starts a call).
+struct NativeDispatch<'a> {
+    config: &'a Config,
+    stream: &'a Stream,
+}
+
+impl Dispatch for NativeDispatch<'_> {
+    type Engine<'e>
+        = MutexGuard<'e, Engine>
+    where
+        Self: 'e;
+    fn engine(&self) -> Option<MutexGuard<'_, Engine>> {
+        Some(self.config.engine())
+    }
+    fn host(&self) -> &dyn Host {
+        &self.config.host
+    }
+    fn own_cluster(&self) -> Option<String> {
+        (Facts {
+            stream: self.stream,
+        })
+        .cluster_name()
+    }
+    /// As this stream's callout, whose answer comes to `Filter::callout_done`.
+    fn send(&self, resend: &Resend) -> Option<u64> {
+        self.stream.http_callout(
+            &resend.cluster,
+            &resend.header_refs(),
+            &resend.body,
+            resend.timeout_ms,
+        )
+    }
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the filter does not key. Read
