@@ -1,11 +1,169 @@
-//! What an upstream answer says about its key: recording a live answer or a call's, its
-//! `preemptiveCooldown` budget, and reading the answer to a call of our own. Plain Rust for any
-//! host: the host reads the answer, this records what it means.
+//! What an upstream answer says about its key: a live response as its headers pass
+//! (`on_response_headers`, with its error body read as it streams past), or the answer to a call
+//! of our own; its `preemptiveCooldown` budget. Plain Rust for any host: the host reads and
+//! writes the response through `LiveResponse` (each read a host call, made only when needed);
+//! this decides what is read, what is recorded and whether `retryOnFailure` takes over.
 
 use crate::core::budget;
 use crate::core::engine::{Assignment, Clock, Engine, Host};
 use crate::core::hints;
+use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
+use crate::core::retry;
 use crate::core::status::Verdict;
+use crate::core::upstream_attempt::Attempt;
+
+/// Enough for any provider's error JSON; a longer body is judged on its start.
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A response whose headers are still the host's to read and write.
+pub trait LiveResponse {
+    fn header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Every header: costs more than any other host call, so read only when a hint needs them.
+    fn headers(&self) -> Vec<(String, Vec<u8>)>;
+    fn set_header(&self, name: &str, value: &[u8]);
+    /// Whether Envoy's router got the response from the upstream (`via_upstream`), rather than
+    /// answering itself (a timeout, a reset, no healthy upstream).
+    fn via_upstream(&self) -> bool;
+}
+
+/// What a host does after a response's headers.
+pub enum AfterHeaders {
+    /// Let the response go on.
+    Continue,
+    /// A failure `retryOnFailure` re-sends, recorded: the host hands it to
+    /// `RetryState::after_first_failure` with the engine released.
+    Retry,
+    /// A failure whose error body may change its verdict: read it as it streams past
+    /// (`ErrorBody::keep_chunk`), then `ErrorBody::judge`.
+    ReadBody(ErrorBody),
+}
+
+/// Judges a response to a request sent with `sent` as its headers pass: sets the key and pool
+/// headers with `exposeKeyName`, tells an upstream-mode `attempt` its status, records what the
+/// answer says about the key, and says what follows. `retries`: the request has
+/// `retryOnFailure` state (downstream mode).
+#[allow(clippy::too_many_arguments)]
+pub fn on_response_headers(
+    engine: &mut Engine,
+    host: &dyn Host,
+    live: &impl LiveResponse,
+    sent: Assignment,
+    attempt: Option<&Attempt>,
+    retries: bool,
+    end_of_stream: bool,
+    clock: &Clock,
+) -> AfterHeaders {
+    if engine
+        .profile(sent.profile)
+        .is_some_and(|p| p.expose_key_name)
+    {
+        if let Some(label) = engine.key_label(sent.profile, sent.key) {
+            live.set_header(KEY_NAME_HEADER, label.as_bytes());
+        }
+        if let Some((_, pool)) = engine.pool_of(sent.profile) {
+            live.set_header(POOL_HEADER, pool.as_bytes());
+        }
+    }
+    let Some(status) = live.header(":status").and_then(|s| parse_status(&s)) else {
+        engine.abandon(host, sent, clock.now());
+        return AfterHeaders::Continue;
+    };
+    if let Some(attempt) = attempt {
+        attempt.answered(engine, sent, status, clock);
+    }
+    // The verdict without an error body; only a 429 whose body is read can change it.
+    let first_look = engine.verdict(sent.profile, status, false);
+    // Asked only of answers that could count or be retried: a success needs no host call.
+    let via_upstream =
+        (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && live.via_upstream();
+    // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
+    if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
+        engine.record(host, sent, Verdict::Neutral, status, None, clock);
+        return AfterHeaders::Continue;
+    }
+    if retries && via_upstream && retry::retriable(engine, sent.profile, status) {
+        record_live(engine, host, live, sent, status, first_look, clock);
+        return AfterHeaders::Retry;
+    }
+    // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
+    let read_body =
+        attempt.is_none() && engine.wants_error_body(sent.profile, status) && !end_of_stream;
+    if read_body {
+        return AfterHeaders::ReadBody(ErrorBody {
+            sent,
+            status,
+            headers: live.headers(),
+            body: Vec::new(),
+        });
+    }
+    record_live(engine, host, live, sent, status, first_look, clock);
+    if first_look == Verdict::Success {
+        // Only the remaining counts are read, and a reset only for a count that is 0.
+        note_budget(engine, host, sent, clock, |family, now_ms| {
+            budget::spent_for_ms(family, now_ms, |name| live.header(name))
+        });
+    }
+    AfterHeaders::Continue
+}
+
+/// Records a live response: its headers are read only when the verdict takes retry hints.
+fn record_live(
+    engine: &mut Engine,
+    host: &dyn Host,
+    live: &impl LiveResponse,
+    sent: Assignment,
+    status: u16,
+    verdict: Verdict,
+    clock: &Clock,
+) {
+    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
+        live.headers()
+    } else {
+        Vec::new()
+    };
+    record_answer(engine, host, sent, status, verdict, &headers, None, clock);
+}
+
+/// A failure's error body (for `insufficient_quota` or a Gemini retry delay), read as it
+/// streams past; nothing is held back from the client.
+pub struct ErrorBody {
+    sent: Assignment,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl ErrorBody {
+    /// A chunk streamed past: `read` reads at most the given number of bytes of it, and is
+    /// called only while there is room. True when the body is complete or the room used up:
+    /// judge it now.
+    pub fn keep_chunk(
+        &mut self,
+        end_of_stream: bool,
+        read: impl FnOnce(usize) -> Option<Vec<u8>>,
+    ) -> bool {
+        let room = MAX_ERROR_BODY.saturating_sub(self.body.len());
+        if room > 0 {
+            if let Some(chunk) = read(room) {
+                self.body.extend_from_slice(&chunk);
+            }
+        }
+        end_of_stream || self.body.len() >= MAX_ERROR_BODY
+    }
+
+    /// Records the answer with what was read of its body (all of it, or the stream ended).
+    pub fn judge(self, engine: &mut Engine, host: &dyn Host, clock: &Clock) {
+        judge_with_body(
+            engine,
+            host,
+            self.sent,
+            self.status,
+            &self.headers,
+            &self.body,
+            clock,
+        );
+    }
+}
 
 /// Records what an upstream response says about its key; `headers` are needed only when the
 /// verdict takes retry hints (`Engine::wants_retry_hint`), `body` only for a body's hint.

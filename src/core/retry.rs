@@ -572,6 +572,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// A request of `config` whose first attempt failed with `status` and was sent again.
+    fn re_sent(config: &str, status: u16) -> (FakeDispatch, RetryState, Assignment) {
+        let d = FakeDispatch::new(config);
+        let (mut retry, first) = d.first_attempt(0, BODY, Some(status));
+        assert!(
+            retry.after_first_failure(&d, first, 1),
+            "a re-send went out"
+        );
+        (d, retry, first)
+    }
+
     /// Header pairs as a host hands them over.
     pub(crate) fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         pairs
@@ -599,14 +610,13 @@ pub(crate) mod tests {
     #[test]
     fn a_failure_goes_to_the_next_key_then_the_fallback_pool_with_its_model_and_the_success_is_relayed(
     ) {
-        let d = FakeDispatch::new(
+        let (d, mut retry, first) = re_sent(
             r#"{"name": "main", "apiTokens": ["sk-a", "sk-b"], "exposeKeyName": true,
                 "retryOnFailure": {"enabled": true, "maxRetries": 3, "retryTimeout": 7000},
                 "fallbacks": [{"name": "second", "apiTokens": ["sk-s"], "model": "m2",
                                "cluster": "second_cluster"}]}"#,
+            429,
         );
-        let (mut retry, first) = d.first_attempt(0, BODY, Some(429));
-        assert!(retry.after_first_failure(&d, first, 1));
         let resend = d.sent.borrow()[0].sent;
         {
             let sent = d.sent.borrow();
@@ -686,12 +696,11 @@ pub(crate) mod tests {
 
     #[test]
     fn after_max_retries_the_client_gets_the_last_failure() {
-        let d = FakeDispatch::new(
+        let (d, mut retry, _) = re_sent(
             r#"{"name": "p", "apiTokens": ["sk-a", "sk-b", "sk-c"],
                 "retryOnFailure": {"enabled": true, "maxRetries": 1}}"#,
+            429,
         );
-        let (mut retry, first) = d.first_attempt(0, BODY, Some(429));
-        assert!(retry.after_first_failure(&d, first, 1));
         let limited = upstream("429", &[("retry-after", "3")]);
         let AfterCall::Reply(reply) = retry.on_call_answer(&d, 101, &limited, b"slow down", 2)
         else {
@@ -733,12 +742,11 @@ pub(crate) mod tests {
 
     #[test]
     fn an_answer_envoy_gave_itself_spares_the_key_and_the_next_one_is_tried() {
-        let d = FakeDispatch::new(
+        let (d, mut retry, first) = re_sent(
             r#"{"name": "p", "apiTokens": ["sk-a", "sk-b", "sk-c"], "onAllUnavailable": "reject",
                 "retryOnFailure": {"enabled": true, "maxRetries": 2}}"#,
+            429,
         );
-        let (mut retry, first) = d.first_attempt(0, BODY, Some(429));
-        assert!(retry.after_first_failure(&d, first, 1));
         let timed_out = pairs(&[(":status", "504"), ("content-type", "text/plain")]);
         assert_eq!(
             retry.on_call_answer(&d, 101, &timed_out, b"upstream request timeout", 2),
@@ -779,12 +787,11 @@ pub(crate) mod tests {
 
     #[test]
     fn envoys_own_answer_is_relayed_when_no_key_is_left() {
-        let d = FakeDispatch::new(
+        let (d, mut retry, _) = re_sent(
             r#"{"name": "p", "apiTokens": ["sk-a", "sk-b"],
                 "retryOnFailure": {"enabled": true, "maxRetries": 3}}"#,
+            503,
         );
-        let (mut retry, first) = d.first_attempt(0, BODY, Some(503));
-        assert!(retry.after_first_failure(&d, first, 1));
         let reset = pairs(&[(":status", "503"), ("content-type", "text/plain")]);
         let AfterCall::Reply(reply) = retry.on_call_answer(&d, 101, &reset, b"reset", 2) else {
             panic!("Envoy's answer is relayed");
@@ -795,13 +802,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_re_send_the_host_could_not_send_gives_its_key_back_and_the_client_gets_the_failure() {
-        let d = FakeDispatch::new(
+    fn a_re_send_the_host_could_not_send_leaves_the_client_with_the_last_failure() {
+        let (d, mut retry, _) = re_sent(
             r#"{"name": "p", "apiTokens": ["sk-a", "sk-b", "sk-c"],
                 "retryOnFailure": {"enabled": true, "maxRetries": 2}}"#,
+            429,
         );
-        let (mut retry, first) = d.first_attempt(0, BODY, Some(429));
-        assert!(retry.after_first_failure(&d, first, 1));
         d.refuse.set(true);
         let failed = upstream("500", &[]);
         let AfterCall::Reply(reply) = retry.on_call_answer(&d, 101, &failed, b"oops", 2) else {

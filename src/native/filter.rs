@@ -25,22 +25,17 @@ use super::abi::{
 };
 use super::shared::STORE;
 use crate::core::affinity;
-use crate::core::answer::{self, record_answer, CallAnswer};
-use crate::core::budget;
+use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::metrics::{MetricKind, MetricsHost};
-use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::retry::{self, AfterCall, Dispatch, Resend, RetryState};
+use crate::core::reply::{self, POOL_HEADER};
+use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
-use crate::core::status::Verdict;
 use crate::core::store::{SharedData, StoreError};
 use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
-
-/// Enough for any provider's error JSON; a longer body is judged on its start.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -334,13 +329,6 @@ impl RequestFacts for Facts<'_> {
     }
 }
 
-struct ErrorResponse {
-    sent: Assignment,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
 /// One stream's state.
 pub struct Filter<'c> {
     config: &'c Config,
@@ -348,7 +336,7 @@ pub struct Filter<'c> {
     chosen: Option<Assignment>,
     attempt: Option<Attempt>,
     /// A 429 whose body is being read as it streams past; nothing is held back from the client.
-    reading_error: Option<ErrorResponse>,
+    reading_error: Option<ErrorBody>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
     /// Downstream `retryOnFailure`: the request kept for re-sends, and the one in flight.
@@ -528,73 +516,32 @@ impl<'c> Filter<'c> {
         let Some(sent) = self.chosen.take() else {
             return CONTINUE;
         };
-        let host = &self.config.host;
-        let mut engine = self.config.engine();
-        if engine
-            .profile(sent.profile)
-            .is_some_and(|p| p.expose_key_name)
-        {
-            if let Some(label) = engine.key_label(sent.profile, sent.key) {
-                s.set_response_header(KEY_NAME_HEADER, label.as_bytes());
-            }
-            if let Some((_, pool)) = engine.pool_of(sent.profile) {
-                s.set_response_header(POOL_HEADER, pool.as_bytes());
-            }
-        }
-        let Some(status) = s
-            .response_header(":status")
-            .and_then(|v| answer::parse_status(&v))
-        else {
-            engine.abandon(host, sent, now_ms());
-            return CONTINUE;
-        };
+        let config = self.config;
         let clock = Clock::new(&now_ms);
-        if let Some(attempt) = &self.attempt {
-            attempt.answered(&mut engine, sent, status, &clock);
-        }
-        let first_look = engine.verdict(sent.profile, status, false);
-        // Asked only of answers that could count: a success needs no host call.
-        let via_upstream = (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400)
-            && s.attribute(Attribute::ResponseCodeDetails).as_deref() == Some(b"via_upstream");
-        // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(host, sent, Verdict::Neutral, status, None, &clock);
-            return CONTINUE;
-        }
-        if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && retry::retriable(&engine, sent.profile, status) {
-                record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
-                drop(engine);
-                let dispatch = NativeDispatch {
-                    config: self.config,
-                    stream: s,
-                };
-                if retry.after_first_failure(&dispatch, sent, now_ms()) {
+        let after = answer::on_response_headers(
+            &mut config.engine(),
+            &config.host,
+            &NativeResponse(s),
+            sent,
+            self.attempt.as_ref(),
+            self.retry.is_some(),
+            end_of_stream,
+            &clock,
+        );
+        match after {
+            AfterHeaders::Continue => {}
+            AfterHeaders::ReadBody(body) => self.reading_error = Some(body),
+            AfterHeaders::Retry => {
+                let dispatch = NativeDispatch { config, stream: s };
+                let resent = self
+                    .retry
+                    .as_mut()
+                    .is_some_and(|retry| retry.after_first_failure(&dispatch, sent, clock.now()));
+                if resent {
                     // Held back; the re-send's answer replaces it.
                     return RESPONSE_HEADERS_STOP_ALL;
                 }
-                return CONTINUE;
             }
-        }
-        // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
-        let read_body = self.attempt.is_none()
-            && engine.wants_error_body(sent.profile, status)
-            && !end_of_stream;
-        if read_body {
-            self.reading_error = Some(ErrorResponse {
-                sent,
-                status,
-                headers: s.response_headers(),
-                body: Vec::new(),
-            });
-            return CONTINUE;
-        }
-        record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
-        if first_look == Verdict::Success {
-            // Only the remaining counts are read, and a reset only for a count that is 0.
-            answer::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
-                budget::spent_for_ms(family, now_ms, |name| s.response_header(name))
-            });
         }
         CONTINUE
     }
@@ -603,11 +550,7 @@ impl<'c> Filter<'c> {
         let Some(reading) = self.reading_error.as_mut() else {
             return CONTINUE;
         };
-        let room = MAX_ERROR_BODY.saturating_sub(reading.body.len());
-        if room > 0 {
-            reading.body.extend(s.received_response_body(room));
-        }
-        if end_of_stream || reading.body.len() >= MAX_ERROR_BODY {
+        if reading.keep_chunk(end_of_stream, |room| Some(s.received_response_body(room))) {
             self.finish_error_response();
         }
         CONTINUE
@@ -658,18 +601,10 @@ impl<'c> Filter<'c> {
     }
 
     fn finish_error_response(&mut self) {
-        let Some(reading) = self.reading_error.take() else {
-            return;
-        };
-        answer::judge_with_body(
-            &mut self.config.engine(),
-            &self.config.host,
-            reading.sent,
-            reading.status,
-            &reading.headers,
-            &reading.body,
-            &Clock::new(&now_ms),
-        );
+        if let Some(reading) = self.reading_error.take() {
+            let config = self.config;
+            reading.judge(&mut config.engine(), &config.host, &Clock::new(&now_ms));
+        }
     }
 }
 
@@ -679,23 +614,22 @@ impl Drop for Filter<'_> {
     }
 }
 
-/// Records a response whose headers are still Envoy's to read: they are read only when the
-/// verdict takes retry hints.
-fn record_live_answer(
-    engine: &mut Engine,
-    host: &dyn Host,
-    s: &Stream,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    clock: &Clock,
-) {
-    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
-        s.response_headers()
-    } else {
-        Vec::new()
-    };
-    record_answer(engine, host, sent, status, verdict, &headers, None, clock);
+/// A response whose headers are still Envoy's to read and write.
+struct NativeResponse<'s>(&'s Stream);
+
+impl LiveResponse for NativeResponse<'_> {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.response_header(name)
+    }
+    fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.0.response_headers()
+    }
+    fn set_header(&self, name: &str, value: &[u8]) {
+        self.0.set_response_header(name, value);
+    }
+    fn via_upstream(&self) -> bool {
+        self.0.attribute(Attribute::ResponseCodeDetails).as_deref() == Some(b"via_upstream")
+    }
 }
 
 /// The retry state machine's host: this stream, and its config's engine (locked only while the

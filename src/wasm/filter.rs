@@ -13,23 +13,18 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::core::affinity;
-use crate::core::answer::{self, CallAnswer};
-use crate::core::budget;
+use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
-use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::retry::{self, AfterCall, Dispatch, Resend, RetryState};
+use crate::core::reply::{self, POOL_HEADER};
+use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rewrite::rewrite_model;
 use crate::core::rules::{host_of_authority, RequestFacts};
-use crate::core::status::Verdict;
 use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 use crate::core::waiting::{self, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
 use crate::wasm::host::{self, HostShared};
-
-/// Enough for any provider's error JSON; a longer body is judged on its start.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -520,7 +515,7 @@ struct Request {
     attempt: Option<Attempt>,
     /// A 429 whose body is being read (for `insufficient_quota` or a Gemini retry delay) as it
     /// streams past; nothing is held back from the client.
-    reading_error: Option<ErrorResponse>,
+    reading_error: Option<ErrorBody>,
     retry: Option<RetryState>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
@@ -528,13 +523,6 @@ struct Request {
     /// Set while `onAllUnavailable: wait` holds this request, until it adopts what it was sent
     /// on with.
     held: Option<Rc<Held>>,
-}
-
-struct ErrorResponse {
-    sent: Assignment,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
 }
 
 impl Context for Request {
@@ -709,15 +697,7 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        answer::judge_with_body(
-            &mut engine,
-            &HostShared,
-            reading.sent,
-            reading.status,
-            &reading.headers,
-            &reading.body,
-            &Clock::new(&host::now_ms),
-        );
+        reading.judge(&mut engine, &HostShared, &Clock::new(&host::now_ms));
     }
 }
 
@@ -842,65 +822,33 @@ impl HttpContext for Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return Action::Continue;
         };
-        if engine
-            .profile(sent.profile)
-            .is_some_and(|p| p.expose_key_name)
-        {
-            if let Some(label) = engine.key_label(sent.profile, sent.key) {
-                host::set_response_header(KEY_NAME_HEADER, label.as_bytes());
-            }
-            if let Some((_, pool)) = engine.pool_of(sent.profile) {
-                host::set_response_header(POOL_HEADER, pool.as_bytes());
-            }
-        }
-        let Some(status) = host::response_header(":status").and_then(|s| answer::parse_status(&s))
-        else {
-            engine.abandon(&HostShared, sent, host::now_ms());
-            return Action::Continue;
-        };
         // Most responses (a success on a healthy key) never need the time.
         let clock = Clock::new(&host::now_ms);
-        if let Some(attempt) = &self.attempt {
-            attempt.answered(&mut engine, sent, status, &clock);
-        }
-        // The verdict without an error body; only a 429 whose body is read can change it.
-        let first_look = engine.verdict(sent.profile, status, false);
-        // Asked only of answers that could count or be retried: a success needs no host call.
-        let via_upstream =
-            (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && from_upstream();
-        // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(&HostShared, sent, Verdict::Neutral, status, None, &clock);
-            return Action::Continue;
-        }
-        if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && retry::retriable(&engine, sent.profile, status) {
-                record_live_answer(&mut engine, sent, status, first_look, &clock);
-                drop(engine);
+        let after = answer::on_response_headers(
+            &mut engine,
+            &HostShared,
+            &WasmResponse,
+            sent,
+            self.attempt.as_ref(),
+            self.retry.is_some(),
+            end_of_stream,
+            &clock,
+        );
+        drop(engine);
+        match after {
+            AfterHeaders::Continue => {}
+            AfterHeaders::ReadBody(body) => self.reading_error = Some(body),
+            AfterHeaders::Retry => {
                 let dispatch = WasmDispatch { shared: &shared };
-                if retry.after_first_failure(&dispatch, sent, clock.now()) {
+                let resent = self
+                    .retry
+                    .as_mut()
+                    .is_some_and(|retry| retry.after_first_failure(&dispatch, sent, clock.now()));
+                if resent {
                     // Hold this answer back; the re-send's answer replaces it.
                     return Action::Pause;
                 }
-                return Action::Continue;
             }
-        }
-        // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
-        let read_body = self.attempt.is_none()
-            && engine.wants_error_body(sent.profile, status)
-            && !end_of_stream;
-        if read_body {
-            self.reading_error = Some(ErrorResponse {
-                sent,
-                status,
-                headers: host::response_headers(),
-                body: Vec::new(),
-            });
-            return Action::Continue;
-        }
-        record_live_answer(&mut engine, sent, status, first_look, &clock);
-        if first_look == Verdict::Success {
-            note_budget(&mut engine, sent, &clock, None);
         }
         Action::Continue
     }
@@ -909,13 +857,9 @@ impl HttpContext for Request {
         let Some(reading) = self.reading_error.as_mut() else {
             return Action::Continue;
         };
-        let room = MAX_ERROR_BODY.saturating_sub(reading.body.len());
-        if room > 0 {
-            if let Some(chunk) = host::response_body(body_size.min(room)) {
-                reading.body.extend_from_slice(&chunk);
-            }
-        }
-        if end_of_stream || reading.body.len() >= MAX_ERROR_BODY {
+        if reading.keep_chunk(end_of_stream, |room| {
+            host::response_body(body_size.min(room))
+        }) {
             self.finish_error_response();
         }
         Action::Continue
@@ -1071,55 +1015,22 @@ impl Drop for Request {
     }
 }
 
-/// Records a response whose headers are still the host's to read: they are read only when the
-/// verdict takes retry hints, as reading them all costs more than any other host call.
-fn record_live_answer(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    clock: &Clock,
-) {
-    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
+/// The response of the request whose callback is running, as the host has it.
+struct WasmResponse;
+
+impl LiveResponse for WasmResponse {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        host::response_header(name)
+    }
+    fn headers(&self) -> Vec<(String, Vec<u8>)> {
         host::response_headers()
-    } else {
-        Vec::new()
-    };
-    answer::record_answer(
-        engine,
-        &HostShared,
-        sent,
-        status,
-        verdict,
-        &headers,
-        None,
-        clock,
-    );
-}
-
-/// `preemptiveCooldown` (see `answer::note_budget`). `headers`: the answer's headers when
-/// already read (a re-send's); otherwise only the remaining counts are read from the host, and a
-/// reset only for a count that is 0.
-fn note_budget(
-    engine: &mut Engine,
-    sent: Assignment,
-    clock: &Clock,
-    headers: Option<&[(String, Vec<u8>)]>,
-) {
-    answer::note_budget(
-        engine,
-        &HostShared,
-        sent,
-        clock,
-        |family, now_ms| match headers {
-            Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
-            None => budget::spent_for_ms(family, now_ms, host::response_header),
-        },
-    );
-}
-
-fn from_upstream() -> bool {
-    host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+    }
+    fn set_header(&self, name: &str, value: &[u8]) {
+        host::set_response_header(name, value);
+    }
+    fn via_upstream(&self) -> bool {
+        host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+    }
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the plugin does not key. Read
