@@ -303,8 +303,131 @@ impl<'a> CallAnswer<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::{Cell, RefCell};
+
     use super::*;
+    use crate::core::engine::tests::{NoFacts, TestHost};
+    use crate::core::engine::Decision;
     use crate::core::retry::tests::pairs as headers;
+
+    /// A response as a host has it; counts the host calls that cost.
+    struct FakeResponse {
+        headers: Vec<(String, Vec<u8>)>,
+        via_upstream: bool,
+        set: RefCell<Vec<(String, Vec<u8>)>>,
+        upstream_asked: Cell<u32>,
+        all_read: Cell<u32>,
+    }
+
+    impl FakeResponse {
+        fn new(pairs: &[(&str, &str)], via_upstream: bool) -> Self {
+            FakeResponse {
+                headers: headers(pairs),
+                via_upstream,
+                set: RefCell::default(),
+                upstream_asked: Cell::new(0),
+                all_read: Cell::new(0),
+            }
+        }
+    }
+
+    impl LiveResponse for FakeResponse {
+        fn header(&self, name: &str) -> Option<Vec<u8>> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        }
+        fn headers(&self) -> Vec<(String, Vec<u8>)> {
+            self.all_read.set(self.all_read.get() + 1);
+            self.headers.clone()
+        }
+        fn set_header(&self, name: &str, value: &[u8]) {
+            self.set
+                .borrow_mut()
+                .push((name.to_string(), value.to_vec()));
+        }
+        fn via_upstream(&self) -> bool {
+            self.upstream_asked.set(self.upstream_asked.get() + 1);
+            self.via_upstream
+        }
+    }
+
+    /// Sends one request of a two-key pool and judges its response's headers; then the key the
+    /// next request gets (every key but a rested one serves in turn).
+    fn judge(
+        config: &str,
+        response: &FakeResponse,
+        retries: bool,
+    ) -> (AfterHeaders, Assignment, Vec<usize>) {
+        let host = TestHost::default();
+        let mut e = Engine::new(crate::core::config::parse(config.as_bytes()).unwrap(), 1);
+        e.start(&host, 0);
+        let profile = e.profile_for(&mut NoFacts).unwrap();
+        let Decision::UseKey(sent) = e.decide(&host, Some(profile), &Clock::at(0), &[]) else {
+            panic!("a key");
+        };
+        let clock = Clock::at(1);
+        let after =
+            on_response_headers(&mut e, &host, response, sent, None, retries, false, &clock);
+        let next = (0..4)
+            .filter_map(
+                |_| match e.decide(&host, Some(profile), &Clock::at(2), &[]) {
+                    Decision::UseKey(a) => Some(a.key),
+                    _ => None,
+                },
+            )
+            .collect();
+        (after, sent, next)
+    }
+
+    const POOL: &str = r#"{"name": "p", "apiTokens": ["sk-a", "sk-b"], "exposeKeyName": true,
+        "retryOnFailure": {"enabled": true}}"#;
+
+    #[test]
+    fn a_success_costs_no_extra_host_call_and_names_its_key() {
+        let ok = FakeResponse::new(&[(":status", "200")], true);
+        let (after, _, next) = judge(POOL, &ok, true);
+        assert!(matches!(after, AfterHeaders::Continue));
+        assert_eq!((ok.upstream_asked.get(), ok.all_read.get()), (0, 0));
+        let set: Vec<String> = ok.set.borrow().iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(set, [KEY_NAME_HEADER, POOL_HEADER]);
+        assert!(next.contains(&0) && next.contains(&1), "both keys serve on");
+    }
+
+    #[test]
+    fn envoys_own_failure_spares_the_key_and_is_not_retried() {
+        let own = FakeResponse::new(&[(":status", "503")], false);
+        let (after, _, next) = judge(POOL, &own, true);
+        assert!(matches!(after, AfterHeaders::Continue));
+        assert!(next.contains(&0) && next.contains(&1), "both keys serve on");
+    }
+
+    #[test]
+    fn an_upstream_failure_rests_its_key_and_goes_to_retry_or_has_its_body_read() {
+        let limited = FakeResponse::new(&[(":status", "429"), ("retry-after", "30")], true);
+        let (after, sent, next) = judge(POOL, &limited, true);
+        assert!(matches!(after, AfterHeaders::Retry));
+        assert_eq!(limited.all_read.get(), 1, "read for its hint");
+        assert!(!next.contains(&sent.key), "{next:?}: the key rests");
+        // Without retryOnFailure, a 429's body may say more: it is read before judging.
+        let (after, sent, next) = judge(POOL, &limited, false);
+        let AfterHeaders::ReadBody(mut body) = after else {
+            panic!("the body is read");
+        };
+        assert!(next.contains(&sent.key), "not judged before its body");
+        assert!(!body.keep_chunk(false, |room| Some(vec![b' '; room.min(10)])));
+        assert!(
+            body.keep_chunk(false, |room| Some(vec![b' '; room])),
+            "full"
+        );
+        assert!(body.keep_chunk(true, |_| panic!("no room left")));
+        let missing = FakeResponse::new(&[], true);
+        assert!(matches!(
+            judge(POOL, &missing, true).0,
+            AfterHeaders::Continue
+        ));
+    }
 
     #[test]
     fn only_an_answer_the_router_marks_as_the_upstreams_is_the_upstreams() {
