@@ -8,12 +8,11 @@ use crate::core::budget;
 use crate::core::engine::{Assignment, Clock, Engine, Host};
 use crate::core::hints;
 use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::retry;
-use crate::core::status::Verdict;
+use crate::core::status::{Verdict, NEVER_THE_KEYS_FAULT};
 use crate::core::upstream_attempt::Attempt;
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
-pub const MAX_ERROR_BODY: usize = 64 * 1024;
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// A response whose headers are still the host's to read and write.
 pub trait LiveResponse {
@@ -81,7 +80,7 @@ pub fn on_response_headers(
         engine.record(host, sent, Verdict::Neutral, status, None, clock);
         return AfterHeaders::Continue;
     }
-    if retries && via_upstream && retry::retriable(engine, sent.profile, status) {
+    if retries && via_upstream && retriable(engine, sent.profile, status) {
         record_live(engine, host, live, sent, status, first_look, clock);
         return AfterHeaders::Retry;
     }
@@ -104,6 +103,15 @@ pub fn on_response_headers(
         });
     }
     AfterHeaders::Continue
+}
+
+/// Whether `retryOnFailure` re-sends after this status: a failure another key could cure.
+pub fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
+    engine.profile(profile).is_some_and(|p| {
+        p.retry.enabled
+            && !NEVER_THE_KEYS_FAULT.contains(&status)
+            && p.retry.on_status.iter().any(|s| s.matches(status))
+    })
 }
 
 /// Records a live response: its headers are read only when the verdict takes retry hints.
@@ -252,7 +260,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// A `:status` header's value as a number; None when it is not one.
-pub fn parse_status(value: &[u8]) -> Option<u16> {
+fn parse_status(value: &[u8]) -> Option<u16> {
     std::str::from_utf8(value).ok()?.parse::<u16>().ok()
 }
 
@@ -302,13 +310,20 @@ impl<'a> CallAnswer<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::cell::{Cell, RefCell};
 
     use super::*;
     use crate::core::engine::tests::{NoFacts, TestHost};
     use crate::core::engine::Decision;
-    use crate::core::retry::tests::pairs as headers;
+
+    /// Header pairs as a host hands them over.
+    pub(crate) fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
 
     /// A response as a host has it; counts the host calls that cost.
     struct FakeResponse {

@@ -11,12 +11,12 @@
 
 use std::ops::DerefMut;
 
-use crate::core::answer::{is_hop_by_hop, judge_with_body, note_budget, CallAnswer};
+use crate::core::answer::{is_hop_by_hop, judge_with_body, note_budget, retriable, CallAnswer};
 use crate::core::budget;
 use crate::core::engine::{Assignment, Clock, Decision, Engine, Host, RetryOutcome};
 use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
 use crate::core::rewrite::rewrite_model;
-use crate::core::status::{Verdict, NEVER_THE_KEYS_FAULT};
+use crate::core::status::Verdict;
 
 /// What the state machine needs from a host, for one request.
 pub trait Dispatch {
@@ -36,17 +36,8 @@ pub trait Dispatch {
     fn send(&self, resend: &Resend) -> Option<u64>;
 }
 
-/// Whether `retryOnFailure` re-sends after this status.
-pub fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
-    engine.profile(profile).is_some_and(|p| {
-        p.retry.enabled
-            && !NEVER_THE_KEYS_FAULT.contains(&status)
-            && p.retry.on_status.iter().any(|s| s.matches(status))
-    })
-}
-
 /// The (pool, key) a request was sent with, as `Engine::decide` takes keys to avoid.
-pub fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
+fn tried_pair(engine: &Engine, sent: Assignment) -> (usize, usize) {
     (
         engine
             .pool_of(sent.profile)
@@ -122,9 +113,9 @@ pub struct Reply<'a> {
     key_name: Option<String>,
 }
 
-pub const NO_ANSWER_DETAILS: &str = "ai_key_failover_retry_failed";
-pub const NO_ANSWER_BODY: &[u8] = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
-pub const REPLY_DETAILS: &str = "ai_key_failover_retried";
+const NO_ANSWER_DETAILS: &str = "ai_key_failover_retry_failed";
+const NO_ANSWER_BODY: &[u8] = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
+const REPLY_DETAILS: &str = "ai_key_failover_retried";
 
 impl Reply<'_> {
     /// The reply's headers: the last answer's without pseudo-headers, connection headers and
@@ -441,12 +432,14 @@ impl RetryState {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::cell::{Cell, RefCell, RefMut};
 
     use super::*;
     use crate::core::answer::record_answer;
+    use crate::core::answer::tests::headers as pairs;
     use crate::core::engine::tests::{NoFacts, TestHost};
+    use crate::core::status::NEVER_THE_KEYS_FAULT;
 
     /// A host that sends nothing: it keeps what it was asked to send and numbers the calls.
     struct FakeDispatch {
@@ -581,14 +574,6 @@ pub(crate) mod tests {
             "a re-send went out"
         );
         (d, retry, first)
-    }
-
-    /// Header pairs as a host hands them over.
-    pub(crate) fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-            .collect()
     }
 
     fn upstream(status: &str, more: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
