@@ -1230,7 +1230,7 @@ pub(crate) mod tests {
     #[derive(Default)]
     pub(crate) struct TestHost {
         shared: FakeShared,
-        metrics: FakeMetrics,
+        pub(crate) metrics: FakeMetrics,
     }
 
     impl SharedData for TestHost {
@@ -1254,7 +1254,7 @@ pub(crate) mod tests {
         }
     }
 
-    struct NoFacts;
+    pub(crate) struct NoFacts;
     impl RequestFacts for NoFacts {
         fn route_name(&mut self) -> Option<String> {
             None

@@ -3,11 +3,12 @@
 //!
 //! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
 //! their transitions) → `select` (which key a request gets) → `status` and `hints` (what an
-//! answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
-//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
+//! answer means) → `engine` (one worker's view, tying these together) → `answer` (recording
+//! what an upstream answer says) → `retry`, `upstream_attempt` and `health` (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
 //! names and updates stats.
 
 pub mod affinity;
+pub mod answer;
 pub mod attempts;
 pub mod budget;
 pub mod codec;
@@ -20,11 +21,12 @@ pub mod hints;
 pub mod metrics;
 pub mod pool;
 pub mod reply;
-pub mod resend;
+pub mod retry;
 pub mod rewrite;
 pub mod rules;
 pub mod schedule;
 pub mod select;
 pub mod status;
 pub mod store;
+pub mod upstream_attempt;
 pub mod waiting;

@@ -28,22 +28,19 @@ use super::abi::{
 use super::shared::STORE;
 use super::waiting::{Held, Waiting};
 use crate::core::affinity;
-use crate::core::budget;
+use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
+use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::env_keys::HostEnv;
 use crate::core::metrics::{MetricKind, MetricsHost};
-use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::resend::{self, record_answer, CallAnswer, Next, Outcome, Resend, RetryState};
+use crate::core::reply::{self, POOL_HEADER};
+use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
-use crate::core::status::Verdict;
 use crate::core::store::{SharedData, StoreError};
+use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 use crate::core::waiting::{Arrival, HELD_TICK_MS};
-
-/// Enough for any provider's error JSON; a longer body is judged on its start.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -315,17 +312,8 @@ impl Config {
         let Some((pool, key)) = pair else {
             return;
         };
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's router marks answers that came from the upstream; its own replies to the call
-        // (timeout, no healthy host, reset) say nothing about a key.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
         let answer = CheckAnswer {
-            status: status.filter(|_| from_upstream),
+            status: CallAnswer::of(headers, body).upstream_status(),
             headers,
             body,
         };
@@ -368,21 +356,6 @@ impl RequestFacts for Facts<'_> {
     }
 }
 
-/// Upstream mode: which downstream request this attempt belongs to.
-struct Attempt {
-    /// Read with the request: an upstream filter cannot read request headers once the response
-    /// has begun, and any attempt may fail.
-    request_id: Option<String>,
-    is_retry: bool,
-}
-
-struct ErrorResponse {
-    sent: Assignment,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
 /// One stream's state.
 pub struct Filter<'c> {
     config: &'c Config,
@@ -390,7 +363,7 @@ pub struct Filter<'c> {
     chosen: Option<Assignment>,
     attempt: Option<Attempt>,
     /// A 429 whose body is being read as it streams past; nothing is held back from the client.
-    reading_error: Option<ErrorResponse>,
+    reading_error: Option<ErrorBody>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
     /// Downstream `retryOnFailure`: the request kept for re-sends, and the one in flight.
@@ -423,14 +396,11 @@ impl<'c> Filter<'c> {
         let drop_pool_header = engine.config().has_fallbacks;
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream {
-            s.request_header("x-request-id").map(into_text)
+            s.request_header(REQUEST_ID_HEADER).map(into_text)
         } else {
             None
         };
-        let avoid = request_id
-            .as_deref()
-            .map(|id| engine.failed_for(id))
-            .unwrap_or_default();
+        let avoid = upstream_attempt::failed_before(&engine, request_id.as_deref());
         // One header read, only where `affinity` is configured; the value is only hashed.
         let session = profile
             .and_then(|p| engine.affinity_header(p))
@@ -607,13 +577,8 @@ impl<'c> Filter<'c> {
                     }
                 }
                 if upstream {
-                    if !avoid.is_empty() {
-                        engine.count_retry(assignment.profile, RetryOutcome::Started);
-                    }
-                    self.attempt = Some(Attempt {
-                        is_retry: !avoid.is_empty(),
-                        request_id,
-                    });
+                    self.attempt =
+                        Some(Attempt::keyed(&mut engine, assignment, request_id, &avoid));
                 } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
                     self.retry = Some(RetryState::new(
                         &engine,
@@ -637,13 +602,7 @@ impl<'c> Filter<'c> {
             }
             let body = s.whole_request_body();
             if let Some(retry) = self.retry.as_mut() {
-                let limit = retry.body_limit(&self.config.engine());
-                retry.body_complete = true;
-                if body.len() <= limit {
-                    retry.body = body.clone();
-                } else {
-                    retry.body_too_large = true;
-                }
+                retry.keep_whole_body(&body);
             }
             if let Some(new_body) = crate::core::rewrite::rewrite_model(&body, model) {
                 s.replace_request_body(&new_body);
@@ -655,21 +614,11 @@ impl<'c> Filter<'c> {
             return CONTINUE;
         };
         // Kept for a re-send as it streams past, up to the limit.
-        if !retry.body_too_large {
-            let limit = retry.body_limit(&self.config.engine());
-            if retry
-                .body
-                .len()
-                .saturating_add(s.received_request_body_size())
-                > limit
-            {
-                retry.body_too_large = true;
-                retry.body = Vec::new();
-            } else {
-                retry.body.extend(s.received_request_body(usize::MAX));
-            }
-        }
-        retry.body_complete = end_of_stream;
+        retry.keep_body_chunk(
+            end_of_stream,
+            || s.received_request_body_size(),
+            || Some(s.received_request_body(usize::MAX)),
+        );
         CONTINUE
     }
 
@@ -677,98 +626,32 @@ impl<'c> Filter<'c> {
         let Some(sent) = self.chosen.take() else {
             return CONTINUE;
         };
-        let host = &self.config.host;
-        let mut engine = self.config.engine();
-        if engine
-            .profile(sent.profile)
-            .is_some_and(|p| p.expose_key_name)
-        {
-            if let Some(label) = engine.key_label(sent.profile, sent.key) {
-                s.set_response_header(KEY_NAME_HEADER, label.as_bytes());
-            }
-            if let Some((_, pool)) = engine.pool_of(sent.profile) {
-                s.set_response_header(POOL_HEADER, pool.as_bytes());
-            }
-        }
-        let Some(status) = s
-            .response_header(":status")
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
-        else {
-            engine.abandon(host, sent, now_ms());
-            return CONTINUE;
-        };
+        let config = self.config;
         let clock = Clock::new(&now_ms);
-        if let Some(attempt) = &self.attempt {
-            // Before Envoy starts the next attempt, so that attempt avoids this key. A status
-            // that is not the key's fault is not remembered.
-            if let Some(id) = &attempt.request_id {
-                if status >= 400 {
-                    engine.note_failed_attempt(id, sent, status, clock.now());
-                } else {
-                    // No attempt follows an answer that reached the client.
-                    engine.forget_attempts(id);
+        let after = answer::on_response_headers(
+            &mut config.engine(),
+            &config.host,
+            &NativeResponse(s),
+            sent,
+            self.attempt.as_ref(),
+            self.retry.is_some(),
+            end_of_stream,
+            &clock,
+        );
+        match after {
+            AfterHeaders::Continue => {}
+            AfterHeaders::ReadBody(body) => self.reading_error = Some(body),
+            AfterHeaders::Retry => {
+                let dispatch = NativeDispatch { config, stream: s };
+                let resent = self
+                    .retry
+                    .as_mut()
+                    .is_some_and(|retry| retry.after_first_failure(&dispatch, sent, clock.now()));
+                if resent {
+                    // Held back; the re-send's answer replaces it.
+                    return RESPONSE_HEADERS_STOP_ALL;
                 }
             }
-            if attempt.is_retry {
-                let outcome = if (200..300).contains(&status) {
-                    RetryOutcome::Succeeded
-                } else {
-                    RetryOutcome::Failed
-                };
-                engine.count_retry(sent.profile, outcome);
-            }
-        }
-        let first_look = engine.verdict(sent.profile, status, false);
-        // Asked only of answers that could count: a success needs no host call.
-        let via_upstream = (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400)
-            && s.attribute(Attribute::ResponseCodeDetails).as_deref() == Some(b"via_upstream");
-        // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(host, sent, Verdict::Neutral, status, None, &clock);
-            return CONTINUE;
-        }
-        if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && resend::retriable(&engine, sent.profile, status) {
-                record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
-                retry.tried.push(resend::tried_pair(&engine, sent));
-                let now = now_ms();
-                let mut own_cluster = || (Facts { stream: s }).cluster_name();
-                if let Some(next) = resend::plan(&mut engine, host, retry, now, &mut own_cluster) {
-                    // Unlocked while Envoy starts the call: it may answer a failed one at once.
-                    drop(engine);
-                    let id = send(s, &next);
-                    let mut engine = self.config.engine();
-                    match id {
-                        Some(id) => {
-                            resend::started(&mut engine, retry, id, next.sent);
-                            // Held back; the re-send's answer replaces it.
-                            return RESPONSE_HEADERS_STOP_ALL;
-                        }
-                        None => engine.abandon(host, next.sent, now),
-                    }
-                }
-                return CONTINUE;
-            }
-        }
-        // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
-        let read_body = self.attempt.is_none()
-            && engine.wants_error_body(sent.profile, status)
-            && !end_of_stream;
-        if read_body {
-            self.reading_error = Some(ErrorResponse {
-                sent,
-                status,
-                headers: s.response_headers(),
-                body: Vec::new(),
-            });
-            return CONTINUE;
-        }
-        record_live_answer(&mut engine, host, s, sent, status, first_look, &clock);
-        if first_look == Verdict::Success {
-            // Only the remaining counts are read, and a reset only for a count that is 0.
-            resend::note_budget(&mut engine, host, sent, &clock, |family, now_ms| {
-                budget::spent_for_ms(family, now_ms, |name| s.response_header(name))
-            });
         }
         CONTINUE
     }
@@ -777,11 +660,7 @@ impl<'c> Filter<'c> {
         let Some(reading) = self.reading_error.as_mut() else {
             return CONTINUE;
         };
-        let room = MAX_ERROR_BODY.saturating_sub(reading.body.len());
-        if room > 0 {
-            reading.body.extend(s.received_response_body(room));
-        }
-        if end_of_stream || reading.body.len() >= MAX_ERROR_BODY {
+        if reading.keep_chunk(end_of_stream, |room| Some(s.received_response_body(room))) {
             self.finish_error_response();
         }
         CONTINUE
@@ -796,85 +675,21 @@ impl<'c> Filter<'c> {
         headers: &[(String, Vec<u8>)],
         body: &[u8],
     ) {
-        let host = &self.config.host;
         let Some(retry) = self.retry.as_mut() else {
             s.continue_encoding();
             return;
         };
-        let Some((in_flight, sent)) = retry.in_flight.take() else {
-            s.continue_encoding();
-            return;
+        let dispatch = NativeDispatch {
+            config: self.config,
+            stream: s,
         };
-        if in_flight != id {
-            retry.in_flight = Some((in_flight, sent));
-            return;
-        }
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        // Envoy's router marks answers that came from the upstream; its own replies to the call
-        // (timeout, reset, no healthy host) say nothing about a key.
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
-        let answer = match status {
-            Some(status) if from_upstream => CallAnswer::Upstream {
-                status,
-                headers,
-                body,
-            },
-            local => CallAnswer::Local(local),
-        };
-        let now = now_ms();
-        let mut own_cluster = || (Facts { stream: s }).cluster_name();
-        let mut engine = self.config.engine();
-        let outcome = match resend::on_answer(
-            &mut engine,
-            host,
-            retry,
-            sent,
-            answer,
-            now,
-            &mut own_cluster,
-        ) {
-            Next::Resend {
-                resend: next,
-                otherwise,
-            } => {
-                drop(engine);
-                let id = send(s, &next);
-                engine = self.config.engine();
-                match id {
-                    Some(id) => {
-                        resend::resent(&mut engine, retry, id, next.sent, sent);
-                        return;
-                    }
-                    None => {
-                        engine.abandon(host, next.sent, now);
-                        otherwise
-                    }
-                }
+        match retry.on_call_answer(&dispatch, id, headers, body, now_ms()) {
+            AfterCall::NotOurs | AfterCall::Resent => {}
+            AfterCall::PassThrough => s.continue_encoding(),
+            // The reply runs this filter's encoder hooks before it returns: no lock is held.
+            AfterCall::Reply(reply) => {
+                s.send_response(reply.status, &reply.headers(), reply.body, reply.details)
             }
-            Next::Done(outcome) => outcome,
-        };
-        let outcome = resend::conclude(&mut engine, sent, outcome);
-        let label = resend::reply_label(&engine, sent);
-        // The reply runs this filter's encoder hooks before it returns: no lock held.
-        drop(engine);
-        match outcome {
-            Outcome::NoAnswer => s.send_response(
-                502,
-                &[("content-type", b"application/json")],
-                resend::NO_ANSWER_BODY,
-                resend::NO_ANSWER_DETAILS,
-            ),
-            Outcome::Reply(status) => s.send_response(
-                status,
-                &resend::reply_headers(headers, label.as_deref()),
-                body,
-                resend::REPLY_DETAILS,
-            ),
         }
     }
 
@@ -884,11 +699,7 @@ impl<'c> Filter<'c> {
     /// while it ran).
     pub fn complete(&mut self) {
         self.finish_error_response();
-        let in_flight = self
-            .retry
-            .as_mut()
-            .and_then(|r| r.in_flight.take())
-            .map(|(_, sent)| sent);
+        let in_flight = self.retry.as_mut().and_then(RetryState::take_in_flight);
         // A held request whose client hung up leaves the queue, with a key decided for it.
         let released = self.held.take().and_then(|held| held.forget());
         let unanswered = [self.chosen.take(), in_flight, released];
@@ -903,18 +714,10 @@ impl<'c> Filter<'c> {
     }
 
     fn finish_error_response(&mut self) {
-        let Some(reading) = self.reading_error.take() else {
-            return;
-        };
-        resend::judge_with_body(
-            &mut self.config.engine(),
-            &self.config.host,
-            reading.sent,
-            reading.status,
-            &reading.headers,
-            &reading.body,
-            &Clock::new(&now_ms),
-        );
+        if let Some(reading) = self.reading_error.take() {
+            let config = self.config;
+            reading.judge(&mut config.engine(), &config.host, &Clock::new(&now_ms));
+        }
     }
 }
 
@@ -924,33 +727,57 @@ impl Drop for Filter<'_> {
     }
 }
 
-/// Sends a re-send as this stream's callout; its id, if it went out.
-/// Records a response whose headers are still Envoy's to read: they are read only when the
-/// verdict takes retry hints.
-fn record_live_answer(
-    engine: &mut Engine,
-    host: &dyn crate::core::engine::Host,
-    s: &Stream,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    clock: &Clock,
-) {
-    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
-        s.response_headers()
-    } else {
-        Vec::new()
-    };
-    record_answer(engine, host, sent, status, verdict, &headers, None, clock);
+/// A response whose headers are still Envoy's to read and write.
+struct NativeResponse<'s>(&'s Stream);
+
+impl LiveResponse for NativeResponse<'_> {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.response_header(name)
+    }
+    fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.0.response_headers()
+    }
+    fn set_header(&self, name: &str, value: &[u8]) {
+        self.0.set_response_header(name, value);
+    }
+    fn via_upstream(&self) -> bool {
+        self.0.attribute(Attribute::ResponseCodeDetails).as_deref() == Some(b"via_upstream")
+    }
 }
 
-fn send(s: &Stream, next: &Resend) -> Option<u64> {
-    s.http_callout(
-        &next.cluster,
-        &next.header_refs(),
-        &next.body,
-        next.timeout_ms,
-    )
+/// The retry state machine's host: this stream, and its config's engine (locked only while the
+/// engine decides or records, never while Envoy starts a call).
+struct NativeDispatch<'a> {
+    config: &'a Config,
+    stream: &'a Stream,
+}
+
+impl Dispatch for NativeDispatch<'_> {
+    type Engine<'e>
+        = MutexGuard<'e, Engine>
+    where
+        Self: 'e;
+    fn engine(&self) -> Option<MutexGuard<'_, Engine>> {
+        Some(self.config.engine())
+    }
+    fn host(&self) -> &dyn Host {
+        &self.config.host
+    }
+    fn own_cluster(&self) -> Option<String> {
+        (Facts {
+            stream: self.stream,
+        })
+        .cluster_name()
+    }
+    /// As this stream's callout, whose answer comes to `Filter::callout_done`.
+    fn send(&self, resend: &Resend) -> Option<u64> {
+        self.stream.http_callout(
+            &resend.cluster,
+            &resend.header_refs(),
+            &resend.body,
+            resend.timeout_ms,
+        )
+    }
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the filter does not key. Read

@@ -4,7 +4,7 @@
 //! upstream HTTP filters, once per retry attempt of the route). It tells which on the first
 //! request: only an upstream filter already knows the upstream host.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::{Rc, Weak};
@@ -13,21 +13,18 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::core::affinity;
-use crate::core::budget;
+use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config::{self, Provider};
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, RetryOutcome};
-use crate::core::reply::{self, KEY_NAME_HEADER, POOL_HEADER};
-use crate::core::resend;
+use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
+use crate::core::reply::{self, POOL_HEADER};
+use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rewrite::rewrite_model;
 use crate::core::rules::{host_of_authority, RequestFacts};
-use crate::core::status::Verdict;
+use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 use crate::core::waiting::{self, Arrival, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
 use crate::wasm::host::{self, HostShared};
-
-/// Enough for any provider's error JSON; a longer body is judged on its start.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -261,14 +258,9 @@ fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: us
     let Ok(mut engine) = shared.engine.try_borrow_mut() else {
         return;
     };
-    let CallResponse {
-        status,
-        from_upstream,
-        headers,
-        body,
-    } = CallResponse::read(body_size);
+    let (headers, body) = host::call_response(body_size);
     let answer = CheckAnswer {
-        status: status.filter(|_| from_upstream),
+        status: CallAnswer::of(&headers, &body).upstream_status(),
         headers: &headers,
         body: &body,
     };
@@ -499,67 +491,13 @@ impl RequestFacts for HostFacts {
     }
 }
 
-/// The answer to one of our own `dispatch_http_call`s.
-struct CallResponse {
-    status: Option<u16>,
-    /// Envoy's router marks answers that came from the upstream; its own replies to the call
-    /// (timeout, no healthy host, reset) carry no such header and say nothing about a key.
-    from_upstream: bool,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
-impl CallResponse {
-    fn read(body_size: usize) -> Self {
-        let (headers, body) = host::call_response(body_size);
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
-        let from_upstream = headers
-            .iter()
-            .any(|(n, _)| n == "x-envoy-upstream-service-time");
-        CallResponse {
-            status,
-            from_upstream,
-            headers,
-            body,
-        }
-    }
-}
-
-/// Upstream mode: which downstream request this attempt belongs to.
-struct Attempt {
-    /// Read with the request: an upstream filter cannot read request headers once the response
-    /// has begun, and any attempt may fail.
-    request_id: Option<String>,
-    is_retry: bool,
-}
-
 fn request_id() -> Option<String> {
-    host::request_header("x-request-id").map(into_text)
+    host::request_header(REQUEST_ID_HEADER).map(into_text)
 }
 
 /// Keeps the host's buffer when it is UTF-8, as it almost always is: no second allocation.
 fn into_text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// Downstream `retryOnFailure`: what is needed to send the request again.
-struct RetryState {
-    profile: usize,
-    /// The request as it went upstream, minus the key header (set per attempt).
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-    body_complete: bool,
-    body_too_large: bool,
-    /// (pool, key) pairs that failed for this request, in order.
-    tried: Vec<(usize, usize)>,
-    /// The pool of the first attempt, which went to the request's own cluster.
-    first_pool: usize,
-    retries_done: u32,
-    /// The attempt in flight as a `dispatch_http_call`.
-    in_flight: Option<(u32, Assignment)>,
 }
 
 struct Request {
@@ -571,7 +509,7 @@ struct Request {
     attempt: Option<Attempt>,
     /// A 429 whose body is being read (for `insufficient_quota` or a Gemini retry delay) as it
     /// streams past; nothing is held back from the client.
-    reading_error: Option<ErrorResponse>,
+    reading_error: Option<ErrorBody>,
     retry: Option<RetryState>,
     /// A fallback pool's model: the request body is held until complete and rewritten.
     rewrite_to: Option<String>,
@@ -581,14 +519,9 @@ struct Request {
     held: Option<Rc<Held>>,
 }
 
-struct ErrorResponse {
-    sent: Assignment,
-    status: u16,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-}
-
 impl Context for Request {
+    /// A re-send's answer. Whatever happens, the held response must not hang: it is replaced by
+    /// an answer, or let through.
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -596,196 +529,65 @@ impl Context for Request {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        // Whatever happens, the held response must not hang: let it through if we cannot answer.
-        let Some(shared) = self.shared.clone() else {
+        let (Some(shared), Some(retry)) = (self.shared.clone(), self.retry.as_mut()) else {
             host::resume_response();
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
-            host::resume_response();
-            return;
-        };
-        let Some(retry) = self.retry.as_mut() else {
-            host::resume_response();
-            return;
-        };
-        let Some((token, sent)) = retry.in_flight.take() else {
-            host::resume_response();
-            return;
-        };
-        if token != token_id {
-            retry.in_flight = Some((token, sent));
-            return;
-        }
-        let CallResponse {
-            status,
-            from_upstream,
-            headers,
-            body,
-        } = CallResponse::read(body_size);
-        let now = host::now_ms();
-        let status = match status {
-            Some(status) if from_upstream => {
-                resend::judge_with_body(
-                    &mut engine,
-                    &HostShared,
-                    sent,
-                    status,
-                    &headers,
-                    &body,
-                    &Clock::at(now),
-                );
-                if (200..300).contains(&status) {
-                    note_budget(&mut engine, sent, &Clock::at(now), Some(&headers));
-                }
-                if resend::retriable(&engine, sent.profile, status) {
-                    retry.tried.push(resend::tried_pair(&engine, sent));
-                    if send_retry(&mut engine, retry) {
-                        engine.count_retry(sent.profile, RetryOutcome::Failed);
-                        return;
-                    }
-                }
-                status
+        let (headers, body) = host::call_response(body_size);
+        let dispatch = WasmDispatch { shared: &shared };
+        match retry.on_call_answer(
+            &dispatch,
+            u64::from(token_id),
+            &headers,
+            &body,
+            host::now_ms(),
+        ) {
+            AfterCall::NotOurs | AfterCall::Resent => {}
+            AfterCall::PassThrough => {
+                host::resume_response();
             }
-            local => {
-                engine.record(
-                    &HostShared,
-                    sent,
-                    Verdict::Neutral,
-                    0,
-                    None,
-                    &Clock::at(now),
-                );
-                retry.tried.push(resend::tried_pair(&engine, sent));
-                if send_retry(&mut engine, retry) {
-                    engine.count_retry(sent.profile, RetryOutcome::Failed);
-                    return;
+            AfterCall::Reply(reply) => {
+                let status = u32::from(reply.status);
+                if !host::send_local_response(status, reply.details, &reply.headers(), reply.body) {
+                    host::resume_response();
                 }
-                let Some(status) = local else {
-                    engine.count_retry(sent.profile, RetryOutcome::Failed);
-                    let reply = b"{\"error\":{\"message\":\"the retried request got no answer from the upstream\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"retry_failed\"}}";
-                    if !host::send_local_response(
-                        502,
-                        "ai_key_failover_retry_failed",
-                        &[("content-type", b"application/json")],
-                        reply,
-                    ) {
-                        host::resume_response();
-                    }
-                    return;
-                };
-                status
             }
-        };
-        let outcome = if (200..300).contains(&status) {
-            RetryOutcome::Succeeded
-        } else {
-            RetryOutcome::Failed
-        };
-        engine.count_retry(sent.profile, outcome);
-        let label = engine
-            .profile(sent.profile)
-            .filter(|p| p.expose_key_name)
-            .and_then(|_| engine.key_label(sent.profile, sent.key));
-        let mut reply: Vec<(&str, &[u8])> = headers
-            .iter()
-            .filter(|(n, _)| {
-                !n.starts_with(':') && !resend::is_hop_by_hop(n) && n != "content-length"
-            })
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        if let Some(label) = &label {
-            reply.push((KEY_NAME_HEADER, label.as_bytes()));
-        }
-        if !host::send_local_response(u32::from(status), "ai_key_failover_retried", &reply, &body) {
-            host::resume_response();
         }
     }
 }
 
-/// Sends the request again with a key it has not tried, if the budget and the pools allow:
-/// first the other keys of its pool, then its fallback pools in order.
-fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
-    let profile = retry.profile;
-    let Some(p) = engine.profile(profile) else {
-        return false;
-    };
-    let (max_retries, timeout_ms) = (p.retry.max_retries, p.retry.timeout_ms);
-    if retry.retries_done >= max_retries || !retry.body_complete || retry.body_too_large {
-        return false;
+/// The retry state machine's host: the request's engine, and calls made for the request whose
+/// callback is running (`dispatch_retry`).
+struct WasmDispatch<'a> {
+    shared: &'a Shared,
+}
+
+impl Dispatch for WasmDispatch<'_> {
+    type Engine<'e>
+        = RefMut<'e, Engine>
+    where
+        Self: 'e;
+    fn engine(&self) -> Option<RefMut<'_, Engine>> {
+        self.shared.engine.try_borrow_mut().ok()
     }
-    let now = host::now_ms();
-    let tried = retry.tried.clone();
-    let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
-        Decision::UseKey(a) if !tried.contains(&resend::tried_pair(engine, a)) => a,
-        // No key left that this request has not failed with: the client gets the failure.
-        Decision::UseKey(a) => {
-            engine.abandon(&HostShared, a, now);
-            return false;
-        }
-        _ => return false,
-    };
-    // The first attempt's pool is reached through the request's own cluster; a fallback pool
-    // through its configured cluster, or the one its traffic was seen to take.
-    let same_pool = engine.pool_of(sent.profile).map(|(pool, _)| pool) == Some(retry.first_pool);
-    let cluster = if same_pool {
+    fn host(&self) -> &dyn Host {
+        &HostShared
+    }
+    fn own_cluster(&self) -> Option<String> {
         cluster_name()
-    } else {
-        engine.cluster_for(&HostShared, sent.profile)
-    };
-    let Some(cluster) = cluster else {
-        log::debug!("no known cluster for a fallback pool; not retrying there");
-        engine.abandon(&HostShared, sent, now);
-        return false;
-    };
-    let Some((auth_name, auth_value)) = engine.key_header(sent.profile, sent.key) else {
-        return false;
-    };
-    let pool_label = engine
-        .pool_of(sent.profile)
-        .map(|(_, l)| l.to_string())
-        .unwrap_or_default();
-    let mut headers: Vec<(&str, &[u8])> = retry
-        .headers
-        .iter()
-        .filter(|(n, _)| n != POOL_HEADER)
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    headers.push((auth_name, auth_value.as_bytes()));
-    headers.push((POOL_HEADER, pool_label.as_bytes()));
-    let rewritten = engine
-        .profile(sent.profile)
-        .and_then(|p| p.model.as_deref())
-        .and_then(|model| rewrite_model(&retry.body, model));
-    let body = rewritten.as_deref().unwrap_or(&retry.body);
-    match dispatch_retry(&cluster, &headers, body, timeout_ms) {
-        Some(token) => {
-            retry.retries_done += 1;
-            retry.in_flight = Some((token, sent));
-            engine.count_retry(profile, RetryOutcome::Started);
-            true
-        }
-        None => {
-            engine.abandon(&HostShared, sent, now);
-            false
-        }
+    }
+    fn send(&self, resend: &Resend) -> Option<u64> {
+        dispatch_retry(
+            &resend.cluster,
+            &resend.header_refs(),
+            &resend.body,
+            resend.timeout_ms,
+        )
+        .map(u64::from)
     }
 }
 
 impl Request {
-    fn retry_body_limit(&self, profile: usize) -> usize {
-        self.shared
-            .as_ref()
-            .and_then(|s| {
-                s.engine
-                    .try_borrow()
-                    .ok()?
-                    .profile(profile)
-                    .map(|p| p.retry.max_body_bytes)
-            })
-            .unwrap_or(0)
-    }
-
     fn reject(&self, retry_after_secs: u64) {
         send_reject(retry_after_secs);
     }
@@ -864,11 +666,7 @@ impl Request {
     /// flight (the client hung up while it ran; Envoy cancels the call, so no answer will come).
     fn finish(&mut self) {
         self.finish_error_response();
-        let in_flight = self
-            .retry
-            .as_mut()
-            .and_then(|r| r.in_flight.take())
-            .map(|(_, sent)| sent);
+        let in_flight = self.retry.as_mut().and_then(RetryState::take_in_flight);
         let unanswered = [self.chosen.take(), in_flight];
         // A request that was answered holds nothing: no borrow, no clock read.
         if unanswered.iter().all(Option::is_none) {
@@ -893,15 +691,7 @@ impl Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        resend::judge_with_body(
-            &mut engine,
-            &HostShared,
-            reading.sent,
-            reading.status,
-            &reading.headers,
-            &reading.body,
-            &Clock::new(&host::now_ms),
-        );
+        reading.judge(&mut engine, &HostShared, &Clock::new(&host::now_ms));
     }
 }
 
@@ -935,10 +725,7 @@ impl HttpContext for Request {
         let drop_pool_header = engine.config().has_fallbacks;
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream { request_id() } else { None };
-        let avoid = request_id
-            .as_deref()
-            .map(|id| engine.failed_for(id))
-            .unwrap_or_default();
+        let avoid = upstream_attempt::failed_before(&engine, request_id.as_deref());
         // One header read, only where `affinity` is configured; the value is only hashed.
         let session = profile
             .and_then(|p| engine.affinity_header(p))
@@ -998,17 +785,8 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
             let body = host::request_body(body_size).unwrap_or_default();
-            let limit = self
-                .retry
-                .as_ref()
-                .map_or(0, |r| self.retry_body_limit(r.profile));
             if let Some(retry) = self.retry.as_mut() {
-                retry.body_complete = true;
-                if body.len() <= limit {
-                    retry.body = body.clone();
-                } else {
-                    retry.body_too_large = true;
-                }
+                retry.keep_whole_body(&body);
             }
             if let Some(new_body) = self
                 .rewrite_to
@@ -1019,22 +797,14 @@ impl HttpContext for Request {
             }
             return Action::Continue;
         }
-        let Some(retry_profile) = self.retry.as_ref().map(|r| r.profile) else {
-            return Action::Continue;
-        };
-        let limit = self.retry_body_limit(retry_profile);
         let Some(retry) = self.retry.as_mut() else {
             return Action::Continue;
         };
-        if !retry.body_too_large {
-            if retry.body.len().saturating_add(body_size) > limit {
-                retry.body_too_large = true;
-                retry.body = Vec::new();
-            } else if let Some(chunk) = host::request_body(body_size) {
-                retry.body.extend_from_slice(&chunk);
-            }
-        }
-        retry.body_complete = end_of_stream;
+        retry.keep_body_chunk(
+            end_of_stream,
+            || body_size,
+            || host::request_body(body_size),
+        );
         Action::Continue
     }
 
@@ -1046,83 +816,33 @@ impl HttpContext for Request {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return Action::Continue;
         };
-        if engine
-            .profile(sent.profile)
-            .is_some_and(|p| p.expose_key_name)
-        {
-            if let Some(label) = engine.key_label(sent.profile, sent.key) {
-                host::set_response_header(KEY_NAME_HEADER, label.as_bytes());
-            }
-            if let Some((_, pool)) = engine.pool_of(sent.profile) {
-                host::set_response_header(POOL_HEADER, pool.as_bytes());
-            }
-        }
-        let Some(status) = host::response_header(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-        else {
-            engine.abandon(&HostShared, sent, host::now_ms());
-            return Action::Continue;
-        };
         // Most responses (a success on a healthy key) never need the time.
         let clock = Clock::new(&host::now_ms);
-        if let Some(attempt) = &self.attempt {
-            // Before Envoy starts the next attempt, so that attempt avoids this key. A status
-            // that is not the key's fault is not remembered; such a request keeps what earlier
-            // attempts learned, in case Envoy's policy retries it anyway.
-            if status >= 400 {
-                if let Some(id) = &attempt.request_id {
-                    engine.note_failed_attempt(id, sent, status, clock.now());
-                }
-            } else if let Some(id) = &attempt.request_id {
-                // No attempt follows an answer that reached the client.
-                engine.forget_attempts(id);
-            }
-            if attempt.is_retry {
-                let outcome = if (200..300).contains(&status) {
-                    RetryOutcome::Succeeded
-                } else {
-                    RetryOutcome::Failed
-                };
-                engine.count_retry(sent.profile, outcome);
-            }
-        }
-        // The verdict without an error body; only a 429 whose body is read can change it.
-        let first_look = engine.verdict(sent.profile, status, false);
-        // Asked only of answers that could count or be retried: a success needs no host call.
-        let via_upstream =
-            (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && from_upstream();
-        // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
-        if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(&HostShared, sent, Verdict::Neutral, status, None, &clock);
-            return Action::Continue;
-        }
-        if let Some(retry) = self.retry.as_mut() {
-            if via_upstream && resend::retriable(&engine, sent.profile, status) {
-                record_live_answer(&mut engine, sent, status, first_look, &clock);
-                retry.tried.push(resend::tried_pair(&engine, sent));
-                if send_retry(&mut engine, retry) {
-                    // Hold this answer back; the retry's answer replaces it.
+        let after = answer::on_response_headers(
+            &mut engine,
+            &HostShared,
+            &WasmResponse,
+            sent,
+            self.attempt.as_ref(),
+            self.retry.is_some(),
+            end_of_stream,
+            &clock,
+        );
+        drop(engine);
+        match after {
+            AfterHeaders::Continue => {}
+            AfterHeaders::ReadBody(body) => self.reading_error = Some(body),
+            AfterHeaders::Retry => {
+                let dispatch = WasmDispatch { shared: &shared };
+                let resent = self
+                    .retry
+                    .as_mut()
+                    .is_some_and(|retry| retry.after_first_failure(&dispatch, sent, clock.now()));
+                if resent {
+                    // Hold this answer back; the re-send's answer replaces it.
                     return Action::Pause;
                 }
-                return Action::Continue;
             }
-        }
-        // An upstream filter's attempt is reset by Envoy's retry before its body arrives.
-        let read_body = self.attempt.is_none()
-            && engine.wants_error_body(sent.profile, status)
-            && !end_of_stream;
-        if read_body {
-            self.reading_error = Some(ErrorResponse {
-                sent,
-                status,
-                headers: host::response_headers(),
-                body: Vec::new(),
-            });
-            return Action::Continue;
-        }
-        record_live_answer(&mut engine, sent, status, first_look, &clock);
-        if first_look == Verdict::Success {
-            note_budget(&mut engine, sent, &clock, None);
         }
         Action::Continue
     }
@@ -1131,13 +851,9 @@ impl HttpContext for Request {
         let Some(reading) = self.reading_error.as_mut() else {
             return Action::Continue;
         };
-        let room = MAX_ERROR_BODY.saturating_sub(reading.body.len());
-        if room > 0 {
-            if let Some(chunk) = host::response_body(body_size.min(room)) {
-                reading.body.extend_from_slice(&chunk);
-            }
-        }
-        if end_of_stream || reading.body.len() >= MAX_ERROR_BODY {
+        if reading.keep_chunk(end_of_stream, |room| {
+            host::response_body(body_size.min(room))
+        }) {
             self.finish_error_response();
         }
         Action::Continue
@@ -1263,35 +979,20 @@ fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Ke
         }
     }
     if arrival.upstream {
-        let is_retry = !arrival.avoid.is_empty();
-        if is_retry {
-            engine.count_retry(assignment.profile, RetryOutcome::Started);
-        }
-        keyed.attempt = Some(Attempt {
-            is_retry,
-            request_id: arrival.request_id.clone(),
-        });
+        keyed.attempt = Some(Attempt::keyed(
+            engine,
+            assignment,
+            arrival.request_id.clone(),
+            &arrival.avoid,
+        ));
     } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-        let auth = engine
-            .profile(assignment.profile)
-            .map_or("", |p| p.auth.name.as_str());
-        let headers = host::request_headers()
-            .into_iter()
-            .filter(|(n, _)| *n != auth && !resend::is_hop_by_hop(n) && n != "content-length")
-            .collect();
-        keyed.retry = Some(RetryState {
-            profile: primary_profile,
-            headers,
-            body: Vec::new(),
-            body_complete: end_of_stream,
-            body_too_large: false,
-            tried: Vec::new(),
-            first_pool: engine
-                .pool_of(assignment.profile)
-                .map_or(usize::MAX, |(p, _)| p),
-            retries_done: 0,
-            in_flight: None,
-        });
+        keyed.retry = Some(RetryState::new(
+            engine,
+            primary_profile,
+            assignment,
+            host::request_headers(),
+            end_of_stream,
+        ));
     }
     keyed.chosen = Some(assignment);
     keyed
@@ -1308,55 +1009,22 @@ impl Drop for Request {
     }
 }
 
-/// Records a response whose headers are still the host's to read: they are read only when the
-/// verdict takes retry hints, as reading them all costs more than any other host call.
-fn record_live_answer(
-    engine: &mut Engine,
-    sent: Assignment,
-    status: u16,
-    verdict: Verdict,
-    clock: &Clock,
-) {
-    let headers = if engine.wants_retry_hint(sent.profile, verdict) {
+/// The response of the request whose callback is running, as the host has it.
+struct WasmResponse;
+
+impl LiveResponse for WasmResponse {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        host::response_header(name)
+    }
+    fn headers(&self) -> Vec<(String, Vec<u8>)> {
         host::response_headers()
-    } else {
-        Vec::new()
-    };
-    resend::record_answer(
-        engine,
-        &HostShared,
-        sent,
-        status,
-        verdict,
-        &headers,
-        None,
-        clock,
-    );
-}
-
-/// `preemptiveCooldown` (see `resend::note_budget`). `headers`: the answer's headers when
-/// already read (a re-send's); otherwise only the remaining counts are read from the host, and a
-/// reset only for a count that is 0.
-fn note_budget(
-    engine: &mut Engine,
-    sent: Assignment,
-    clock: &Clock,
-    headers: Option<&[(String, Vec<u8>)]>,
-) {
-    resend::note_budget(
-        engine,
-        &HostShared,
-        sent,
-        clock,
-        |family, now_ms| match headers {
-            Some(headers) => budget::spent_for_ms_in(family, now_ms, headers),
-            None => budget::spent_for_ms(family, now_ms, host::response_header),
-        },
-    );
-}
-
-fn from_upstream() -> bool {
-    host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+    }
+    fn set_header(&self, name: &str, value: &[u8]) {
+        host::set_response_header(name, value);
+    }
+    fn via_upstream(&self) -> bool {
+        host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+    }
 }
 
 /// Removes a client's `x-ai-key-failover-pool` from a request the plugin does not key. Read
