@@ -1,0 +1,152 @@
+//! What the engine's tests (and other modules' tests) run against: a host that keeps shared data
+//! and stats as Envoy does, a log capture, and the few steps every test repeats.
+
+use super::*;
+use crate::core::config;
+use crate::core::metrics::fake::FakeMetrics;
+use crate::core::metrics::MetricKind;
+use crate::core::rules::RequestFacts;
+use crate::core::status::{FailureClass, Verdict};
+use crate::core::store::fake::FakeShared;
+use crate::core::store::{SharedData, StoreError};
+
+/// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too.
+#[derive(Default)]
+pub(crate) struct TestHost {
+    pub(crate) shared: FakeShared,
+    pub(crate) metrics: FakeMetrics,
+}
+
+impl SharedData for TestHost {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        self.shared.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.shared.set(key, value, cas)
+    }
+}
+
+impl MetricsHost for TestHost {
+    fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        self.metrics.define(kind, name)
+    }
+    fn increment(&self, id: u32, delta: u64) {
+        self.metrics.increment(id, delta)
+    }
+    fn record(&self, id: u32, value: u64) {
+        self.metrics.record(id, value)
+    }
+}
+
+pub(crate) struct NoFacts;
+impl RequestFacts for NoFacts {
+    fn route_name(&mut self) -> Option<String> {
+        None
+    }
+    fn cluster_name(&mut self) -> Option<String> {
+        None
+    }
+    fn host(&mut self) -> Option<String> {
+        None
+    }
+}
+
+impl Engine {
+    pub(crate) fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
+        self.decide(host, Some(profile), &Clock::at(now), &[])
+    }
+}
+
+pub(crate) fn engine(json: &str, seed: u64) -> Engine {
+    Engine::new(config::parse(json.as_bytes()).unwrap(), seed)
+}
+
+pub(crate) fn use_key(d: Decision) -> (usize, usize, SentAs) {
+    match d {
+        Decision::UseKey(a) => (a.profile, a.key, a.sent),
+        other => panic!("expected a key, got {other:?}"),
+    }
+}
+
+pub(crate) fn sent(profile: usize, key: usize, how: SentAs) -> Assignment {
+    Assignment {
+        profile,
+        key,
+        sent: how,
+    }
+}
+
+pub(crate) const RATE: Verdict = Verdict::KeyFailure(FailureClass::RateLimit);
+pub(crate) const SERVER: Verdict = Verdict::KeyFailure(FailureClass::ServerError);
+
+/// Captures this thread's log lines, so a test can assert on what the engine says.
+pub(crate) struct CaptureLog;
+thread_local! {
+    static LOGGED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+impl log::Log for CaptureLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        LOGGED.with(|l| {
+            l.borrow_mut()
+                .push(format!("{} {}", record.level(), record.args()))
+        });
+    }
+    fn flush(&self) {}
+}
+static CAPTURE: CaptureLog = CaptureLog;
+
+/// The lines logged on this thread while `f` ran.
+pub(crate) fn logged_by(f: impl FnOnce()) -> Vec<String> {
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    LOGGED.with(|l| l.borrow_mut().clear());
+    f();
+    LOGGED.with(|l| l.take())
+}
+
+/// A host that counts shared-data reads and writes per entry name.
+#[derive(Default)]
+pub(crate) struct CountingHost {
+    pub(crate) inner: TestHost,
+    pub(crate) ops: std::cell::RefCell<Vec<(&'static str, String)>>,
+}
+
+impl CountingHost {
+    pub(crate) fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
+        let name = format!(
+            "{}/{entry_suffix}",
+            crate::core::store::entry_prefix(pool_id)
+        );
+        self.ops
+            .borrow()
+            .iter()
+            .filter(|(o, k)| *o == op && *k == name)
+            .count()
+    }
+}
+
+impl SharedData for CountingHost {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        self.ops.borrow_mut().push(("get", key.to_string()));
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.ops.borrow_mut().push(("set", key.to_string()));
+        self.inner.set(key, value, cas)
+    }
+}
+
+impl MetricsHost for CountingHost {
+    fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        self.inner.define(kind, name)
+    }
+    fn increment(&self, id: u32, delta: u64) {
+        self.inner.increment(id, delta)
+    }
+    fn record(&self, id: u32, value: u64) {
+        self.inner.record(id, value)
+    }
+}
