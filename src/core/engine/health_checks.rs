@@ -5,6 +5,7 @@
 use super::{Engine, Host};
 use crate::core::config::{HealthCheck, PluginConfig, Profile};
 use crate::core::health::{self, CheckRequest};
+use crate::core::metrics::CheckOutcome;
 use crate::core::pool::Failure;
 use crate::core::status::{FailureClass, Verdict};
 
@@ -89,7 +90,7 @@ impl Engine {
                 checks.started(req.key, now_ms);
             }
             if let Some(m) = self.metrics.get(req.pool) {
-                m.count_health_check(host, 0);
+                m.count_health_check(host, CheckOutcome::Sent);
             }
         }
         due
@@ -147,7 +148,7 @@ impl Engine {
         match (answer.status, verdict) {
             (Some(status), Some(Verdict::Success)) => {
                 if let Some(m) = self.metrics.get(pool) {
-                    m.count_health_check(host, 1);
+                    m.count_health_check(host, CheckOutcome::Passed);
                 }
                 if checks.passed(key, threshold) {
                     let events = self.change(host, pool, now_ms, |s| {
@@ -166,7 +167,7 @@ impl Engine {
             (status, verdict) => {
                 checks.failed(key);
                 if let Some(m) = self.metrics.get(pool) {
-                    m.count_health_check(host, 2);
+                    m.count_health_check(host, CheckOutcome::Failed);
                 }
                 let class = match verdict {
                     Some(Verdict::KeyFailure(class)) => class,

@@ -22,6 +22,8 @@ mod test_host;
 mod transitions;
 
 pub use health_checks::CheckAnswer;
+// The hosts name the retry counters' outcomes with the rest of the engine's API.
+pub use crate::core::metrics::RetryOutcome;
 
 /// How long a probe may stay unanswered before another request may probe the key. Long enough
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
@@ -124,13 +126,6 @@ pub struct Engine {
     housekeeping: Every,
 }
 
-/// How a retry attempt ended, for the retry counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RetryOutcome {
-    Started,
-    Succeeded,
-    Failed,
-}
 impl Engine {
     pub fn new(config: PluginConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
