@@ -1593,6 +1593,20 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_request_that_failed_with_every_key_still_gets_one() {
+        let host = TestHost::default();
+        let mut w = engine(r#"{"apiTokens": ["a", "b", "c"]}"#, 5);
+        let g = w.config().global.unwrap();
+        let pool = w.pool_of(g).unwrap().0;
+        let tried = [(pool, 0), (pool, 1), (pool, 2)];
+        for now in 0..6 {
+            let (p, k, how) = use_key(w.decide(&host, Some(g), &Clock::at(now), &tried));
+            assert_eq!((p, how), (g, SentAs::Normal));
+            assert!(k < 3, "{k}");
+        }
+    }
+
+    #[test]
     fn attempts_remember_only_failures_another_key_could_cure() {
         let cfg = r#"{"apiTokens": ["a", "b", "c"],
             "failover": {"enabled": false, "failoverOnStatus": ["4.*", "5.*"]}}"#;
