@@ -17,6 +17,7 @@ pub mod engine;
 pub mod env_keys;
 pub mod health;
 pub mod hints;
+pub mod judge;
 pub mod metrics;
 pub mod pool;
 pub mod reply;

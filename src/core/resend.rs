@@ -9,7 +9,6 @@
 
 use crate::core::budget;
 use crate::core::engine::{Assignment, Clock, Decision, Engine, Host, RetryOutcome};
-use crate::core::hints;
 use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
 use crate::core::rewrite::rewrite_model;
 use crate::core::status::{Verdict, NEVER_THE_KEYS_FAULT};
@@ -27,15 +26,7 @@ pub fn record_answer(
     body: Option<&[u8]>,
     clock: &Clock,
 ) {
-    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
-        let pairs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        hints::retry_hint_ms(&pairs, body, clock.now())
-    } else {
-        None
-    };
+    let hint_ms = engine.retry_hint_ms(sent.profile, verdict, headers, body, clock);
     engine.record(host, sent, verdict, status, hint_ms, clock);
 }
 
@@ -49,7 +40,7 @@ pub fn judge_with_body(
     body: &[u8],
     clock: &Clock,
 ) {
-    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
+    let verdict = engine.verdict(sent.profile, status, Some(body));
     record_answer(
         engine,
         host,

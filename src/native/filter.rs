@@ -608,7 +608,7 @@ impl<'c> Filter<'c> {
                 engine.count_retry(sent.profile, outcome);
             }
         }
-        let first_look = engine.verdict(sent.profile, status, false);
+        let first_look = engine.verdict(sent.profile, status, None);
         // Asked only of answers that could count: a success needs no host call.
         let via_upstream = (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400)
             && s.attribute(Attribute::ResponseCodeDetails).as_deref() == Some(b"via_upstream");

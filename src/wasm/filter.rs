@@ -1093,7 +1093,7 @@ impl HttpContext for Request {
             }
         }
         // The verdict without an error body; only a 429 whose body is read can change it.
-        let first_look = engine.verdict(sent.profile, status, false);
+        let first_look = engine.verdict(sent.profile, status, None);
         // Asked only of answers that could count or be retried: a success needs no host call.
         let via_upstream =
             (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && from_upstream();

@@ -5,6 +5,7 @@
 use super::{Engine, Host};
 use crate::core::config::{HealthCheck, PluginConfig, Profile};
 use crate::core::health::{self, CheckRequest};
+use crate::core::judge::{self, Judgement};
 use crate::core::metrics::CheckOutcome;
 use crate::core::pool::Failure;
 use crate::core::status::{FailureClass, Verdict};
@@ -116,19 +117,11 @@ impl Engine {
         let Some((profile, check)) = pool_health(&self.config, pool) else {
             return;
         };
-        let (threshold, policy, respect_hints) = (
-            check.success_threshold,
-            profile.failover.policy(),
-            profile.failover.respect_retry_after,
-        );
-        let verdict = answer.status.map(|s| {
-            crate::core::status::classify(
-                s,
-                &profile.failover.failover_on_status,
-                &profile.failover.disable_on_status,
-                crate::core::hints::is_insufficient_quota(answer.body),
-            )
-        });
+        let (threshold, policy) = (check.success_threshold, profile.failover.policy());
+        // Judged as live traffic is (`judge`); no answer at all is judged below.
+        let judgement = answer
+            .status
+            .map(|s| judge::judge(&profile.failover, s, answer.headers, answer.body, now_ms));
         let label = self
             .config
             .pools
@@ -145,8 +138,14 @@ impl Engine {
             .get(pool)
             .map_or("?", |p| p.label.as_str())
             .to_string();
-        match (answer.status, verdict) {
-            (Some(status), Some(Verdict::Success)) => {
+        match (answer.status, judgement) {
+            (
+                Some(status),
+                Some(Judgement {
+                    verdict: Verdict::Success,
+                    ..
+                }),
+            ) => {
                 if let Some(m) = self.metrics.get(pool) {
                     m.count_health_check(host, CheckOutcome::Passed);
                 }
@@ -164,14 +163,20 @@ impl Engine {
                     );
                 }
             }
-            (status, verdict) => {
+            (status, judgement) => {
                 checks.failed(key);
                 if let Some(m) = self.metrics.get(pool) {
                     m.count_health_check(host, CheckOutcome::Failed);
                 }
-                let class = match verdict {
-                    Some(Verdict::KeyFailure(class)) => class,
-                    Some(Verdict::Neutral) => {
+                let (class, hint_ms) = match judgement {
+                    Some(Judgement {
+                        verdict: Verdict::KeyFailure(class),
+                        hint_ms,
+                    }) => (class, hint_ms),
+                    Some(Judgement {
+                        verdict: Verdict::Neutral,
+                        ..
+                    }) => {
                         log::warn!(
                             "{}",
                             health::neutral_answer_warning(
@@ -183,19 +188,10 @@ impl Engine {
                         );
                         return;
                     }
-                    // No answer from the upstream (timeout, reset): a failure like a server error.
-                    _ => FailureClass::ServerError,
+                    // No answer from the upstream (timeout, reset): a failure like a server
+                    // error, which takes no hint.
+                    _ => (FailureClass::ServerError, None),
                 };
-                let hint_ms = (respect_hints && class.takes_retry_hints())
-                    .then(|| {
-                        let pairs: Vec<(&str, &[u8])> = answer
-                            .headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_slice()))
-                            .collect();
-                        crate::core::hints::retry_hint_ms(&pairs, Some(answer.body), now_ms)
-                    })
-                    .flatten();
                 let failure = Failure {
                     status: status.unwrap_or(0),
                     class,
@@ -314,6 +310,68 @@ mod tests {
             ),
             (2, 2, 0)
         );
+    }
+
+    /// A check's answer gets the judgement a live answer gets (`judge`): a 429's `retry-after`
+    /// sets the rest when `respectRetryAfter` is on, a 429 saying `insufficient_quota` refuses
+    /// the key, a server error's `retry-after` is ignored.
+    #[test]
+    fn a_check_answer_is_judged_as_a_live_answer_is() {
+        let quota = br#"{"error": {"type": "insufficient_quota"}}"#;
+        let wait = [("retry-after".to_string(), b"300".to_vec())];
+        let check_of = |respect: bool, status: u16, body: &[u8]| {
+            let host = TestHost::default();
+            let cfg = format!(
+                r#"{{"apiTokens": ["a", "b"], "failover": {{"cooldownDuration": 10000,
+                    "maxCooldownDuration": 900000, "respectRetryAfter": {respect},
+                    "healthCheckModel": "m", "healthCheckCluster": "c"}}}}"#
+            );
+            let mut w = engine(&cfg, 1);
+            w.start(&host, 0);
+            w.record(
+                &host,
+                sent(0, 0, SentAs::Normal),
+                SERVER,
+                503,
+                None,
+                &Clock::at(0),
+            );
+            assert_eq!(w.health_checks_due(&host, 1_000).len(), 1);
+            let answer = CheckAnswer {
+                status: Some(status),
+                headers: &wait,
+                body,
+            };
+            w.health_check_done(&host, 0, 0, answer, 1_000);
+            // What the live path makes of the same answer, through the engine's live API.
+            let live = w.verdict(0, status, Some(body));
+            let live_hint = w.retry_hint_ms(0, live, &wait, Some(body), &Clock::at(1_000));
+            let key = w.stores()[0].state().keys[0].clone();
+            (key.health, key.down_until_ms - 1_000, live, live_hint)
+        };
+        use crate::core::pool::Health;
+        let (health, rest, live, hint) = check_of(true, 429, b"");
+        assert_eq!(health, Health::CoolingDown);
+        assert!((300_000..=330_000).contains(&rest), "the hint: {rest}");
+        assert_eq!(
+            (live, hint),
+            (Verdict::KeyFailure(FailureClass::RateLimit), Some(300_000))
+        );
+        let (_, rest, _, hint) = check_of(false, 429, b"");
+        assert!(
+            (20_000..=22_000).contains(&rest),
+            "backoff, no hint: {rest}"
+        );
+        assert_eq!(hint, None);
+        let (_, rest, live, hint) = check_of(true, 503, b"");
+        assert!(
+            (20_000..=22_000).contains(&rest),
+            "a 5xx takes no hint: {rest}"
+        );
+        assert_eq!((live, hint), (SERVER, None));
+        let (health, _, live, _) = check_of(true, 429, quota);
+        assert_eq!(health, Health::Disabled);
+        assert_eq!(live, Verdict::KeyFailure(FailureClass::KeyRefused));
     }
 
     #[test]

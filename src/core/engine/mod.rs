@@ -8,12 +8,13 @@
 use crate::core::attempts::Attempts;
 use crate::core::config::{PluginConfig, Profile};
 use crate::core::health::PoolChecks;
+use crate::core::judge;
 use crate::core::metrics::{MetricsHost, PoolMetrics};
 use crate::core::pool::{Event, Failure, PoolState, SentAs};
 use crate::core::rules::RequestFacts;
 use crate::core::schedule::{self, Every};
 use crate::core::select::{OnAllUnavailable, Rng, Selection};
-use crate::core::status::{classify, Verdict};
+use crate::core::status::Verdict;
 use crate::core::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
 
 mod health_checks;
@@ -567,13 +568,10 @@ impl Engine {
         let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
         };
-        let verdict = classify(
-            status,
-            &p.failover.failover_on_status,
-            &p.failover.disable_on_status,
-            false,
-        );
-        if matches!(verdict, Verdict::KeyFailure(_)) {
+        if matches!(
+            judge::verdict(&p.failover, status, None),
+            Verdict::KeyFailure(_)
+        ) {
             self.attempts
                 .note_failure(request_id, (p.pool, sent.key), now_ms);
         }
@@ -629,24 +627,19 @@ impl Engine {
         Some(self.config.pools.get(p.pool)?.keys.get(key)?.label())
     }
 
-    /// What an upstream status means for the key. `quota_exhausted`: a 429's error body said
-    /// `insufficient_quota`.
-    pub fn verdict(&self, profile: usize, status: u16, quota_exhausted: bool) -> Verdict {
+    /// What an upstream status means for the key (`judge::verdict`); with failover off, nothing.
+    /// `error_body`: the body, when `wants_error_body` had it read.
+    pub fn verdict(&self, profile: usize, status: u16, error_body: Option<&[u8]>) -> Verdict {
         match self.config.profiles.get(profile) {
-            Some(p) if p.failover.enabled => classify(
-                status,
-                &p.failover.failover_on_status,
-                &p.failover.disable_on_status,
-                quota_exhausted,
-            ),
+            Some(p) if p.failover.enabled => judge::verdict(&p.failover, status, error_body),
             _ => Verdict::Neutral,
         }
     }
 
-    /// Whether the response body may change the verdict or carry a retry hint: only a 429's,
-    /// so no success body is ever read.
+    /// Whether the response body may change the verdict or carry a retry hint
+    /// (`judge::wants_error_body`), with failover on.
     pub fn wants_error_body(&self, profile: usize, status: u16) -> bool {
-        status == 429
+        judge::wants_error_body(status)
             && self
                 .config
                 .profiles
@@ -654,14 +647,27 @@ impl Engine {
                 .is_some_and(|p| p.failover.enabled)
     }
 
-    /// Whether retry hints are read for this verdict.
+    /// Whether retry hints are read for this verdict (`judge::wants_hint`): ask before reading
+    /// the headers.
     pub fn wants_retry_hint(&self, profile: usize, verdict: Verdict) -> bool {
-        match (verdict, self.config.profiles.get(profile)) {
-            (Verdict::KeyFailure(class), Some(p)) => {
-                p.failover.respect_retry_after && class.takes_retry_hints()
-            }
-            _ => false,
-        }
+        self.config
+            .profiles
+            .get(profile)
+            .is_some_and(|p| judge::wants_hint(&p.failover, verdict))
+    }
+
+    /// The retry hint of an answer judged `verdict` (`judge::hint_ms`); the clock is read only
+    /// for a hint.
+    pub fn retry_hint_ms(
+        &self,
+        profile: usize,
+        verdict: Verdict,
+        headers: &[(String, Vec<u8>)],
+        error_body: Option<&[u8]>,
+        clock: &Clock,
+    ) -> Option<u64> {
+        let p = self.config.profiles.get(profile)?;
+        judge::hint_ms(&p.failover, verdict, headers, error_body, || clock.now())
     }
 
     /// Records what the upstream said about a key. Writes shared data only if the key's state
@@ -718,8 +724,7 @@ impl Engine {
             Verdict::KeyFailure(class) => Some(Failure {
                 status,
                 class,
-                hint_ms: hint_ms
-                    .filter(|_| class.takes_retry_hints() && p.failover.respect_retry_after),
+                hint_ms: hint_ms.filter(|_| judge::wants_hint(&p.failover, verdict)),
                 jitter_permille: self.rng.below(101) as u32,
             }),
             _ => None,
@@ -900,7 +905,7 @@ pub(crate) mod tests {
         old.start(&host, 0);
         let g = old.profile_for(&mut NoFacts);
         let (p, k, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
-        let v = old.verdict(p, 429, false);
+        let v = old.verdict(p, 429, None);
         old.record(
             &host,
             sent(p, k, SentAs::Normal),
@@ -964,7 +969,7 @@ pub(crate) mod tests {
         let mut w2 = engine(cfg, 2);
         let g = w1.profile_for(&mut NoFacts);
         let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
-        let v = w1.verdict(p, 429, false);
+        let v = w1.verdict(p, 429, None);
         w1.record(
             &host,
             sent(p, k, SentAs::Normal),
@@ -1155,7 +1160,11 @@ pub(crate) mod tests {
                 && !w.wants_error_body(0, 503)
         );
         assert_eq!(
-            w.verdict(0, 429, true),
+            w.verdict(
+                0,
+                429,
+                Some(br#"{"error": {"type": "insufficient_quota"}}"#)
+            ),
             refused,
             "insufficient_quota is a refusal"
         );
@@ -1379,7 +1388,7 @@ pub(crate) mod tests {
     #[test]
     fn disabled_failover_never_marks_keys() {
         let w = engine(r#"{"apiTokens": ["a"], "failover": {"enabled": false}}"#, 1);
-        assert_eq!(w.verdict(0, 429, false), Verdict::Neutral);
+        assert_eq!(w.verdict(0, 429, None), Verdict::Neutral);
     }
 
     #[test]
@@ -1856,7 +1865,7 @@ pub(crate) mod tests {
         assert!(used.len() >= 3, "sessions spread over the pool: {used:?}");
         let out = home[0];
         let p = g.unwrap();
-        let v = w.verdict(p, 429, false);
+        let v = w.verdict(p, 429, None);
         w.record(
             &host,
             sent(p, out, SentAs::Normal),
@@ -1905,7 +1914,7 @@ pub(crate) mod tests {
         w.start(&host, 0);
         let g = w.profile_for(&mut NoFacts);
         let p = g.unwrap();
-        let v = w.verdict(p, 429, false);
+        let v = w.verdict(p, 429, None);
         w.record(
             &host,
             sent(p, 0, SentAs::Normal),
