@@ -233,22 +233,12 @@ mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": [{"token": "sk-a", "name": "a"}, "b"], "failover": {"disableDuration": 0,
                       "healthCheckModel": "m", "healthCheckInterval": 2000, "successThreshold": 2}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
-        w1.start(&host, 0);
-        w2.start(&host, 0);
+        let (mut w1, mut w2) = two_workers(&host, cfg);
         assert!(w1.wants_target(0));
         w1.learn_target(&host, 0, "mock_provider", "api.example");
         assert!(!w1.wants_target(0));
         let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w1.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            refused,
-            401,
-            None,
-            &Clock::at(100),
-        );
+        w1.answered(&host, sent(0, 0, SentAs::Normal), refused, 401, None, 100);
         assert!(
             w1.health_checks_due(&host, 500).is_empty(),
             "not before the minimum cooldown"
@@ -328,14 +318,7 @@ mod tests {
             );
             let mut w = engine(&cfg, 1);
             w.start(&host, 0);
-            w.record(
-                &host,
-                sent(0, 0, SentAs::Normal),
-                SERVER,
-                503,
-                None,
-                &Clock::at(0),
-            );
+            w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
             assert_eq!(w.health_checks_due(&host, 1_000).len(), 1);
             let answer = CheckAnswer {
                 status: Some(status),
@@ -381,14 +364,7 @@ mod tests {
                       "healthCheckCluster": "c"}}"#;
         let mut w = engine(cfg, 1);
         w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         let until = w.stores()[0].state().keys[0].down_until_ms;
         assert_eq!(
             w.health_checks_due(&host, 1_000).len(),
@@ -444,14 +420,7 @@ mod tests {
                       "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
         let mut w = engine(cfg, 1);
         w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         let due = w.health_checks_due(&host, 1_000);
         assert!(due[0]
             .headers

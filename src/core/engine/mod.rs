@@ -68,7 +68,8 @@ impl<'a> Clock<'a> {
 pub struct Assignment {
     pub profile: usize,
     pub key: usize,
-    pub sent: SentAs,
+    /// How it went: as a normal pick, as the key's probe, or while every key was out.
+    pub sent_as: SentAs,
 }
 
 /// Everything the engine needs from the host: shared data and stats.
@@ -361,7 +362,7 @@ impl Engine {
                 let Some(profile_idx) = self.chain_member(primary, position) else {
                     continue;
                 };
-                if let Some((key, sent)) =
+                if let Some((key, sent_as)) =
                     self.serve_from(host, profile_idx, clock, avoid, honour_avoid, ask)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
@@ -379,7 +380,7 @@ impl Engine {
                     return Decision::UseKey(Assignment {
                         profile: profile_idx,
                         key,
-                        sent,
+                        sent_as,
                     });
                 }
             }
@@ -408,7 +409,7 @@ impl Engine {
                 Decision::UseKey(Assignment {
                     profile: profile_idx,
                     key,
-                    sent: SentAs::WhileDown,
+                    sent_as: SentAs::WhileDown,
                 })
             }
             (OnAllUnavailable::Wait, _) => Decision::Hold {
@@ -695,9 +696,9 @@ impl Engine {
                     !cached.is_available()
                         || cached.consecutive_failures > 0
                         || cached.strikes > 0
-                        || sent.sent.is_probe()
+                        || sent.sent_as.is_probe()
                 }
-                Verdict::Neutral => sent.sent.is_probe(),
+                Verdict::Neutral => sent.sent_as.is_probe(),
             })
         };
         let Some(mut write) = self.stores.get(pool).and_then(needs_write) else {
@@ -730,12 +731,12 @@ impl Engine {
             _ => None,
         };
         self.change(host, pool, now_ms, |s| {
-            let event = match (verdict, failure, sent.sent) {
+            let event = match (verdict, failure, sent.sent_as) {
                 (Verdict::KeyFailure(_), Some(f), SentAs::Probe { claim_ms }) => {
                     s.record_probe_failure(key, claim_ms, &f, now_ms, &policy)
                 }
                 (Verdict::KeyFailure(_), Some(f), _) => s.record_failure(key, &f, now_ms, &policy),
-                (Verdict::Success, _, _) => s.record_success(key, sent.sent),
+                (Verdict::Success, _, _) => s.record_success(key, sent.sent_as),
                 (_, _, SentAs::Probe { claim_ms }) => s.release_probe(key, claim_ms),
                 _ => None,
             };
@@ -774,7 +775,7 @@ impl Engine {
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
-        let SentAs::Probe { claim_ms } = sent.sent else {
+        let SentAs::Probe { claim_ms } = sent.sent_as else {
             return;
         };
         let Some(pool) = self.config.profiles.get(sent.profile).map(|p| p.pool) else {
@@ -904,16 +905,9 @@ pub(crate) mod tests {
         let mut old = engine(old_cfg, 1);
         old.start(&host, 0);
         let g = old.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
+        let (p, k, _) = old.key_for(&host, g, 0);
         let v = old.verdict(p, 429, None);
-        old.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        old.answered(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
         // A new key list: it would carry the down key over, but every write of it conflicts.
         let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut new = engine(new_cfg, 2);
@@ -965,45 +959,24 @@ pub(crate) mod tests {
     fn a_429_on_one_worker_moves_every_worker_off_the_key_until_the_cooldown_ends() {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
+        let (mut w1, mut w2) = two_workers(&host, cfg);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        let (p, k, _) = w1.key_for(&host, g, 0);
         let v = w1.verdict(p, 429, None);
-        w1.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
-        for now in [20, 500, 1009] {
-            for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
-                assert_ne!(k2, k, "at {now}");
-            }
-        }
+        w1.answered(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
+        assert_never_given(&mut w2, &host, g, k, &[20, 500, 1009]);
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
-        let (_, probe_key, how) = use_key(w2.decide(&host, g, &Clock::at(1120), &[]));
+        let (_, probe_key, how) = w2.key_for(&host, g, 1120);
         assert_eq!(probe_key, k);
         assert!(how.is_probe(), "{how:?}");
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w1.decide(&host, g, &Clock::at(1121), &[]));
+            let (_, k2, how) = w1.key_for(&host, g, 1121);
             assert_ne!(k2, k, "one probe at a time, on any worker");
             assert_eq!(how, SentAs::Normal);
         }
-        w2.record(
-            &host,
-            sent(p, k, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1130),
-        );
-        let seen: std::collections::HashSet<usize> = (0..4)
-            .map(|_| use_key(w1.decide(&host, g, &Clock::at(1131), &[])).1)
-            .collect();
+        w2.answered(&host, sent(p, k, how), Verdict::Success, 200, None, 1130);
+        let seen: std::collections::HashSet<usize> =
+            (0..4).map(|_| w1.key_for(&host, g, 1131).1).collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
     }
 
@@ -1018,14 +991,7 @@ pub(crate) mod tests {
         b.start(&host, 0);
         // A's request goes out with key 0 while it is available; it answers late.
         let slow = sent(0, 0, SentAs::Normal);
-        b.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        b.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
         let (_, k, probe) = use_key(b.decide(&host, Some(0), &Clock::at(1_200), &[]));
         assert_eq!(k, 0);
         assert!(probe.is_probe(), "{probe:?}");
@@ -1050,14 +1016,7 @@ pub(crate) mod tests {
             "the stale failure was not the probe's"
         );
         assert_eq!(m("key.ka.key_marked_down"), 1, "one outage");
-        b.record(
-            &host,
-            sent(0, 0, probe),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1_500),
-        );
+        b.answered(&host, sent(0, 0, probe), Verdict::Success, 200, None, 1_500);
         a.tick(&host, 1_600);
         let key = &a.stores()[0].state().keys[0];
         assert!(key.is_available() && key.strikes == 0, "{key:?}");
@@ -1069,18 +1028,11 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000, "cooldownBackoff": 3}}"#;
         let mut w = engine(cfg, 9);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
-        w.record(&host, sent(0, 0, how), SERVER, 503, None, &Clock::at(1200));
+        w.answered(&host, sent(0, 0, how), SERVER, 503, None, 1200);
         let key = &w.stores()[0].state().keys[0];
         assert_eq!(key.strikes, 2);
         let cooldown = key.down_until_ms - 1200;
@@ -1089,14 +1041,7 @@ pub(crate) mod tests {
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5000), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
-        w.record(
-            &host,
-            sent(0, 0, how),
-            Verdict::Neutral,
-            504,
-            None,
-            &Clock::at(5001),
-        );
+        w.answered(&host, sent(0, 0, how), Verdict::Neutral, 504, None, 5001);
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5002), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
@@ -1109,30 +1054,16 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut w = engine(cfg, 4);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            Some(1_000),
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, Some(1_000), 0);
         let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            refused,
-            401,
-            None,
-            &Clock::at(0),
-        );
-        w.record(
+        w.answered(&host, sent(0, 1, SentAs::Normal), refused, 401, None, 0);
+        w.answered(
             &host,
             sent(0, 2, SentAs::Normal),
             SERVER,
             503,
             Some(1_000),
-            &Clock::at(0),
+            0,
         );
         let keys = &w.stores()[0].state().keys;
         assert!(
@@ -1176,14 +1107,7 @@ pub(crate) mod tests {
         let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 1000}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
-        w1.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w1.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         w1.tick(&host, 500);
         w2.tick(&host, 500);
         assert_eq!(w2.stores()[0].view().available_count(), 0);
@@ -1207,32 +1131,25 @@ pub(crate) mod tests {
         );
         for _ in 0..5 {
             w.decide(&host, Some(0), &Clock::at(0), &[]);
-            w.record(
+            w.answered(
                 &host,
                 sent(0, 0, SentAs::Normal),
                 Verdict::Success,
                 200,
                 None,
-                &Clock::at(0),
+                0,
             );
         }
         assert_eq!(host.shared.sets.get(), 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            500,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
-        w.record(
+        w.answered(
             &host,
             sent(0, 0, SentAs::Normal),
             Verdict::Success,
             200,
             None,
-            &Clock::at(0),
+            0,
         );
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
@@ -1247,30 +1164,16 @@ pub(crate) mod tests {
         // Both requests start (and refresh their worker's cache) before either answer is in.
         a.decide(&host, Some(0), &Clock::at(0), &[]);
         b.decide(&host, Some(0), &Clock::at(0), &[]);
-        a.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(10),
-        );
-        b.record(
+        a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 10);
+        b.answered(
             &host,
             sent(0, 0, SentAs::Normal),
             Verdict::Success,
             200,
             None,
-            &Clock::at(20),
+            20,
         );
-        a.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(30),
-        );
+        a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 30);
         let shared = |w: &mut Engine| {
             w.tick(&host, 40);
             w.stores()[0].state().keys[0].clone()
@@ -1292,13 +1195,13 @@ pub(crate) mod tests {
         let mut w = engine(one, 3);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
         let gets = host.shared.gets.get();
-        w.record(
+        w.answered(
             &host,
             sent(0, 0, SentAs::Normal),
             Verdict::Success,
             200,
             None,
-            &Clock::at(1),
+            1,
         );
         assert_eq!(host.shared.gets.get(), gets);
     }
@@ -1310,22 +1213,8 @@ pub(crate) mod tests {
             r#"{"apiTokens": ["a", "b"], "onAllUnavailable": "reject", "failover": {"cooldownDuration": 2500}}"#,
             1,
         );
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(0),
-        );
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(1000),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0);
+        w.answered(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 1000);
         assert_eq!(
             w.decide(&host, Some(0), &Clock::at(1000), &[]),
             Decision::Reject {
@@ -1342,7 +1231,7 @@ pub(crate) mod tests {
             w.decide(&host, Some(0), &Clock::at(2800), &[]),
             Decision::UseKey(Assignment {
                 key: 0,
-                sent: SentAs::Probe { .. },
+                sent_as: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1356,32 +1245,18 @@ pub(crate) mod tests {
             1,
         );
         // Hints fix the order whatever the jitter: b returns at about 5 s, a at about 20 s.
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            RATE,
-            429,
-            Some(5_000),
-            &Clock::at(0),
-        );
-        w.record(
+        w.answered(&host, sent(0, 1, SentAs::Normal), RATE, 429, Some(5_000), 0);
+        w.answered(
             &host,
             sent(0, 0, SentAs::Normal),
             RATE,
             429,
             Some(20_000),
-            &Clock::at(100),
+            100,
         );
         let (p, k, down) = use_key(w.decide(&host, Some(0), &Clock::at(200), &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
-        w.record(
-            &host,
-            sent(p, k, down),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(200),
-        );
+        w.answered(&host, sent(p, k, down), Verdict::Success, 200, None, 200);
         assert_eq!(w.stores()[0].view().available_count(), 1);
     }
 
@@ -1452,22 +1327,8 @@ pub(crate) mod tests {
         for _ in 0..5 {
             w.decide(&host, Some(0), &Clock::at(0), &[]);
         }
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(10),
-        );
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(10),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
+        w.answered(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 10);
         w.decide(&host, Some(0), &Clock::at(20), &[]);
         w.tick(&host, 20);
         assert_eq!(m("requests_keyed"), 5);
@@ -1485,14 +1346,7 @@ pub(crate) mod tests {
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert!(how.is_probe(), "{how:?}");
-        w.record(
-            &host,
-            sent(0, k, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1201),
-        );
+        w.answered(&host, sent(0, k, how), Verdict::Success, 200, None, 1201);
         w.tick(&host, 1202);
         assert_eq!(m("keys_restored"), 1);
         assert_eq!(m("keys_available"), 1);
@@ -1520,13 +1374,13 @@ pub(crate) mod tests {
             },
             "primary"
         );
-        w.record(
+        w.answered(
             &host,
             sent(primary, 0, SentAs::Normal),
             RATE,
             429,
             Some(5_000),
-            &Clock::at(0),
+            0,
         );
         assert_eq!(
             {
@@ -1535,13 +1389,13 @@ pub(crate) mod tests {
             },
             "second"
         );
-        w.record(
+        w.answered(
             &host,
             sent(chain[0], 0, SentAs::Normal),
             SERVER,
             503,
             None,
-            &Clock::at(10),
+            10,
         );
         assert_eq!(
             {
@@ -1550,13 +1404,13 @@ pub(crate) mod tests {
             },
             "third"
         );
-        w.record(
+        w.answered(
             &host,
             sent(chain[1], 0, SentAs::Normal),
             SERVER,
             503,
             None,
-            &Clock::at(20),
+            20,
         );
         match w.decide_for(&host, primary, 30) {
             Decision::Reject { retry_after_secs } => {
@@ -1570,7 +1424,7 @@ pub(crate) mod tests {
         assert!(matches!(
             d,
             Decision::UseKey(Assignment {
-                sent: SentAs::Probe { .. },
+                sent_as: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1653,14 +1507,7 @@ pub(crate) mod tests {
         let mut w = engine(cfg, 1);
         assert_eq!(w.tick_period_ms(), 100);
         w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(1_000),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 1_000);
         let until = w.stores()[0].state().keys[0].down_until_ms;
         assert!(
             (1_100..=1_110).contains(&until),
@@ -1683,14 +1530,7 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let mut w2 = engine(cfg, 2);
         w2.start(&host, 0);
-        w2.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(3_000),
-        );
+        w2.answered(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 3_000);
         let until = w2.stores()[0].state().keys[1].down_until_ms;
         let (_, key, how) = use_key(w2.decide_for(&host, 0, until));
         assert_eq!(key, 1);
@@ -1710,14 +1550,7 @@ pub(crate) mod tests {
         let (slow_id, fast_id) = (w.config().pools[0].id, w.config().pools[1].id);
         w.start(&host, 0);
         // A key of the slow pool is out, so its checks have something to plan.
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         host.ops.borrow_mut().clear();
         let keyed = |host: &CountingHost| {
             host.inner
@@ -1759,29 +1592,21 @@ pub(crate) mod tests {
     fn a_spent_budget_moves_every_worker_off_the_key_until_the_reset_with_no_probe_or_strike() {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"preemptiveCooldown": true}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
-        w1.start(&host, 0);
-        w2.start(&host, 0);
+        let (mut w1, mut w2) = two_workers(&host, cfg);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        let (p, k, _) = w1.key_for(&host, g, 0);
         assert!(w1.wants_budget(p).is_some());
-        w1.record(
+        w1.answered(
             &host,
             sent(p, k, SentAs::Normal),
             Verdict::Success,
             200,
             None,
-            &Clock::at(10),
+            10,
         );
         // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
         w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
-        for now in [20, 600, 1_009] {
-            for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
-                assert_ne!(k2, k, "at {now}");
-            }
-        }
+        assert_never_given(&mut w2, &host, g, k, &[20, 600, 1_009]);
         let pool = "ai_key_failover.pool.";
         let counted = |name: &str| {
             host.metrics
@@ -1796,7 +1621,7 @@ pub(crate) mod tests {
         assert_eq!(counted("class.rate_limit.keys_marked_down"), 0);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w2.decide(&host, g, &Clock::at(1_010), &[]));
+            let (_, k2, how) = w2.key_for(&host, g, 1_010);
             assert_eq!(
                 how,
                 SentAs::Normal,
@@ -1866,14 +1691,7 @@ pub(crate) mod tests {
         let out = home[0];
         let p = g.unwrap();
         let v = w.verdict(p, 429, None);
-        w.record(
-            &host,
-            sent(p, out, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        w.answered(&host, sent(p, out, SentAs::Normal), v, 429, None, 10);
         let moved: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 20).1).collect();
         for (i, (&before, &now)) in home.iter().zip(&moved).enumerate() {
             if before == out {
@@ -1887,21 +1705,13 @@ pub(crate) mod tests {
         let (_, k, how) = pick(&mut w, 0, 1_200);
         assert_eq!(k, out);
         assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
-        w.record(
-            &host,
-            sent(p, out, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1_210),
-        );
+        w.answered(&host, sent(p, out, how), Verdict::Success, 200, None, 1_210);
         for (i, &k) in home.iter().enumerate() {
             assert_eq!(pick(&mut w, i, 1_220).1, k, "session {i} is home again");
         }
         // A request without the header uses `selection` as before.
-        let plain: std::collections::HashSet<_> = (0..8)
-            .map(|_| use_key(w.decide(&host, g, &Clock::at(1_230), &[])).1)
-            .collect();
+        let plain: std::collections::HashSet<_> =
+            (0..8).map(|_| w.key_for(&host, g, 1_230).1).collect();
         assert_eq!(plain.len(), 4);
     }
 
@@ -1915,14 +1725,7 @@ pub(crate) mod tests {
         let g = w.profile_for(&mut NoFacts);
         let p = g.unwrap();
         let v = w.verdict(p, 429, None);
-        w.record(
-            &host,
-            sent(p, 0, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(p, 0, SentAs::Normal), v, 429, None, 0);
         for now in [10, 500] {
             assert!(matches!(
                 w.decide_for(&host, p, now),

@@ -52,6 +52,29 @@ impl RequestFacts for NoFacts {
 }
 
 impl Engine {
+    /// `record` of an answer judged `verdict` to a request sent as `sent`, at `now`.
+    pub(crate) fn answered(
+        &mut self,
+        host: &dyn Host,
+        sent: Assignment,
+        verdict: Verdict,
+        status: u16,
+        hint_ms: Option<u64>,
+        now: u64,
+    ) {
+        self.record(host, sent, verdict, status, hint_ms, &Clock::at(now));
+    }
+
+    /// The key a request of `profile` with no earlier attempts gets at `now`.
+    pub(crate) fn key_for(
+        &mut self,
+        host: &TestHost,
+        profile: Option<usize>,
+        now: u64,
+    ) -> (usize, usize, SentAs) {
+        use_key(self.decide(host, profile, &Clock::at(now), &[]))
+    }
+
     pub(crate) fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
         self.decide(host, Some(profile), &Clock::at(now), &[])
     }
@@ -61,9 +84,33 @@ pub(crate) fn engine(json: &str, seed: u64) -> Engine {
     Engine::new(config::parse(json.as_bytes()).unwrap(), seed)
 }
 
+/// Two workers (VMs) of one config sharing `host`, both started at 0.
+pub(crate) fn two_workers(host: &TestHost, json: &str) -> (Engine, Engine) {
+    let (mut w1, mut w2) = (engine(json, 1), engine(json, 2));
+    w1.start(host, 0);
+    w2.start(host, 0);
+    (w1, w2)
+}
+
+/// No request of `profile` is given `key` at any of `times` (four asked at each).
+pub(crate) fn assert_never_given(
+    w: &mut Engine,
+    host: &TestHost,
+    profile: Option<usize>,
+    key: usize,
+    times: &[u64],
+) {
+    for &now in times {
+        for _ in 0..4 {
+            let (_, given, _) = w.key_for(host, profile, now);
+            assert_ne!(given, key, "at {now}");
+        }
+    }
+}
+
 pub(crate) fn use_key(d: Decision) -> (usize, usize, SentAs) {
     match d {
-        Decision::UseKey(a) => (a.profile, a.key, a.sent),
+        Decision::UseKey(a) => (a.profile, a.key, a.sent_as),
         other => panic!("expected a key, got {other:?}"),
     }
 }
@@ -72,7 +119,7 @@ pub(crate) fn sent(profile: usize, key: usize, how: SentAs) -> Assignment {
     Assignment {
         profile,
         key,
-        sent: how,
+        sent_as: how,
     }
 }
 
