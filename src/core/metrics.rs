@@ -413,6 +413,17 @@ mod tests {
         jitter_permille: 0,
     };
 
+    /// What the engine does after a change: count its events, then bring the gauges in line.
+    fn counted_and_synced(
+        m: &mut PoolMetrics,
+        host: &FakeMetrics,
+        state: &PoolState,
+        events: impl IntoIterator<Item = Event>,
+    ) {
+        m.count_events(host, &Vec::from_iter(events));
+        m.sync(host, state);
+    }
+
     #[test]
     fn names_follow_the_documented_scheme() {
         assert_eq!(
@@ -443,12 +454,8 @@ mod tests {
             "nothing changed, nothing written"
         );
 
-        let ev: Vec<Event> = state
-            .record_failure(1, &RATE, 10_000, &P)
-            .into_iter()
-            .collect();
-        m.count_events(&host, &ev);
-        m.sync(&host, &state);
+        let ev = state.record_failure(1, &RATE, 10_000, &P);
+        counted_and_synced(&mut m, &host, &state, ev);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_available"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 0);
         assert_eq!(
@@ -461,20 +468,12 @@ mod tests {
             1
         );
 
-        m.count_events(&host, &state.advance(15_000));
-        m.count_events(
-            &host,
-            &state
-                .claim_probe(1, 15_000, 100)
-                .into_iter()
-                .collect::<Vec<_>>(),
-        );
-        let ev: Vec<Event> = state
-            .record_success(1, SentAs::Probe { claim_ms: 15_100 })
-            .into_iter()
-            .collect();
+        let ev = state.advance(15_000);
         m.count_events(&host, &ev);
-        m.sync(&host, &state);
+        let ev = state.claim_probe(1, 15_000, 100);
+        m.count_events(&host, &Vec::from_iter(ev));
+        let ev = state.record_success(1, SentAs::Probe { claim_ms: 15_100 });
+        counted_and_synced(&mut m, &host, &state, ev);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_restored"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 1);

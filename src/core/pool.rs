@@ -105,9 +105,13 @@ pub struct Failure {
     pub class: FailureClass,
     /// The provider's own word on when to retry, already validated; used as given, clamped.
     pub hint_ms: Option<u64>,
-    /// 0 to 100: adds up to 10% so keys that went down together do not return together.
+    /// 0 to `MAX_JITTER_PERMILLE`: adds up to 10% so keys that went down together do not
+    /// return together.
     pub jitter_permille: u32,
 }
+
+/// The most a cooldown's jitter adds, in thousandths of it: 10%.
+pub const MAX_JITTER_PERMILLE: u32 = 100;
 
 impl Policy {
     /// The cooldown for a key's `strikes`-th time out in a row.
@@ -120,7 +124,7 @@ impl Policy {
             self.min_cooldown_ms,
             self.max_cooldown_ms.max(self.min_cooldown_ms),
         );
-        let jitter = clamped / 1000 * u64::from(failure.jitter_permille.min(100));
+        let jitter = clamped / 1000 * u64::from(failure.jitter_permille.min(MAX_JITTER_PERMILLE));
         clamped
             .saturating_add(jitter)
             .min(self.max_cooldown_ms.max(clamped))
@@ -562,6 +566,30 @@ impl PoolState {
     pub fn next_change_ms(&self) -> Option<u64> {
         self.keys.iter().filter_map(KeyState::next_change_ms).min()
     }
+}
+
+/// The settings and failure other modules' tests build pool states with.
+#[cfg(test)]
+pub(crate) mod test_fixtures {
+    use super::{Failure, FailureClass, Policy};
+
+    /// One failure takes a key out for 1 s: no threshold, no backoff, no disable time.
+    pub(crate) const ONE_SECOND: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 1_000,
+        backoff_permille: 1_000,
+        min_cooldown_ms: 1,
+        max_cooldown_ms: 1_000_000,
+        disable_ms: 0,
+    };
+
+    /// A 429 with no hint and no jitter.
+    pub(crate) const RATE_LIMITED: Failure = Failure {
+        status: 429,
+        class: FailureClass::RateLimit,
+        hint_ms: None,
+        jitter_permille: 0,
+    };
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl Engine {
                     status: status.unwrap_or(0),
                     class,
                     hint_ms,
-                    jitter_permille: self.rng.below(101) as u32,
+                    jitter_permille: self.draw_jitter(),
                 };
                 log::info!(
                     "pool {pool_label}: health check of key {label} failed ({}); it stays out",

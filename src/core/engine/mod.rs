@@ -10,7 +10,7 @@ use crate::core::config::{PluginConfig, Profile};
 use crate::core::health::PoolChecks;
 use crate::core::judge;
 use crate::core::metrics::{MetricsHost, PoolMetrics};
-use crate::core::pool::{Event, Failure, PoolState, SentAs};
+use crate::core::pool::{Event, Failure, PoolState, SentAs, MAX_JITTER_PERMILLE};
 use crate::core::rules::RequestFacts;
 use crate::core::schedule::{self, Every};
 use crate::core::select::{OnAllUnavailable, Rng, Selection};
@@ -597,6 +597,11 @@ impl Engine {
         }
     }
 
+    /// A cooldown's jitter, 0 to `MAX_JITTER_PERMILLE` thousandths.
+    fn draw_jitter(&mut self) -> u32 {
+        self.rng.below(u64::from(MAX_JITTER_PERMILLE) + 1) as u32
+    }
+
     /// Claims the probe of `key`; on success, what names the claim (see `SentAs::Probe`).
     fn claim_probe(
         &mut self,
@@ -726,7 +731,7 @@ impl Engine {
                 status,
                 class,
                 hint_ms: hint_ms.filter(|_| judge::wants_hint(&p.failover, verdict)),
-                jitter_permille: self.rng.below(101) as u32,
+                jitter_permille: self.draw_jitter(),
             }),
             _ => None,
         };
@@ -890,9 +895,9 @@ impl Engine {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    /// Other modules' tests run the engine against it.
-    pub(crate) use super::test_host::TestHost;
     use super::test_host::*;
+    /// Other modules' tests run the engine against these.
+    pub(crate) use super::test_host::{NoFacts, TestHost};
     use super::*;
     use crate::core::status::FailureClass;
     use crate::core::store::fake::FakeShared;
@@ -1539,7 +1544,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_fast_tick_does_not_flush_stats_renew_the_lease_or_advance_slow_pools_more_often() {
-        let host = CountingHost::default();
+        let host = TestHost::default();
         // The rule's pool needs 100 ms ticks; the global pool keeps its 1 s period.
         let cfg = r#"{"name": "slow", "apiTokens": ["a", "b"], "failover": {"healthCheckModel": "m",
             "healthCheckCluster": "c", "cooldownDuration": 60000},
@@ -1552,11 +1557,7 @@ pub(crate) mod tests {
         // A key of the slow pool is out, so its checks have something to plan.
         w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         host.ops.borrow_mut().clear();
-        let keyed = |host: &CountingHost| {
-            host.inner
-                .metrics
-                .get("ai_key_failover.pool.slow.requests_keyed")
-        };
+        let keyed = |host: &TestHost| host.metrics.get("ai_key_failover.pool.slow.requests_keyed");
         let mut flushed_at = Vec::new();
         for now in (100..=3_000).step_by(100) {
             w.decide(&host, Some(0), &Clock::at(now), &[]);

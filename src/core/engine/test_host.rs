@@ -10,18 +10,38 @@ use crate::core::status::{FailureClass, Verdict};
 use crate::core::store::fake::FakeShared;
 use crate::core::store::{SharedData, StoreError};
 
-/// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too.
+/// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too. It also
+/// notes every shared-data read and write, for tests that count host calls.
 #[derive(Default)]
 pub(crate) struct TestHost {
     pub(crate) shared: FakeShared,
     pub(crate) metrics: FakeMetrics,
+    /// `("get" | "set", entry name)`, in order.
+    pub(crate) ops: std::cell::RefCell<Vec<(&'static str, String)>>,
+}
+
+impl TestHost {
+    /// How many `op`s (`"get"` or `"set"`) went to pool `pool_id`'s entry `entry_suffix`.
+    pub(crate) fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
+        let name = format!(
+            "{}/{entry_suffix}",
+            crate::core::store::entry_prefix(pool_id)
+        );
+        self.ops
+            .borrow()
+            .iter()
+            .filter(|(o, k)| *o == op && *k == name)
+            .count()
+    }
 }
 
 impl SharedData for TestHost {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        self.ops.borrow_mut().push(("get", key.to_string()));
         self.shared.get(key)
     }
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.ops.borrow_mut().push(("set", key.to_string()));
         self.shared.set(key, value, cas)
     }
 }
@@ -38,6 +58,7 @@ impl MetricsHost for TestHost {
     }
 }
 
+/// A request no rule matches: it gets the global profile.
 pub(crate) struct NoFacts;
 impl RequestFacts for NoFacts {
     fn route_name(&mut self) -> Option<String> {
@@ -152,48 +173,4 @@ pub(crate) fn logged_by(f: impl FnOnce()) -> Vec<String> {
     LOGGED.with(|l| l.borrow_mut().clear());
     f();
     LOGGED.with(|l| l.take())
-}
-
-/// A host that counts shared-data reads and writes per entry name.
-#[derive(Default)]
-pub(crate) struct CountingHost {
-    pub(crate) inner: TestHost,
-    pub(crate) ops: std::cell::RefCell<Vec<(&'static str, String)>>,
-}
-
-impl CountingHost {
-    pub(crate) fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
-        let name = format!(
-            "{}/{entry_suffix}",
-            crate::core::store::entry_prefix(pool_id)
-        );
-        self.ops
-            .borrow()
-            .iter()
-            .filter(|(o, k)| *o == op && *k == name)
-            .count()
-    }
-}
-
-impl SharedData for CountingHost {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        self.ops.borrow_mut().push(("get", key.to_string()));
-        self.inner.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        self.ops.borrow_mut().push(("set", key.to_string()));
-        self.inner.set(key, value, cas)
-    }
-}
-
-impl MetricsHost for CountingHost {
-    fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
-        self.inner.define(kind, name)
-    }
-    fn increment(&self, id: u32, delta: u64) {
-        self.inner.increment(id, delta)
-    }
-    fn record(&self, id: u32, value: u64) {
-        self.inner.record(id, value)
-    }
 }
