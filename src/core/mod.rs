@@ -2,8 +2,8 @@
 //! and stats through `engine::Host` and the time as a number; nothing here calls out.
 //!
 //! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
-//! their transitions) → `select` (which key a request gets) → `status` and `hints` (what an
-//! answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
+//! their transitions) → `select` (which key a request gets) → `status` and `hints`, joined in
+//! `judge` (what an answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
 //! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
 //! names and updates stats.
 

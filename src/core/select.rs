@@ -123,6 +123,17 @@ pub struct PoolView {
     affinity: Option<crate::core::affinity::Ring>,
 }
 
+/// How a key that is out comes back, best first: the order `earliest` falls back in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Return {
+    /// Its time out ends at a known moment.
+    ByItself,
+    /// Its probe is out; it is back if the probe succeeds.
+    WhenProbed,
+    /// Refused until a health check or a new configuration.
+    Never,
+}
+
 fn indices_where(state: &PoolState, keep: impl Fn(&KeyState) -> bool) -> Vec<u32> {
     state
         .keys
@@ -147,14 +158,14 @@ impl PoolView {
         };
         let probe_candidates = indices_where(state, KeyState::probe_claimable);
         // Prefer the key whose time out ends first; then a key being probed; a key refused
-        // for good only as a last resort.
+        // for good never.
         let rank = |k: &KeyState| match k.health {
-            Health::CoolingDown | Health::Spent => (0, k.down_until_ms),
+            Health::CoolingDown | Health::Spent => (Return::ByItself, k.down_until_ms),
             Health::Disabled if k.down_until_ms != crate::core::pool::FOREVER => {
-                (0, k.down_until_ms)
+                (Return::ByItself, k.down_until_ms)
             }
-            Health::Probing => (1, k.probe_until_ms),
-            _ => (2, u64::MAX),
+            Health::Probing => (Return::WhenProbed, k.probe_until_ms),
+            _ => (Return::Never, u64::MAX),
         };
         let earliest_down = state
             .keys
@@ -163,7 +174,7 @@ impl PoolView {
             .filter(|(_, k)| !k.is_available())
             .min_by_key(|(_, k)| rank(k))
             .map(|(i, k)| (i, rank(k)))
-            .and_then(|(i, (tier, until))| (tier < 2).then_some((i, until)));
+            .and_then(|(i, (ret, until))| (ret != Return::Never).then_some((i, until)));
         PoolView {
             available,
             weighted,
