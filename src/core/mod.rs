@@ -3,8 +3,8 @@
 //!
 //! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
 //! their transitions) → `select` (which key a request gets) → `status` and `hints`, joined in
-//! `judge` (what an answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
-//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
+//! `judge` (what an answer means) → `engine` (one worker's view, tying these together) →
+//! `resend` and `health` (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
 //! names and updates stats.
 
 pub mod affinity;
