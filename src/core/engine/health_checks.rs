@@ -261,11 +261,7 @@ mod tests {
             w1.health_checks_due(&host, 1_300).is_empty(),
             "one check in flight per key"
         );
-        let ok = CheckAnswer {
-            status: Some(200),
-            headers: &[],
-            body: b"{}",
-        };
+        let ok = bare_answer(Some(200), b"{}");
         w1.health_check_done(&host, 0, 0, ok, 1_400);
         assert!(
             !w1.stores()[0].state().keys[0].is_available(),
@@ -276,22 +272,13 @@ mod tests {
             "the interval"
         );
         assert_eq!(w1.health_checks_due(&host, 3_300).len(), 1);
-        let ok = CheckAnswer {
-            status: Some(200),
-            headers: &[],
-            body: b"{}",
-        };
+        let ok = bare_answer(Some(200), b"{}");
         w1.health_check_done(&host, 0, 0, ok, 3_400);
         assert!(
             w1.stores()[0].state().keys[0].is_available(),
             "restored after 2 passes"
         );
-        let m = |name: &str| {
-            host.metrics.get(&format!(
-                "ai_key_failover.pool.{}.{name}",
-                w1.config().pools[0].label
-            ))
-        };
+        let m = |name: &str| host.pool_stat(&w1.config().pools[0].label, name);
         assert_eq!(
             (
                 m("health_checks_sent"),
@@ -300,6 +287,15 @@ mod tests {
             ),
             (2, 2, 0)
         );
+    }
+
+    /// A check's answer without headers.
+    fn bare_answer(status: Option<u16>, body: &[u8]) -> CheckAnswer<'_> {
+        CheckAnswer {
+            status,
+            headers: &[],
+            body,
+        }
     }
 
     /// A check's answer gets the judgement a live answer gets (`judge`): a 429's `retry-after`
@@ -371,34 +367,14 @@ mod tests {
             1,
             "a configured cluster needs no traffic"
         );
-        w.health_check_done(
-            &host,
-            0,
-            0,
-            CheckAnswer {
-                status: None,
-                headers: &[],
-                body: b"",
-            },
-            1_500,
-        );
+        w.health_check_done(&host, 0, 0, bare_answer(None, b""), 1_500);
         let key = &w.stores()[0].state().keys[0];
         assert!(
             key.down_until_ms > until && key.strikes == 2,
             "timeout counts as a failure with backoff"
         );
         assert!(w.health_checks_due(&host, 6_600).len() == 1);
-        w.health_check_done(
-            &host,
-            0,
-            0,
-            CheckAnswer {
-                status: Some(400),
-                headers: &[],
-                body: b"",
-            },
-            6_700,
-        );
+        w.health_check_done(&host, 0, 0, bare_answer(Some(400), b""), 6_700);
         assert_eq!(
             w.stores()[0].state().keys[0].strikes,
             2,
@@ -427,11 +403,7 @@ mod tests {
             .contains(&(":authority".into(), "provider_cluster".into())));
         let target = w.checks[0].target().unwrap();
         assert_eq!(target.source, AuthoritySource::ClusterName);
-        let neutral = CheckAnswer {
-            status: Some(404),
-            headers: &[],
-            body: b"",
-        };
+        let neutral = bare_answer(Some(404), b"");
         w.health_check_done(&host, 0, 0, neutral, 1_100);
         assert!(
             !w.stores()[0].state().keys[0].is_available(),

@@ -979,7 +979,7 @@ pub(crate) mod tests {
             assert_ne!(k2, k, "one probe at a time, on any worker");
             assert_eq!(how, SentAs::Normal);
         }
-        w2.answered(&host, sent(p, k, how), Verdict::Success, 200, None, 1130);
+        w2.succeeded(&host, sent(p, k, how), 1130);
         let seen: std::collections::HashSet<usize> =
             (0..4).map(|_| w1.key_for(&host, g, 1131).1).collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
@@ -1014,14 +1014,14 @@ pub(crate) mod tests {
             "the probe keeps its claim: {key:?}"
         );
         assert_eq!(key.strikes, 1);
-        let m = |name: &str| host.metrics.get(&format!("ai_key_failover.pool.p.{name}"));
+        let m = |name: &str| host.pool_stat("p", name);
         assert_eq!(
             m("probes_failed"),
             0,
             "the stale failure was not the probe's"
         );
         assert_eq!(m("key.ka.key_marked_down"), 1, "one outage");
-        b.answered(&host, sent(0, 0, probe), Verdict::Success, 200, None, 1_500);
+        b.succeeded(&host, sent(0, 0, probe), 1_500);
         a.tick(&host, 1_600);
         let key = &a.stores()[0].state().keys[0];
         assert!(key.is_available() && key.strikes == 0, "{key:?}");
@@ -1136,26 +1136,12 @@ pub(crate) mod tests {
         );
         for _ in 0..5 {
             w.decide(&host, Some(0), &Clock::at(0), &[]);
-            w.answered(
-                &host,
-                sent(0, 0, SentAs::Normal),
-                Verdict::Success,
-                200,
-                None,
-                0,
-            );
+            w.succeeded(&host, sent(0, 0, SentAs::Normal), 0);
         }
         assert_eq!(host.shared.sets.get(), 0);
         w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
-        w.answered(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            0,
-        );
+        w.succeeded(&host, sent(0, 0, SentAs::Normal), 0);
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
     }
@@ -1170,14 +1156,7 @@ pub(crate) mod tests {
         a.decide(&host, Some(0), &Clock::at(0), &[]);
         b.decide(&host, Some(0), &Clock::at(0), &[]);
         a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 10);
-        b.answered(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            20,
-        );
+        b.succeeded(&host, sent(0, 0, SentAs::Normal), 20);
         a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 30);
         let shared = |w: &mut Engine| {
             w.tick(&host, 40);
@@ -1200,14 +1179,7 @@ pub(crate) mod tests {
         let mut w = engine(one, 3);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
         let gets = host.shared.gets.get();
-        w.answered(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            1,
-        );
+        w.succeeded(&host, sent(0, 0, SentAs::Normal), 1);
         assert_eq!(host.shared.gets.get(), gets);
     }
 
@@ -1261,7 +1233,7 @@ pub(crate) mod tests {
         );
         let (p, k, down) = use_key(w.decide(&host, Some(0), &Clock::at(200), &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
-        w.answered(&host, sent(p, k, down), Verdict::Success, 200, None, 200);
+        w.succeeded(&host, sent(p, k, down), 200);
         assert_eq!(w.stores()[0].view().available_count(), 1);
     }
 
@@ -1323,10 +1295,7 @@ pub(crate) mod tests {
                       "failover": {"cooldownDuration": 1000}}"#;
         let mut w = engine(cfg, 3);
         w.start(&host, 0);
-        let m = |name: &str| {
-            host.metrics
-                .get(&format!("ai_key_failover.pool.main.{name}"))
-        };
+        let m = |name: &str| host.pool_stat("main", name);
         assert_eq!(m("keys_configured"), 2);
         assert_eq!(m("keys_available"), 2);
         for _ in 0..5 {
@@ -1351,7 +1320,7 @@ pub(crate) mod tests {
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert!(how.is_probe(), "{how:?}");
-        w.answered(&host, sent(0, k, how), Verdict::Success, 200, None, 1201);
+        w.succeeded(&host, sent(0, k, how), 1201);
         w.tick(&host, 1202);
         assert_eq!(m("keys_restored"), 1);
         assert_eq!(m("keys_available"), 1);
@@ -1372,13 +1341,11 @@ pub(crate) mod tests {
             Decision::UseKey(a) => w.pool_of(a.profile).unwrap().1.to_string(),
             other => format!("{other:?}"),
         };
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 0);
-                label(&w, d)
-            },
-            "primary"
-        );
+        let served_by = |w: &mut Engine, now: u64| {
+            let d = w.decide_for(&host, primary, now);
+            label(w, d)
+        };
+        assert_eq!(served_by(&mut w, 0), "primary");
         w.answered(
             &host,
             sent(primary, 0, SentAs::Normal),
@@ -1387,13 +1354,7 @@ pub(crate) mod tests {
             Some(5_000),
             0,
         );
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 10);
-                label(&w, d)
-            },
-            "second"
-        );
+        assert_eq!(served_by(&mut w, 10), "second");
         w.answered(
             &host,
             sent(chain[0], 0, SentAs::Normal),
@@ -1402,13 +1363,7 @@ pub(crate) mod tests {
             None,
             10,
         );
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 20);
-                label(&w, d)
-            },
-            "third"
-        );
+        assert_eq!(served_by(&mut w, 20), "third");
         w.answered(
             &host,
             sent(chain[1], 0, SentAs::Normal),
@@ -1434,10 +1389,7 @@ pub(crate) mod tests {
             })
         ));
         w.tick(&host, 5_700);
-        let m = |name: &str| {
-            host.metrics
-                .get(&format!("ai_key_failover.pool.primary.{name}"))
-        };
+        let m = |name: &str| host.pool_stat("primary", name);
         assert_eq!(m("requests_fallen_back"), 2);
         assert_eq!(m("requests_rejected"), 1);
     }
@@ -1597,14 +1549,7 @@ pub(crate) mod tests {
         let g = w1.profile_for(&mut NoFacts);
         let (p, k, _) = w1.key_for(&host, g, 0);
         assert!(w1.wants_budget(p).is_some());
-        w1.answered(
-            &host,
-            sent(p, k, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            10,
-        );
+        w1.succeeded(&host, sent(p, k, SentAs::Normal), 10);
         // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
         w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
         assert_never_given(&mut w2, &host, g, k, &[20, 600, 1_009]);
@@ -1706,7 +1651,7 @@ pub(crate) mod tests {
         let (_, k, how) = pick(&mut w, 0, 1_200);
         assert_eq!(k, out);
         assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
-        w.answered(&host, sent(p, out, how), Verdict::Success, 200, None, 1_210);
+        w.succeeded(&host, sent(p, out, how), 1_210);
         for (i, &k) in home.iter().enumerate() {
             assert_eq!(pick(&mut w, i, 1_220).1, k, "session {i} is home again");
         }

@@ -21,6 +21,12 @@ pub(crate) struct TestHost {
 }
 
 impl TestHost {
+    /// The value of pool `pool`'s stat `metric` (0 if never written).
+    pub(crate) fn pool_stat(&self, pool: &str, metric: &str) -> u64 {
+        self.metrics
+            .get(&crate::core::metrics::pool_metric_name(pool, metric))
+    }
+
     /// How many `op`s (`"get"` or `"set"`) went to pool `pool_id`'s entry `entry_suffix`.
     pub(crate) fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
         let name = format!(
@@ -94,6 +100,11 @@ impl Engine {
         now: u64,
     ) -> (usize, usize, SentAs) {
         use_key(self.decide(host, profile, &Clock::at(now), &[]))
+    }
+
+    /// `answered` with a 200.
+    pub(crate) fn succeeded(&mut self, host: &dyn Host, sent: Assignment, now: u64) {
+        self.answered(host, sent, Verdict::Success, 200, None, now);
     }
 
     pub(crate) fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
