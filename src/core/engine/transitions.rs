@@ -110,19 +110,28 @@ impl Engine {
             }
         }
         if went_out {
-            if let Some(store) = self.stores.get(pool) {
-                if store.view().available_count() == 0 {
-                    let first = store.view().next_change_ms().map_or_else(
-                        || "none returns by itself".to_string(),
-                        |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
-                    );
-                    log::warn!(
-                        "pool {p}: all {} keys are down; {first}",
-                        pool_cfg.keys.len()
-                    );
-                }
-            }
+            self.warn_if_all_down(pool, now_ms);
         }
+    }
+
+    /// A key just went out: if it was the pool's last, say so, and when the first comes back.
+    fn warn_if_all_down(&self, pool: usize, now_ms: u64) {
+        let (Some(store), Some(pool_cfg)) = (self.stores.get(pool), self.config.pools.get(pool))
+        else {
+            return;
+        };
+        if store.view().available_count() > 0 {
+            return;
+        }
+        let first = store.view().next_change_ms().map_or_else(
+            || "none returns by itself".to_string(),
+            |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
+        );
+        log::warn!(
+            "pool {}: all {} keys are down; {first}",
+            pool_cfg.label,
+            pool_cfg.keys.len()
+        );
     }
 }
 
@@ -133,7 +142,37 @@ fn seconds(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_host::*;
     use super::*;
+    use crate::core::pool::SentAs;
+
+    #[test]
+    fn transitions_are_logged_by_key_name_and_the_last_key_out_says_so() {
+        let host = TestHost::default();
+        let cfg = r#"{"name": "p", "apiTokens": [{"token": "sk-secret-a", "name": "ka"}, "sk-secret-b"],
+                      "failover": {"cooldownDuration": 2000}}"#;
+        let mut w = engine(cfg, 1);
+        w.start(&host, 0);
+        let first = logged_by(|| w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0));
+        assert!(
+            first.iter().any(|l| l.starts_with(
+                "WARN pool p: key ka marked down after status 429 (rate_limit); back in 2."
+            )),
+            "{first:?}"
+        );
+        assert!(!first.iter().any(|l| l.contains("all 2 keys")), "{first:?}");
+        let last =
+            logged_by(|| w.answered(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 500));
+        assert!(
+            last.iter()
+                .any(|l| l.starts_with("WARN pool p: all 2 keys are down; the first returns in 1.")),
+            "{last:?}"
+        );
+        for line in first.iter().chain(&last) {
+            assert!(!line.contains("sk-secret"), "a key in a log line: {line}");
+        }
+    }
+
     #[test]
     fn durations_are_written_to_a_tenth_of_a_second() {
         assert_eq!(seconds(0), "0.0s");
