@@ -2,7 +2,7 @@
 //! lease), and what an answer does to the key. What to send and when is planned by the pure
 //! `core::health`; this ties it to the store, the stats and the key's transitions.
 
-use super::{Engine, Host};
+use super::{pool_label, Engine, Host};
 use crate::core::config::{HealthCheck, PluginConfig, Profile};
 use crate::core::health::{self, CheckRequest};
 use crate::core::judge::{self, Judgement};
@@ -53,10 +53,7 @@ impl Engine {
             let Some(target) = health::target(check, store.read_target(host)) else {
                 log::debug!(
                     "pool {}: no traffic seen yet; health checks wait to learn the cluster",
-                    self.config
-                        .pools
-                        .get(pool)
-                        .map_or("?", |p| p.label.as_str())
+                    pool_label(&self.config, pool)
                 );
                 continue;
             };
@@ -132,12 +129,7 @@ impl Engine {
             return;
         };
         checks.finished(key);
-        let pool_label = self
-            .config
-            .pools
-            .get(pool)
-            .map_or("?", |p| p.label.as_str())
-            .to_string();
+        let pool_label = pool_label(&self.config, pool).to_string();
         match (answer.status, judgement) {
             (
                 Some(status),

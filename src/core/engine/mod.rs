@@ -257,11 +257,7 @@ impl Engine {
             })
             .collect();
         for (pool, store) in self.stores.iter_mut().enumerate() {
-            let label = self
-                .config
-                .pools
-                .get(pool)
-                .map_or("?", |p| p.label.as_str());
+            let label = pool_label(&self.config, pool);
             match store.carry_over(host, now_ms) {
                 Ok(c) => {
                     if c.keys_carried > 0 {
@@ -366,7 +362,7 @@ impl Engine {
                     self.serve_from(host, profile_idx, clock, avoid, honour_avoid, ask)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
-                    self.count(pool, true);
+                    self.count_keyed(pool);
                     if profile_idx != primary {
                         if let Some(m) = self
                             .config
@@ -405,7 +401,7 @@ impl Engine {
         match (on_all, earliest) {
             (OnAllUnavailable::Earliest, Some((_, profile_idx, key))) => {
                 let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
-                self.count(pool, true);
+                self.count_keyed(pool);
                 Decision::UseKey(Assignment {
                     profile: profile_idx,
                     key,
@@ -418,12 +414,12 @@ impl Engine {
                     .profiles
                     .get(primary)
                     .map_or(0, |p| p.max_wait_ms),
-                retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+                retry_after_secs: whole_seconds(retry_after_ms),
             },
             _ => {
-                self.count(primary_pool, false);
+                self.count_rejected_in(primary_pool);
                 Decision::Reject {
-                    retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+                    retry_after_secs: whole_seconds(retry_after_ms),
                 }
             }
         }
@@ -433,7 +429,7 @@ impl Engine {
     /// full): counted as rejected then, once, not on every look while it was held.
     pub fn count_rejected(&mut self, profile: usize) {
         if let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) {
-            self.count(pool, false);
+            self.count_rejected_in(pool);
         }
     }
 
@@ -587,13 +583,17 @@ impl Engine {
         }
     }
 
-    fn count(&mut self, pool: usize, keyed: bool) {
+    /// A request of `pool` was given a key.
+    fn count_keyed(&mut self, pool: usize) {
         if let Some(m) = self.metrics.get_mut(pool) {
-            if keyed {
-                m.count_keyed();
-            } else {
-                m.count_rejected();
-            }
+            m.count_keyed();
+        }
+    }
+
+    /// A request of `pool` was answered locally: no key could serve it.
+    fn count_rejected_in(&mut self, pool: usize) {
+        if let Some(m) = self.metrics.get_mut(pool) {
+            m.count_rejected();
         }
     }
 
@@ -886,11 +886,19 @@ impl Engine {
     }
 
     fn pool_label(&self, pool: usize) -> &str {
-        self.config
-            .pools
-            .get(pool)
-            .map_or("?", |p| p.label.as_str())
+        pool_label(&self.config, pool)
     }
+}
+
+/// A wait as `retry-after` says it: whole seconds, rounded up, at least 1.
+fn whole_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// A pool's name for log lines. A function of the config alone, so it can be called while
+/// another of the engine's fields is borrowed.
+fn pool_label(config: &PluginConfig, pool: usize) -> &str {
+    config.pools.get(pool).map_or("?", |p| p.label.as_str())
 }
 
 #[cfg(test)]
