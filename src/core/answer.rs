@@ -6,7 +6,6 @@
 
 use crate::core::budget;
 use crate::core::engine::{Assignment, Clock, Engine, Host};
-use crate::core::hints;
 use crate::core::reply::{KEY_NAME_HEADER, POOL_HEADER};
 use crate::core::status::{Verdict, NEVER_THE_KEYS_FAULT};
 use crate::core::upstream_attempt::Attempt;
@@ -71,7 +70,7 @@ pub fn on_response_headers(
         attempt.answered(engine, sent, status, clock);
     }
     // The verdict without an error body; only a 429 whose body is read can change it.
-    let first_look = engine.verdict(sent.profile, status, false);
+    let first_look = engine.verdict(sent.profile, status, None);
     // Asked only of answers that could count or be retried: a success needs no host call.
     let via_upstream =
         (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && live.via_upstream();
@@ -186,15 +185,7 @@ pub fn record_answer(
     body: Option<&[u8]>,
     clock: &Clock,
 ) {
-    let hint_ms = if engine.wants_retry_hint(sent.profile, verdict) {
-        let pairs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
-            .collect();
-        hints::retry_hint_ms(&pairs, body, clock.now())
-    } else {
-        None
-    };
+    let hint_ms = engine.retry_hint_ms(sent.profile, verdict, headers, body, clock);
     engine.record(host, sent, verdict, status, hint_ms, clock);
 }
 
@@ -208,7 +199,7 @@ pub fn judge_with_body(
     body: &[u8],
     clock: &Clock,
 ) {
-    let verdict = engine.verdict(sent.profile, status, hints::is_insufficient_quota(body));
+    let verdict = engine.verdict(sent.profile, status, Some(body));
     record_answer(
         engine,
         host,

@@ -25,6 +25,30 @@ pub trait MetricsHost {
     fn record(&self, id: u32, value: u64);
 }
 
+/// How a retry attempt ended, for the retry counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Started,
+    Succeeded,
+    Failed,
+}
+
+/// What became of one health check, for the health-check counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Sent,
+    Passed,
+    Failed,
+}
+
+/// Retry attempts started, succeeded and failed since the last flush.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RetryCounts {
+    started: u64,
+    succeeded: u64,
+    failed: u64,
+}
+
 fn class_index(class: FailureClass) -> usize {
     match class {
         FailureClass::RateLimit => 0,
@@ -87,15 +111,16 @@ pub struct PoolMetrics {
     retries: Option<u32>,
     retries_succeeded: Option<u32>,
     retries_failed: Option<u32>,
-    health_checks: [Option<u32>; 3],
+    health_checks_sent: Option<u32>,
+    health_checks_passed: Option<u32>,
+    health_checks_failed: Option<u32>,
     marked_down: [Option<u32>; FailureClass::ALL.len()],
     keys: Vec<KeyMetrics>,
     recorded_available: Option<u64>,
     pending_keyed: u64,
     pending_rejected: u64,
     pending_fallen_back: u64,
-    /// Retry attempts started, succeeded, failed since the last flush.
-    pending_retries: [u64; 3],
+    pending_retries: RetryCounts,
 }
 
 pub fn pool_metric_name(pool: &str, metric: &str) -> String {
@@ -154,18 +179,16 @@ impl PoolMetrics {
             retries: pool_metric(Counter, "retries"),
             retries_succeeded: pool_metric(Counter, "retries_succeeded"),
             retries_failed: pool_metric(Counter, "retries_failed"),
-            health_checks: [
-                pool_metric(Counter, "health_checks_sent"),
-                pool_metric(Counter, "health_checks_passed"),
-                pool_metric(Counter, "health_checks_failed"),
-            ],
+            health_checks_sent: pool_metric(Counter, "health_checks_sent"),
+            health_checks_passed: pool_metric(Counter, "health_checks_passed"),
+            health_checks_failed: pool_metric(Counter, "health_checks_failed"),
             marked_down,
             keys,
             recorded_available: None,
             pending_keyed: 0,
             pending_rejected: 0,
             pending_fallen_back: 0,
-            pending_retries: [0; 3],
+            pending_retries: RetryCounts::default(),
         }
     }
 
@@ -182,21 +205,23 @@ impl PoolMetrics {
         self.pending_fallen_back += 1;
     }
 
-    pub fn count_retry(&mut self, outcome: crate::core::engine::RetryOutcome) {
-        use crate::core::engine::RetryOutcome::{Failed, Started, Succeeded};
-        let slot = match outcome {
-            Started => 0,
-            Succeeded => 1,
-            Failed => 2,
+    pub fn count_retry(&mut self, outcome: RetryOutcome) {
+        let n = match outcome {
+            RetryOutcome::Started => &mut self.pending_retries.started,
+            RetryOutcome::Succeeded => &mut self.pending_retries.succeeded,
+            RetryOutcome::Failed => &mut self.pending_retries.failed,
         };
-        if let Some(n) = self.pending_retries.get_mut(slot) {
-            *n += 1;
-        }
+        *n += 1;
     }
 
-    /// 0 sent, 1 passed, 2 failed. Health checks are few: counted at once.
-    pub fn count_health_check(&self, host: &dyn MetricsHost, which: usize) {
-        increment(host, self.health_checks.get(which).copied().flatten(), 1);
+    /// Health checks are few: counted at once, not summed until the tick.
+    pub fn count_health_check(&self, host: &dyn MetricsHost, outcome: CheckOutcome) {
+        let id = match outcome {
+            CheckOutcome::Sent => self.health_checks_sent,
+            CheckOutcome::Passed => self.health_checks_passed,
+            CheckOutcome::Failed => self.health_checks_failed,
+        };
+        increment(host, id, 1);
     }
 
     pub fn count_gave_up(&self, host: &dyn MetricsHost) {
@@ -301,10 +326,10 @@ impl PoolMetrics {
             self.requests_fallen_back,
             std::mem::take(&mut self.pending_fallen_back),
         );
-        let [started, succeeded, failed] = std::mem::take(&mut self.pending_retries);
-        increment(host, self.retries, started);
-        increment(host, self.retries_succeeded, succeeded);
-        increment(host, self.retries_failed, failed);
+        let retries = std::mem::take(&mut self.pending_retries);
+        increment(host, self.retries, retries.started);
+        increment(host, self.retries_succeeded, retries.succeeded);
+        increment(host, self.retries_failed, retries.failed);
     }
 }
 
@@ -388,6 +413,17 @@ mod tests {
         jitter_permille: 0,
     };
 
+    /// What the engine does after a change: count its events, then bring the gauges in line.
+    fn counted_and_synced(
+        m: &mut PoolMetrics,
+        host: &FakeMetrics,
+        state: &PoolState,
+        events: impl IntoIterator<Item = Event>,
+    ) {
+        m.count_events(host, &Vec::from_iter(events));
+        m.sync(host, state);
+    }
+
     #[test]
     fn names_follow_the_documented_scheme() {
         assert_eq!(
@@ -418,12 +454,8 @@ mod tests {
             "nothing changed, nothing written"
         );
 
-        let ev: Vec<Event> = state
-            .record_failure(1, &RATE, 10_000, &P)
-            .into_iter()
-            .collect();
-        m.count_events(&host, &ev);
-        m.sync(&host, &state);
+        let ev = state.record_failure(1, &RATE, 10_000, &P);
+        counted_and_synced(&mut m, &host, &state, ev);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_available"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 0);
         assert_eq!(
@@ -436,20 +468,12 @@ mod tests {
             1
         );
 
-        m.count_events(&host, &state.advance(15_000));
-        m.count_events(
-            &host,
-            &state
-                .claim_probe(1, 15_000, 100)
-                .into_iter()
-                .collect::<Vec<_>>(),
-        );
-        let ev: Vec<Event> = state
-            .record_success(1, SentAs::Probe { claim_ms: 15_100 })
-            .into_iter()
-            .collect();
+        let ev = state.advance(15_000);
         m.count_events(&host, &ev);
-        m.sync(&host, &state);
+        let ev = state.claim_probe(1, 15_000, 100);
+        m.count_events(&host, &Vec::from_iter(ev));
+        let ev = state.record_success(1, SentAs::Probe { claim_ms: 15_100 });
+        counted_and_synced(&mut m, &host, &state, ev);
         assert_eq!(host.get("ai_key_failover.pool.p.keys_restored"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_restored"), 1);
         assert_eq!(host.get("ai_key_failover.pool.p.key.b.key_available"), 1);

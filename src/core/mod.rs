@@ -2,9 +2,10 @@
 //! and stats through `engine::Host` and the time as a number; nothing here calls out.
 //!
 //! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
-//! their transitions) → `select` (which key a request gets) → `status` and `hints` (what an
-//! answer means) → `engine` (one worker's view, tying these together) → `answer` (recording
-//! what an upstream answer says) → `retry`, `upstream_attempt` and `health` (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
+//! their transitions) → `select` (which key a request gets) → `status` and `hints`, joined in
+//! `judge` (what an answer means) → `engine` (one worker's view, tying these together) →
+//! `answer` (recording what an upstream answer says) → `retry`, `upstream_attempt` and `health`
+//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
 //! names and updates stats.
 
 pub mod affinity;
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod env_keys;
 pub mod health;
 pub mod hints;
+pub mod judge;
 pub mod metrics;
 pub mod pool;
 pub mod reply;

@@ -105,9 +105,13 @@ pub struct Failure {
     pub class: FailureClass,
     /// The provider's own word on when to retry, already validated; used as given, clamped.
     pub hint_ms: Option<u64>,
-    /// 0 to 100: adds up to 10% so keys that went down together do not return together.
+    /// 0 to `MAX_JITTER_PERMILLE`: adds up to 10% so keys that went down together do not
+    /// return together.
     pub jitter_permille: u32,
 }
+
+/// The most a cooldown's jitter adds, in thousandths of it: 10%.
+pub const MAX_JITTER_PERMILLE: u32 = 100;
 
 impl Policy {
     /// The cooldown for a key's `strikes`-th time out in a row.
@@ -120,7 +124,7 @@ impl Policy {
             self.min_cooldown_ms,
             self.max_cooldown_ms.max(self.min_cooldown_ms),
         );
-        let jitter = clamped / 1000 * u64::from(failure.jitter_permille.min(100));
+        let jitter = clamped / 1000 * u64::from(failure.jitter_permille.min(MAX_JITTER_PERMILLE));
         clamped
             .saturating_add(jitter)
             .min(self.max_cooldown_ms.max(clamped))
@@ -564,6 +568,30 @@ impl PoolState {
     }
 }
 
+/// The settings and failure other modules' tests build pool states with.
+#[cfg(test)]
+pub(crate) mod test_fixtures {
+    use super::{Failure, FailureClass, Policy};
+
+    /// One failure takes a key out for 1 s: no threshold, no backoff, no disable time.
+    pub(crate) const ONE_SECOND: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 1_000,
+        backoff_permille: 1_000,
+        min_cooldown_ms: 1,
+        max_cooldown_ms: 1_000_000,
+        disable_ms: 0,
+    };
+
+    /// A 429 with no hint and no jitter.
+    pub(crate) const RATE_LIMITED: Failure = Failure {
+        status: 429,
+        class: FailureClass::RateLimit,
+        hint_ms: None,
+        jitter_permille: 0,
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -964,14 +992,7 @@ mod tests {
         ));
         s.advance(60_000);
         s.claim_probe(0, 60_000, 1_000);
-        assert!(matches!(
-            s.record_probe_failure(0, 61_000, &SERVER, 60_001, &POLICY),
-            Some(Event::MarkedDown {
-                outage_began: false,
-                strikes: 2,
-                ..
-            })
-        ));
+        assert_failed_probe(s.record_probe_failure(0, 61_000, &SERVER, 60_001, &POLICY));
         assert!(matches!(
             s.record_failure(0, &REFUSED, 60_002, &POLICY),
             Some(Event::Disabled {
@@ -981,13 +1002,33 @@ mod tests {
         ));
     }
     /// Out at 0 for 60 s, then Probing from 60 s; returns the claim taken at `claim_at`.
-    fn probing(s: &mut PoolState, claim_at: u64, lease_ms: u64) -> u64 {
-        s.record_failure(0, &rate_limit(None), 0, &POLICY);
-        s.advance(60_000);
-        match s.claim_probe(0, claim_at, lease_ms) {
+    /// A failed probe sends its key back for a second strike, in the outage it was probing.
+    fn assert_failed_probe(event: Option<Event>) {
+        assert!(
+            matches!(
+                event,
+                Some(Event::MarkedDown {
+                    strikes: 2,
+                    outage_began: false,
+                    ..
+                })
+            ),
+            "{event:?}"
+        );
+    }
+
+    /// Claims key's probe and returns what names the claim.
+    fn claimed(s: &mut PoolState, key: usize, now_ms: u64, lease_ms: u64) -> u64 {
+        match s.claim_probe(key, now_ms, lease_ms) {
             Some(Event::ProbeClaimed { until_ms, .. }) => until_ms,
             other => panic!("{other:?}"),
         }
+    }
+
+    fn probing(s: &mut PoolState, claim_at: u64, lease_ms: u64) -> u64 {
+        s.record_failure(0, &rate_limit(None), 0, &POLICY);
+        s.advance(60_000);
+        claimed(s, 0, claim_at, lease_ms)
     }
 
     #[test]
@@ -998,10 +1039,7 @@ mod tests {
         // Nobody has claimed the probe yet: a stale failure does not take the key out again.
         assert_eq!(s.record_failure(0, &SERVER, 60_100, &POLICY), None);
         assert!(s.keys[0].probe_claimable());
-        let claim = match s.claim_probe(0, 60_200, 30_000) {
-            Some(Event::ProbeClaimed { until_ms, .. }) => until_ms,
-            other => panic!("{other:?}"),
-        };
+        let claim = claimed(&mut s, 0, 60_200, 30_000);
         let before = s.keys[0].clone();
         // Sent normally before the outage, or with `earliest` during it; answered now.
         assert_eq!(
@@ -1012,14 +1050,7 @@ mod tests {
         assert_eq!(s.keys[0], before, "the probe's claim and the strikes stay");
         assert!(s.keys[0].probe_held_by(claim));
         // The probe's own failure is the one that sends the key back, in the same outage.
-        assert!(matches!(
-            s.record_probe_failure(0, claim, &SERVER, 60_500, &POLICY),
-            Some(Event::MarkedDown {
-                strikes: 2,
-                outage_began: false,
-                ..
-            })
-        ));
+        assert_failed_probe(s.record_probe_failure(0, claim, &SERVER, 60_500, &POLICY));
         // A refusal is about the key itself, stale or not.
         let back = s.keys[0].down_until_ms;
         assert_eq!(s.advance(back), vec![Event::ProbeReady { key: 0 }]);
@@ -1038,10 +1069,7 @@ mod tests {
         let mut s = PoolState::fresh(&[1]);
         let first = probing(&mut s, 60_000, 1_000);
         assert_eq!(s.advance(first), vec![Event::ProbeReleased { key: 0 }]);
-        let second = match s.claim_probe(0, 61_500, 1_000) {
-            Some(Event::ProbeClaimed { until_ms, .. }) => until_ms,
-            other => panic!("{other:?}"),
-        };
+        let second = claimed(&mut s, 0, 61_500, 1_000);
         assert_ne!(first, second);
         // The first probe answers at last, with a failure or with nothing.
         assert_eq!(
@@ -1050,14 +1078,7 @@ mod tests {
         );
         assert_eq!(s.release_probe(0, first), None);
         assert!(s.keys[0].probe_held_by(second), "{:?}", s.keys[0]);
-        assert!(matches!(
-            s.record_probe_failure(0, second, &SERVER, 61_700, &POLICY),
-            Some(Event::MarkedDown {
-                strikes: 2,
-                outage_began: false,
-                ..
-            })
-        ));
+        assert_failed_probe(s.record_probe_failure(0, second, &SERVER, 61_700, &POLICY));
         // Once the key is out again, the first probe's failure is an ordinary late one: it may
         // push the return later, never earlier, and it is not a second failed probe.
         let until = s.keys[0].down_until_ms;

@@ -531,7 +531,7 @@ mod tests {
             );
             assert!(reads <= 1);
             if let Some(status) = status {
-                let verdict = engine.verdict(first.profile, status, false);
+                let verdict = engine.verdict(first.profile, status, None);
                 let clock = Clock::at(now);
                 record_answer(
                     &mut engine,
@@ -819,7 +819,7 @@ mod tests {
             else {
                 panic!("a key");
             };
-            let verdict = engine.verdict(a.profile, 429, false);
+            let verdict = engine.verdict(a.profile, 429, None);
             engine.record(&d.host, a, verdict, 429, Some(1_000), &Clock::at(0));
             a
         };
@@ -828,7 +828,7 @@ mod tests {
         assert!(retry.after_first_failure(&d, first, 60_001));
         let probe = d.sent.borrow()[0].sent;
         assert_eq!(probe.key, resting.key);
-        assert!(probe.sent.is_probe());
+        assert!(probe.sent_as.is_probe());
         let mut engine = d.engine.borrow_mut();
         let ask = |engine: &mut Engine| {
             engine.decide(&d.host, Some(first.profile), &Clock::at(60_002), &[])

@@ -105,44 +105,36 @@ mod tests {
 
     #[test]
     fn the_tick_follows_the_shortest_time_out_or_check_interval() {
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"]}"#),
-            vec![1_000],
-            "defaults: 1 s"
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 100}}"#),
-            vec![100]
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 500}}"#),
-            vec![500]
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 20}}"#),
-            vec![MIN_TICK_MS],
-            "never faster than the floor"
-        );
-        assert_eq!(
-            periods(
-                r#"{"apiTokens": ["a"], "failover": {"healthCheckModel": "m", "healthCheckInterval": 200}}"#
+        let failover_cases = [
+            ("{}", 1_000, "defaults: 1 s"),
+            (r#"{"cooldownDuration": 100}"#, 100, "a 100 ms cooldown"),
+            (r#"{"cooldownDuration": 500}"#, 500, "a 500 ms cooldown"),
+            (
+                r#"{"cooldownDuration": 20}"#,
+                MIN_TICK_MS,
+                "never faster than the floor",
             ),
-            vec![200]
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"healthCheckInterval": 200}}"#),
-            vec![1_000],
-            "no model, no checks: the interval does not matter"
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"disableDuration": 300}}"#),
-            vec![300]
-        );
-        assert_eq!(
-            periods(r#"{"apiTokens": ["a"], "failover": {"disableDuration": 0}}"#),
-            vec![1_000],
-            "0 means until a check or reload, not now"
-        );
+            (
+                r#"{"healthCheckModel": "m", "healthCheckInterval": 200}"#,
+                200,
+                "the check interval",
+            ),
+            (
+                r#"{"healthCheckInterval": 200}"#,
+                1_000,
+                "no model, no checks: the interval does not matter",
+            ),
+            (r#"{"disableDuration": 300}"#, 300, "a 300 ms disable"),
+            (
+                r#"{"disableDuration": 0}"#,
+                1_000,
+                "0 means until a check or reload, not now",
+            ),
+        ];
+        for (failover, period, why) in failover_cases {
+            let json = format!(r#"{{"apiTokens": ["a"], "failover": {failover}}}"#);
+            assert_eq!(periods(&json), vec![period], "{why}: {failover}");
+        }
         // A rule with its own keys is its own pool with its own period; one sharing the global
         // keys makes the shared pool as fast as its fastest user.
         let p = periods(

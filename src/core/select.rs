@@ -4,7 +4,7 @@
 //! then indexes into it. The view lists the available keys and, for `weighted`, an alias table
 //! over them (Vose), so a weighted pick is two random numbers and a comparison.
 
-use crate::core::pool::{Health, KeyState, PoolState, SentAs};
+use crate::core::pool::{Health, KeyState, PoolState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {
@@ -21,18 +21,6 @@ pub enum OnAllUnavailable {
     Reject,
     /// Hold the request until a key returns, for up to `maxWaitMs`; then as `Reject`.
     Wait,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pick {
-    /// `sent` is `Normal`, or `WhileDown` when every key was out and `earliest` chose this one.
-    Key {
-        key: usize,
-        sent: SentAs,
-    },
-    Reject {
-        retry_after_ms: u64,
-    },
 }
 
 /// When every key is out for good, how long a rejected client is told to wait.
@@ -135,6 +123,17 @@ pub struct PoolView {
     affinity: Option<crate::core::affinity::Ring>,
 }
 
+/// How a key that is out comes back, best first: the order `earliest` falls back in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Return {
+    /// Its time out ends at a known moment.
+    ByItself,
+    /// Its probe is out; it is back if the probe succeeds.
+    WhenProbed,
+    /// Refused until a health check or a new configuration.
+    Never,
+}
+
 fn indices_where(state: &PoolState, keep: impl Fn(&KeyState) -> bool) -> Vec<u32> {
     state
         .keys
@@ -159,14 +158,14 @@ impl PoolView {
         };
         let probe_candidates = indices_where(state, KeyState::probe_claimable);
         // Prefer the key whose time out ends first; then a key being probed; a key refused
-        // for good only as a last resort.
+        // for good never.
         let rank = |k: &KeyState| match k.health {
-            Health::CoolingDown | Health::Spent => (0, k.down_until_ms),
+            Health::CoolingDown | Health::Spent => (Return::ByItself, k.down_until_ms),
             Health::Disabled if k.down_until_ms != crate::core::pool::FOREVER => {
-                (0, k.down_until_ms)
+                (Return::ByItself, k.down_until_ms)
             }
-            Health::Probing => (1, k.probe_until_ms),
-            _ => (2, u64::MAX),
+            Health::Probing => (Return::WhenProbed, k.probe_until_ms),
+            _ => (Return::Never, u64::MAX),
         };
         let earliest_down = state
             .keys
@@ -175,7 +174,7 @@ impl PoolView {
             .filter(|(_, k)| !k.is_available())
             .min_by_key(|(_, k)| rank(k))
             .map(|(i, k)| (i, rank(k)))
-            .and_then(|(i, (tier, until))| (tier < 2).then_some((i, until)));
+            .and_then(|(i, (ret, until))| (ret != Return::Never).then_some((i, until)));
         PoolView {
             available,
             weighted,
@@ -248,37 +247,6 @@ impl PoolView {
         self.earliest_down
     }
 
-    /// A single pool's choice: an available key not in `avoid`, else any available key, else
-    /// what `on_all_unavailable` says.
-    pub fn pick(
-        &self,
-        selection: Selection,
-        on_all_unavailable: OnAllUnavailable,
-        cursor: &mut u64,
-        rng: &mut Rng,
-        now_ms: u64,
-        avoid: &[usize],
-    ) -> Pick {
-        let key = self
-            .pick_available(selection, cursor, rng, avoid)
-            .or_else(|| self.pick_available(selection, cursor, rng, &[]));
-        if let Some(key) = key {
-            return Pick::Key {
-                key,
-                sent: SentAs::Normal,
-            };
-        }
-        match (on_all_unavailable, self.earliest_down) {
-            (OnAllUnavailable::Earliest, Some((key, _))) => Pick::Key {
-                key,
-                sent: SentAs::WhileDown,
-            },
-            (_, _) => Pick::Reject {
-                retry_after_ms: self.retry_after_ms(now_ms),
-            },
-        }
-    }
-
     /// How long a rejected client is told to wait.
     pub fn retry_after_ms(&self, now_ms: u64) -> u64 {
         self.next_change_ms
@@ -291,34 +259,18 @@ impl PoolView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::pool::{Failure, Policy};
+    use crate::core::pool::test_fixtures::{ONE_SECOND as P, RATE_LIMITED as F};
+    use crate::core::pool::Failure;
     use crate::core::status::FailureClass;
-
-    const P: Policy = Policy {
-        failure_threshold: 1,
-        cooldown_ms: 1_000,
-        backoff_permille: 1_000,
-        min_cooldown_ms: 1,
-        max_cooldown_ms: 1_000_000,
-        disable_ms: 0,
-    };
-    const F: Failure = Failure {
-        status: 429,
-        class: FailureClass::RateLimit,
-        hint_ms: None,
-        jitter_permille: 0,
-    };
 
     fn picks(view: &PoolView, sel: Selection, n: usize, cursor: u64) -> Vec<usize> {
         let mut c = cursor;
         let mut rng = Rng::new(42);
         (0..n)
-            .map(
-                |_| match view.pick(sel, OnAllUnavailable::Reject, &mut c, &mut rng, 0, &[]) {
-                    Pick::Key { key, .. } => key,
-                    Pick::Reject { .. } => usize::MAX,
-                },
-            )
+            .map(|_| {
+                view.pick_available(sel, &mut c, &mut rng, &[])
+                    .unwrap_or(usize::MAX)
+            })
             .collect()
     }
 
@@ -395,41 +347,21 @@ mod tests {
         }
     }
 
+    /// What `Engine::decide` falls back on when no key is available: `earliest` takes
+    /// `earliest_down`'s key, `reject` answers with `retry_after_ms`.
     #[test]
-    fn all_down_uses_the_earliest_key_or_rejects_with_the_wait() {
+    fn all_down_names_the_earliest_key_and_the_wait() {
         let mut s = PoolState::fresh(&[1, 2]);
         s.record_failure(0, &F, 500, &P); // back at 1500
         s.record_failure(1, &F, 100, &P); // back at 1100
         let view = PoolView::build(&s, &[], Selection::RoundRobin);
-        let mut c = 0;
-        let mut rng = Rng::new(1);
+        let (mut c, mut rng) = (0, Rng::new(1));
         assert_eq!(
-            view.pick(
-                Selection::RoundRobin,
-                OnAllUnavailable::Earliest,
-                &mut c,
-                &mut rng,
-                600,
-                &[]
-            ),
-            Pick::Key {
-                key: 1,
-                sent: SentAs::WhileDown
-            }
+            view.pick_available(Selection::RoundRobin, &mut c, &mut rng, &[]),
+            None
         );
-        assert_eq!(
-            view.pick(
-                Selection::RoundRobin,
-                OnAllUnavailable::Reject,
-                &mut c,
-                &mut rng,
-                600,
-                &[]
-            ),
-            Pick::Reject {
-                retry_after_ms: 500
-            }
-        );
+        assert_eq!(view.earliest_down(), Some((1, 1_100)));
+        assert_eq!(view.retry_after_ms(600), 500);
     }
 
     #[test]
@@ -461,35 +393,19 @@ mod tests {
         assert_eq!(view.probe_candidate(), None);
         let (mut c, mut rng) = (0, Rng::new(1));
         assert_eq!(
-            view.pick(
-                Selection::RoundRobin,
-                OnAllUnavailable::Earliest,
-                &mut c,
-                &mut rng,
-                1_000,
-                &[]
-            ),
-            Pick::Key {
-                key: 0,
-                sent: SentAs::WhileDown
-            },
-            "the probed key before a key refused for good"
+            view.pick_available(Selection::RoundRobin, &mut c, &mut rng, &[]),
+            None
         );
         assert_eq!(
-            view.pick(
-                Selection::RoundRobin,
-                OnAllUnavailable::Reject,
-                &mut c,
-                &mut rng,
-                1_000,
-                &[]
-            ),
-            Pick::Reject {
-                retry_after_ms: 500
-            }
+            view.earliest_down().map(|(key, _)| key),
+            Some(0),
+            "the probed key before a key refused for good"
         );
+        assert_eq!(view.retry_after_ms(1_000), 500);
     }
 
+    /// That a request which tried every key still gets one is `Engine::decide`'s second pass
+    /// (`a_request_that_failed_with_every_key_still_gets_one`).
     #[test]
     fn keys_a_request_already_tried_are_skipped_while_another_is_available() {
         let s = PoolState::fresh(&[1, 2, 3]);
@@ -497,43 +413,18 @@ mod tests {
         let mut rng = Rng::new(5);
         for start in 0..6u64 {
             let mut c = start;
-            let pick = view.pick(
-                Selection::RoundRobin,
-                OnAllUnavailable::Reject,
-                &mut c,
-                &mut rng,
-                0,
-                &[0, 1],
-            );
             assert_eq!(
-                pick,
-                Pick::Key {
-                    key: 2,
-                    sent: SentAs::Normal
-                }
+                view.pick_available(Selection::RoundRobin, &mut c, &mut rng, &[0, 1]),
+                Some(2)
             );
-            let pick = view.pick(
-                Selection::Random,
-                OnAllUnavailable::Reject,
-                &mut c,
-                &mut rng,
-                0,
-                &[2],
-            );
-            assert!(matches!(pick, Pick::Key { key: 0 | 1, .. }));
+            let pick = view.pick_available(Selection::Random, &mut c, &mut rng, &[2]);
+            assert!(matches!(pick, Some(0 | 1)), "{pick:?}");
         }
         let mut c = 0;
-        let pick = view.pick(
-            Selection::RoundRobin,
-            OnAllUnavailable::Reject,
-            &mut c,
-            &mut rng,
-            0,
-            &[0, 1, 2],
-        );
-        assert!(
-            matches!(pick, Pick::Key { .. }),
-            "with nothing else available a tried key is reused"
+        assert_eq!(
+            view.pick_available(Selection::RoundRobin, &mut c, &mut rng, &[0, 1, 2]),
+            None,
+            "nothing left in this pass"
         );
     }
 }

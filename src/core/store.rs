@@ -665,14 +665,7 @@ mod tests {
     use crate::core::pool::Policy;
     use std::cell::{Cell, RefCell};
 
-    const P: Policy = Policy {
-        failure_threshold: 1,
-        cooldown_ms: 1_000,
-        backoff_permille: 1_000,
-        min_cooldown_ms: 1,
-        max_cooldown_ms: 1_000_000,
-        disable_ms: 0,
-    };
+    use crate::core::pool::test_fixtures::ONE_SECOND as P;
 
     fn fail(status: u16) -> crate::core::pool::Failure {
         crate::core::pool::Failure {

@@ -340,7 +340,7 @@ mod tests {
         else {
             panic!("a key that is in serves at once");
         };
-        let verdict = engine.verdict(sent.profile, 429, false);
+        let verdict = engine.verdict(sent.profile, 429, None);
         engine.record(&host, sent, verdict, 429, None, &Clock::at(0));
         assert_eq!(
             release(&mut engine, &host, profile, &[], ask, 10, false),

@@ -1,17 +1,30 @@
 //! One VM's view of the plugin: the parsed config, a cached store per pool, and the decisions a
 //! request needs. Free of proxy-wasm so the whole flow runs in host tests against a fake store;
 //! a host (`wasm`, `native`) only reads headers and properties and calls in here.
+//!
+//! This file holds the request path (which key, what an answer does to it) and the tick;
+//! `health_checks` runs the health checks this VM leads, `transitions` logs what changed.
 
 use crate::core::attempts::Attempts;
-use crate::core::config::{HealthCheck, PluginConfig, Profile};
-use crate::core::health::{self, CheckRequest, PoolChecks};
+use crate::core::config::{PluginConfig, Profile};
+use crate::core::health::PoolChecks;
+use crate::core::judge;
 use crate::core::metrics::{MetricsHost, PoolMetrics};
-use crate::core::pool::{Event, Failure, PoolState, SentAs, FOREVER};
+use crate::core::pool::{Event, Failure, PoolState, SentAs, MAX_JITTER_PERMILLE};
 use crate::core::rules::RequestFacts;
 use crate::core::schedule::{self, Every};
 use crate::core::select::{OnAllUnavailable, Rng, Selection};
-use crate::core::status::{classify, FailureClass, Verdict};
+use crate::core::status::Verdict;
 use crate::core::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
+
+mod health_checks;
+#[cfg(test)]
+mod test_host;
+mod transitions;
+
+pub use health_checks::CheckAnswer;
+// The hosts name the retry counters' outcomes with the rest of the engine's API.
+pub use crate::core::metrics::RetryOutcome;
 
 /// How long a probe may stay unanswered before another request may probe the key. Long enough
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
@@ -55,7 +68,8 @@ impl<'a> Clock<'a> {
 pub struct Assignment {
     pub profile: usize,
     pub key: usize,
-    pub sent: SentAs,
+    /// How it went: as a normal pick, as the key's probe, or while every key was out.
+    pub sent_as: SentAs,
 }
 
 /// Everything the engine needs from the host: shared data and stats.
@@ -112,22 +126,6 @@ pub struct Engine {
     pool_ticks: Vec<Every>,
     /// Stats flush and purges: once a second.
     housekeeping: Every,
-}
-
-/// What a health check's request got back.
-pub struct CheckAnswer<'a> {
-    /// None when Envoy answered itself (timeout, no healthy host) or nothing came back.
-    pub status: Option<u16>,
-    pub headers: &'a [(String, Vec<u8>)],
-    pub body: &'a [u8],
-}
-
-/// How a retry attempt ended, for the retry counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RetryOutcome {
-    Started,
-    Succeeded,
-    Failed,
 }
 
 impl Engine {
@@ -246,203 +244,6 @@ impl Engine {
         }
     }
 
-    /// The checks this VM should send now: for each health-checked pool whose lease it holds,
-    /// one per key that is out and due.
-    pub fn health_checks_due(&mut self, host: &dyn Host, now_ms: u64) -> Vec<CheckRequest> {
-        let mut due = Vec::new();
-        for pool in 0..self.stores.len() {
-            let Some((profile, check)) = pool_health(&self.config, pool) else {
-                continue;
-            };
-            let (Some(store), Some(checks), Some(keys)) = (
-                self.stores.get(pool),
-                self.checks.get_mut(pool),
-                self.config.pools.get(pool).map(|p| &p.keys),
-            ) else {
-                continue;
-            };
-            let owner_id = self.owner_id;
-            if !checks.lead(now_ms, || {
-                store.try_lead(host, owner_id, now_ms, health::LEASE_MS)
-            }) || !checks.planning_due(now_ms)
-            {
-                continue;
-            }
-            let keys_due = checks.due(
-                store.state(),
-                check,
-                profile.failover.min_cooldown_ms,
-                now_ms,
-            );
-            if keys_due.is_empty() {
-                continue;
-            }
-            let Some(target) = health::target(check, store.read_target(host)) else {
-                log::debug!(
-                    "pool {}: no traffic seen yet; health checks wait to learn the cluster",
-                    self.config
-                        .pools
-                        .get(pool)
-                        .map_or("?", |p| p.label.as_str())
-                );
-                continue;
-            };
-            let path = check
-                .path
-                .clone()
-                .unwrap_or_else(|| health::default_path(profile.provider, &check.model));
-            let body = health::body(profile.provider, &check.model);
-            for key in keys_due {
-                let Some(k) = keys.get(key) else {
-                    continue;
-                };
-                due.push(CheckRequest {
-                    pool,
-                    key,
-                    cluster: target.cluster.clone(),
-                    headers: health::headers(
-                        profile.provider,
-                        &profile.auth,
-                        &k.token,
-                        &path,
-                        &target.authority,
-                    ),
-                    body: body.clone(),
-                    timeout_ms: check.timeout_ms,
-                });
-            }
-            checks.set_target(target);
-        }
-        for req in &due {
-            if let Some(checks) = self.checks.get_mut(req.pool) {
-                checks.started(req.key, now_ms);
-            }
-            if let Some(m) = self.metrics.get(req.pool) {
-                m.count_health_check(host, 0);
-            }
-        }
-        due
-    }
-
-    /// The host could not send a planned check: it is not in flight.
-    pub fn health_check_not_sent(&mut self, pool: usize, key: usize) {
-        if let Some(checks) = self.checks.get_mut(pool) {
-            checks.finished(key);
-        }
-    }
-
-    /// A check came back. Success counts toward `successThreshold`; a failure or a timeout keeps
-    /// the key out for longer. Counted once: each check finishes once.
-    pub fn health_check_done(
-        &mut self,
-        host: &dyn Host,
-        pool: usize,
-        key: usize,
-        answer: CheckAnswer,
-        now_ms: u64,
-    ) {
-        let Some((profile, check)) = pool_health(&self.config, pool) else {
-            return;
-        };
-        let (threshold, policy, respect_hints) = (
-            check.success_threshold,
-            profile.failover.policy(),
-            profile.failover.respect_retry_after,
-        );
-        let verdict = answer.status.map(|s| {
-            crate::core::status::classify(
-                s,
-                &profile.failover.failover_on_status,
-                &profile.failover.disable_on_status,
-                crate::core::hints::is_insufficient_quota(answer.body),
-            )
-        });
-        let label = self
-            .config
-            .pools
-            .get(pool)
-            .and_then(|p| p.keys.get(key))
-            .map_or_else(|| "?".to_string(), |k| k.label());
-        let Some(checks) = self.checks.get_mut(pool) else {
-            return;
-        };
-        checks.finished(key);
-        let pool_label = self
-            .config
-            .pools
-            .get(pool)
-            .map_or("?", |p| p.label.as_str())
-            .to_string();
-        match (answer.status, verdict) {
-            (Some(status), Some(Verdict::Success)) => {
-                if let Some(m) = self.metrics.get(pool) {
-                    m.count_health_check(host, 1);
-                }
-                if checks.passed(key, threshold) {
-                    let events = self.change(host, pool, now_ms, |s| {
-                        s.restore_checked(key).into_iter().collect()
-                    });
-                    if !events.is_empty() {
-                        log::info!("pool {pool_label}: key {label} passed its health check (status {status}); back in rotation");
-                    }
-                } else {
-                    log::info!(
-                        "pool {pool_label}: key {label} passed a health check ({}/{threshold})",
-                        checks.passes(key)
-                    );
-                }
-            }
-            (status, verdict) => {
-                checks.failed(key);
-                if let Some(m) = self.metrics.get(pool) {
-                    m.count_health_check(host, 2);
-                }
-                let class = match verdict {
-                    Some(Verdict::KeyFailure(class)) => class,
-                    Some(Verdict::Neutral) => {
-                        log::warn!(
-                            "{}",
-                            health::neutral_answer_warning(
-                                &pool_label,
-                                &label,
-                                status.unwrap_or(0),
-                                checks.target()
-                            )
-                        );
-                        return;
-                    }
-                    // No answer from the upstream (timeout, reset): a failure like a server error.
-                    _ => FailureClass::ServerError,
-                };
-                let hint_ms = (respect_hints && class.takes_retry_hints())
-                    .then(|| {
-                        let pairs: Vec<(&str, &[u8])> = answer
-                            .headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_slice()))
-                            .collect();
-                        crate::core::hints::retry_hint_ms(&pairs, Some(answer.body), now_ms)
-                    })
-                    .flatten();
-                let failure = Failure {
-                    status: status.unwrap_or(0),
-                    class,
-                    hint_ms,
-                    jitter_permille: self.rng.below(101) as u32,
-                };
-                log::info!(
-                    "pool {pool_label}: health check of key {label} failed ({}); it stays out",
-                    status.map_or_else(|| "no answer".to_string(), |s| format!("status {s}"))
-                );
-                self.change(host, pool, now_ms, |s| {
-                    s.check_failed(key, &failure, now_ms, &policy)
-                        .into_iter()
-                        .collect()
-                });
-            }
-        }
-    }
-
     /// Runs once per config load on each VM: defines the stats, takes over what earlier configs
     /// knew about the keys this one keeps, and brings back keys that are due.
     pub fn start(&mut self, host: &dyn Host, now_ms: u64) {
@@ -456,11 +257,7 @@ impl Engine {
             })
             .collect();
         for (pool, store) in self.stores.iter_mut().enumerate() {
-            let label = self
-                .config
-                .pools
-                .get(pool)
-                .map_or("?", |p| p.label.as_str());
+            let label = pool_label(&self.config, pool);
             match store.carry_over(host, now_ms) {
                 Ok(c) => {
                     if c.keys_carried > 0 {
@@ -561,11 +358,11 @@ impl Engine {
                 let Some(profile_idx) = self.chain_member(primary, position) else {
                     continue;
                 };
-                if let Some((key, sent)) =
+                if let Some((key, sent_as)) =
                     self.serve_from(host, profile_idx, clock, avoid, honour_avoid, ask)
                 {
                     let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
-                    self.count(pool, true);
+                    self.count_keyed(pool);
                     if profile_idx != primary {
                         if let Some(m) = self
                             .config
@@ -579,7 +376,7 @@ impl Engine {
                     return Decision::UseKey(Assignment {
                         profile: profile_idx,
                         key,
-                        sent,
+                        sent_as,
                     });
                 }
             }
@@ -604,11 +401,11 @@ impl Engine {
         match (on_all, earliest) {
             (OnAllUnavailable::Earliest, Some((_, profile_idx, key))) => {
                 let pool = self.config.profiles.get(profile_idx).map_or(0, |p| p.pool);
-                self.count(pool, true);
+                self.count_keyed(pool);
                 Decision::UseKey(Assignment {
                     profile: profile_idx,
                     key,
-                    sent: SentAs::WhileDown,
+                    sent_as: SentAs::WhileDown,
                 })
             }
             (OnAllUnavailable::Wait, _) => Decision::Hold {
@@ -617,12 +414,12 @@ impl Engine {
                     .profiles
                     .get(primary)
                     .map_or(0, |p| p.max_wait_ms),
-                retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+                retry_after_secs: whole_seconds(retry_after_ms),
             },
             _ => {
-                self.count(primary_pool, false);
+                self.count_rejected_in(primary_pool);
                 Decision::Reject {
-                    retry_after_secs: retry_after_ms.div_ceil(1000).max(1),
+                    retry_after_secs: whole_seconds(retry_after_ms),
                 }
             }
         }
@@ -632,7 +429,7 @@ impl Engine {
     /// full): counted as rejected then, once, not on every look while it was held.
     pub fn count_rejected(&mut self, profile: usize) {
         if let Some(pool) = self.config.profiles.get(profile).map(|p| p.pool) {
-            self.count(pool, false);
+            self.count_rejected_in(pool);
         }
     }
 
@@ -768,13 +565,10 @@ impl Engine {
         let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
         };
-        let verdict = classify(
-            status,
-            &p.failover.failover_on_status,
-            &p.failover.disable_on_status,
-            false,
-        );
-        if matches!(verdict, Verdict::KeyFailure(_)) {
+        if matches!(
+            judge::verdict(&p.failover, status, None),
+            Verdict::KeyFailure(_)
+        ) {
             self.attempts
                 .note_failure(request_id, (p.pool, sent.key), now_ms);
         }
@@ -789,14 +583,23 @@ impl Engine {
         }
     }
 
-    fn count(&mut self, pool: usize, keyed: bool) {
+    /// A request of `pool` was given a key.
+    fn count_keyed(&mut self, pool: usize) {
         if let Some(m) = self.metrics.get_mut(pool) {
-            if keyed {
-                m.count_keyed();
-            } else {
-                m.count_rejected();
-            }
+            m.count_keyed();
         }
+    }
+
+    /// A request of `pool` was answered locally: no key could serve it.
+    fn count_rejected_in(&mut self, pool: usize) {
+        if let Some(m) = self.metrics.get_mut(pool) {
+            m.count_rejected();
+        }
+    }
+
+    /// A cooldown's jitter, 0 to `MAX_JITTER_PERMILLE` thousandths.
+    fn draw_jitter(&mut self) -> u32 {
+        self.rng.below(u64::from(MAX_JITTER_PERMILLE) + 1) as u32
     }
 
     /// Claims the probe of `key`; on success, what names the claim (see `SentAs::Probe`).
@@ -830,24 +633,19 @@ impl Engine {
         Some(self.config.pools.get(p.pool)?.keys.get(key)?.label())
     }
 
-    /// What an upstream status means for the key. `quota_exhausted`: a 429's error body said
-    /// `insufficient_quota`.
-    pub fn verdict(&self, profile: usize, status: u16, quota_exhausted: bool) -> Verdict {
+    /// What an upstream status means for the key (`judge::verdict`); with failover off, nothing.
+    /// `error_body`: the body, when `wants_error_body` had it read.
+    pub fn verdict(&self, profile: usize, status: u16, error_body: Option<&[u8]>) -> Verdict {
         match self.config.profiles.get(profile) {
-            Some(p) if p.failover.enabled => classify(
-                status,
-                &p.failover.failover_on_status,
-                &p.failover.disable_on_status,
-                quota_exhausted,
-            ),
+            Some(p) if p.failover.enabled => judge::verdict(&p.failover, status, error_body),
             _ => Verdict::Neutral,
         }
     }
 
-    /// Whether the response body may change the verdict or carry a retry hint: only a 429's,
-    /// so no success body is ever read.
+    /// Whether the response body may change the verdict or carry a retry hint
+    /// (`judge::wants_error_body`), with failover on.
     pub fn wants_error_body(&self, profile: usize, status: u16) -> bool {
-        status == 429
+        judge::wants_error_body(status)
             && self
                 .config
                 .profiles
@@ -855,14 +653,27 @@ impl Engine {
                 .is_some_and(|p| p.failover.enabled)
     }
 
-    /// Whether retry hints are read for this verdict.
+    /// Whether retry hints are read for this verdict (`judge::wants_hint`): ask before reading
+    /// the headers.
     pub fn wants_retry_hint(&self, profile: usize, verdict: Verdict) -> bool {
-        match (verdict, self.config.profiles.get(profile)) {
-            (Verdict::KeyFailure(class), Some(p)) => {
-                p.failover.respect_retry_after && class.takes_retry_hints()
-            }
-            _ => false,
-        }
+        self.config
+            .profiles
+            .get(profile)
+            .is_some_and(|p| judge::wants_hint(&p.failover, verdict))
+    }
+
+    /// The retry hint of an answer judged `verdict` (`judge::hint_ms`); the clock is read only
+    /// for a hint.
+    pub fn retry_hint_ms(
+        &self,
+        profile: usize,
+        verdict: Verdict,
+        headers: &[(String, Vec<u8>)],
+        error_body: Option<&[u8]>,
+        clock: &Clock,
+    ) -> Option<u64> {
+        let p = self.config.profiles.get(profile)?;
+        judge::hint_ms(&p.failover, verdict, headers, error_body, || clock.now())
     }
 
     /// Records what the upstream said about a key. Writes shared data only if the key's state
@@ -890,9 +701,9 @@ impl Engine {
                     !cached.is_available()
                         || cached.consecutive_failures > 0
                         || cached.strikes > 0
-                        || sent.sent.is_probe()
+                        || sent.sent_as.is_probe()
                 }
-                Verdict::Neutral => sent.sent.is_probe(),
+                Verdict::Neutral => sent.sent_as.is_probe(),
             })
         };
         let Some(mut write) = self.stores.get(pool).and_then(needs_write) else {
@@ -919,19 +730,18 @@ impl Engine {
             Verdict::KeyFailure(class) => Some(Failure {
                 status,
                 class,
-                hint_ms: hint_ms
-                    .filter(|_| class.takes_retry_hints() && p.failover.respect_retry_after),
-                jitter_permille: self.rng.below(101) as u32,
+                hint_ms: hint_ms.filter(|_| judge::wants_hint(&p.failover, verdict)),
+                jitter_permille: self.draw_jitter(),
             }),
             _ => None,
         };
         self.change(host, pool, now_ms, |s| {
-            let event = match (verdict, failure, sent.sent) {
+            let event = match (verdict, failure, sent.sent_as) {
                 (Verdict::KeyFailure(_), Some(f), SentAs::Probe { claim_ms }) => {
                     s.record_probe_failure(key, claim_ms, &f, now_ms, &policy)
                 }
                 (Verdict::KeyFailure(_), Some(f), _) => s.record_failure(key, &f, now_ms, &policy),
-                (Verdict::Success, _, _) => s.record_success(key, sent.sent),
+                (Verdict::Success, _, _) => s.record_success(key, sent.sent_as),
                 (_, _, SentAs::Probe { claim_ms }) => s.release_probe(key, claim_ms),
                 _ => None,
             };
@@ -970,7 +780,7 @@ impl Engine {
     /// The request ended without a response the plugin could judge (a client disconnect, a
     /// reset): a probe it held is given back.
     pub fn abandon(&mut self, host: &dyn Host, sent: Assignment, now_ms: u64) {
-        let SentAs::Probe { claim_ms } = sent.sent else {
+        let SentAs::Probe { claim_ms } = sent.sent_as else {
             return;
         };
         let Some(pool) = self.config.profiles.get(sent.profile).map(|p| p.pool) else {
@@ -1076,252 +886,29 @@ impl Engine {
     }
 
     fn pool_label(&self, pool: usize) -> &str {
-        self.config
-            .pools
-            .get(pool)
-            .map_or("?", |p| p.label.as_str())
-    }
-
-    fn log_events(&self, pool: usize, events: &[Event], now_ms: u64) {
-        let Some(pool_cfg) = self.config.pools.get(pool) else {
-            return;
-        };
-        let p = &pool_cfg.label;
-        let key_label = |k: usize| {
-            pool_cfg
-                .keys
-                .get(k)
-                .map_or_else(|| "?".to_string(), |k| k.label())
-        };
-        let back_in = |until: u64| {
-            if until == FOREVER {
-                "until a health check passes or the configuration changes".to_string()
-            } else {
-                format!("back in {}", seconds(until.saturating_sub(now_ms)))
-            }
-        };
-        let mut went_out = false;
-        for event in events {
-            match *event {
-                Event::MarkedDown {
-                    key,
-                    class: FailureClass::BudgetSpent,
-                    until_ms,
-                    ..
-                } => {
-                    went_out = true;
-                    log::info!(
-                        "pool {p}: key {} reported its budget used up ({}); rests, {} without a probe",
-                        key_label(key),
-                        FailureClass::BudgetSpent.name(),
-                        back_in(until_ms)
-                    );
-                }
-                Event::MarkedDown {
-                    key,
-                    status,
-                    class,
-                    until_ms,
-                    strikes,
-                    ..
-                } => {
-                    went_out = true;
-                    let streak = if strikes > 1 {
-                        format!(", time out {strikes} in a row")
-                    } else {
-                        String::new()
-                    };
-                    log::warn!(
-                        "pool {p}: key {} marked down after status {status} ({}); {}{streak}",
-                        key_label(key),
-                        class.name(),
-                        back_in(until_ms)
-                    );
-                }
-                Event::Disabled {
-                    key,
-                    status,
-                    until_ms,
-                    ..
-                } => {
-                    went_out = true;
-                    log::warn!(
-                        "pool {p}: key {} refused by the provider (status {status}, {}); disabled, {}",
-                        key_label(key),
-                        FailureClass::KeyRefused.name(),
-                        back_in(until_ms)
-                    );
-                }
-                Event::CooldownExtended { key, until_ms } => log::info!(
-                    "pool {p}: key {} failed again while out; {}",
-                    key_label(key),
-                    back_in(until_ms)
-                ),
-                Event::ProbeReady { key } => log::info!(
-                    "pool {p}: key {} time out over; the next request probes it",
-                    key_label(key)
-                ),
-                Event::Restored { key } => log::info!("pool {p}: key {} restored", key_label(key)),
-                Event::FailureCounted { key, consecutive } => {
-                    log::info!(
-                        "pool {p}: key {} failure {consecutive} counted",
-                        key_label(key)
-                    )
-                }
-                Event::ProbeClaimed { key, .. } => {
-                    log::debug!("pool {p}: probing key {}", key_label(key))
-                }
-                Event::ProbeReleased { key } => {
-                    log::debug!(
-                        "pool {p}: probe of key {} gave no answer; released",
-                        key_label(key)
-                    )
-                }
-                Event::FailuresReset { key } => {
-                    log::debug!(
-                        "pool {p}: key {} succeeded; failure count reset",
-                        key_label(key)
-                    )
-                }
-            }
-        }
-        if went_out {
-            if let Some(store) = self.stores.get(pool) {
-                if store.view().available_count() == 0 {
-                    let first = store.view().next_change_ms().map_or_else(
-                        || "none returns by itself".to_string(),
-                        |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
-                    );
-                    log::warn!(
-                        "pool {p}: all {} keys are down; {first}",
-                        pool_cfg.keys.len()
-                    );
-                }
-            }
-        }
+        pool_label(&self.config, pool)
     }
 }
 
-/// `1234` ms as `1.2s`: integer arithmetic, so no float formatting code ends up in the module.
-/// The health-check settings of a pool: those of the first profile using it that has some.
-/// A function of the config alone, so the engine's other fields stay free to borrow.
-fn pool_health(config: &PluginConfig, pool: usize) -> Option<(&Profile, &HealthCheck)> {
-    config
-        .profiles
-        .iter()
-        .filter(|p| p.pool == pool)
-        .find_map(|p| p.failover.health_check.as_ref().map(|h| (p, h)))
+/// A wait as `retry-after` says it: whole seconds, rounded up, at least 1.
+fn whole_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
 }
 
-fn seconds(ms: u64) -> String {
-    format!("{}.{}s", ms / 1000, (ms % 1000) / 100)
+/// A pool's name for log lines. A function of the config alone, so it can be called while
+/// another of the engine's fields is borrowed.
+fn pool_label(config: &PluginConfig, pool: usize) -> &str {
+    config.pools.get(pool).map_or("?", |p| p.label.as_str())
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::test_host::*;
+    /// Other modules' tests run the engine against these.
+    pub(crate) use super::test_host::{NoFacts, TestHost};
     use super::*;
-    use crate::core::config;
-    use crate::core::metrics::fake::FakeMetrics;
-    use crate::core::metrics::MetricKind;
+    use crate::core::status::FailureClass;
     use crate::core::store::fake::FakeShared;
-    use crate::core::store::StoreError;
-
-    /// Proxy shared data and stats as Envoy keeps them; other modules' tests use it too.
-    #[derive(Default)]
-    pub(crate) struct TestHost {
-        shared: FakeShared,
-        pub(crate) metrics: FakeMetrics,
-    }
-
-    impl SharedData for TestHost {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            self.shared.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            self.shared.set(key, value, cas)
-        }
-    }
-
-    impl MetricsHost for TestHost {
-        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
-            self.metrics.define(kind, name)
-        }
-        fn increment(&self, id: u32, delta: u64) {
-            self.metrics.increment(id, delta)
-        }
-        fn record(&self, id: u32, value: u64) {
-            self.metrics.record(id, value)
-        }
-    }
-
-    pub(crate) struct NoFacts;
-    impl RequestFacts for NoFacts {
-        fn route_name(&mut self) -> Option<String> {
-            None
-        }
-        fn cluster_name(&mut self) -> Option<String> {
-            None
-        }
-        fn host(&mut self) -> Option<String> {
-            None
-        }
-    }
-
-    impl Engine {
-        fn decide_for(&mut self, host: &TestHost, profile: usize, now: u64) -> Decision {
-            self.decide(host, Some(profile), &Clock::at(now), &[])
-        }
-    }
-
-    fn engine(json: &str, seed: u64) -> Engine {
-        Engine::new(config::parse(json.as_bytes()).unwrap(), seed)
-    }
-
-    fn use_key(d: Decision) -> (usize, usize, SentAs) {
-        match d {
-            Decision::UseKey(a) => (a.profile, a.key, a.sent),
-            other => panic!("expected a key, got {other:?}"),
-        }
-    }
-
-    fn sent(profile: usize, key: usize, how: SentAs) -> Assignment {
-        Assignment {
-            profile,
-            key,
-            sent: how,
-        }
-    }
-
-    const RATE: Verdict = Verdict::KeyFailure(FailureClass::RateLimit);
-    const SERVER: Verdict = Verdict::KeyFailure(FailureClass::ServerError);
-
-    /// Captures this thread's log lines, so a test can assert on what the engine says.
-    struct CaptureLog;
-    thread_local! {
-        static LOGGED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    impl log::Log for CaptureLog {
-        fn enabled(&self, _: &log::Metadata) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record) {
-            LOGGED.with(|l| {
-                l.borrow_mut()
-                    .push(format!("{} {}", record.level(), record.args()))
-            });
-        }
-        fn flush(&self) {}
-    }
-    static CAPTURE: CaptureLog = CaptureLog;
-
-    /// The lines logged on this thread while `f` ran.
-    fn logged_by(f: impl FnOnce()) -> Vec<String> {
-        let _ = log::set_logger(&CAPTURE);
-        log::set_max_level(log::LevelFilter::Trace);
-        LOGGED.with(|l| l.borrow_mut().clear());
-        f();
-        LOGGED.with(|l| l.take())
-    }
 
     #[test]
     fn a_carry_over_that_gives_up_is_logged_and_counted_as_such() {
@@ -1331,16 +918,9 @@ pub(crate) mod tests {
         let mut old = engine(old_cfg, 1);
         old.start(&host, 0);
         let g = old.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
-        let v = old.verdict(p, 429, false);
-        old.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        let (p, k, _) = old.key_for(&host, g, 0);
+        let v = old.verdict(p, 429, None);
+        old.answered(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
         // A new key list: it would carry the down key over, but every write of it conflicts.
         let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut new = engine(new_cfg, 2);
@@ -1392,45 +972,24 @@ pub(crate) mod tests {
     fn a_429_on_one_worker_moves_every_worker_off_the_key_until_the_cooldown_ends() {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
+        let (mut w1, mut w2) = two_workers(&host, cfg);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
-        let v = w1.verdict(p, 429, false);
-        w1.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
-        for now in [20, 500, 1009] {
-            for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
-                assert_ne!(k2, k, "at {now}");
-            }
-        }
+        let (p, k, _) = w1.key_for(&host, g, 0);
+        let v = w1.verdict(p, 429, None);
+        w1.answered(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
+        assert_never_given(&mut w2, &host, g, k, &[20, 500, 1009]);
         // Back after 10 + 1000 ms plus up to 10% jitter: first as exactly one probe.
-        let (_, probe_key, how) = use_key(w2.decide(&host, g, &Clock::at(1120), &[]));
+        let (_, probe_key, how) = w2.key_for(&host, g, 1120);
         assert_eq!(probe_key, k);
         assert!(how.is_probe(), "{how:?}");
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w1.decide(&host, g, &Clock::at(1121), &[]));
+            let (_, k2, how) = w1.key_for(&host, g, 1121);
             assert_ne!(k2, k, "one probe at a time, on any worker");
             assert_eq!(how, SentAs::Normal);
         }
-        w2.record(
-            &host,
-            sent(p, k, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1130),
-        );
-        let seen: std::collections::HashSet<usize> = (0..4)
-            .map(|_| use_key(w1.decide(&host, g, &Clock::at(1131), &[])).1)
-            .collect();
+        w2.succeeded(&host, sent(p, k, how), 1130);
+        let seen: std::collections::HashSet<usize> =
+            (0..4).map(|_| w1.key_for(&host, g, 1131).1).collect();
         assert_eq!(seen.len(), 2, "the probe's success restored it");
     }
 
@@ -1445,14 +1004,7 @@ pub(crate) mod tests {
         b.start(&host, 0);
         // A's request goes out with key 0 while it is available; it answers late.
         let slow = sent(0, 0, SentAs::Normal);
-        b.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        b.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
         let (_, k, probe) = use_key(b.decide(&host, Some(0), &Clock::at(1_200), &[]));
         assert_eq!(k, 0);
         assert!(probe.is_probe(), "{probe:?}");
@@ -1470,21 +1022,14 @@ pub(crate) mod tests {
             "the probe keeps its claim: {key:?}"
         );
         assert_eq!(key.strikes, 1);
-        let m = |name: &str| host.metrics.get(&format!("ai_key_failover.pool.p.{name}"));
+        let m = |name: &str| host.pool_stat("p", name);
         assert_eq!(
             m("probes_failed"),
             0,
             "the stale failure was not the probe's"
         );
         assert_eq!(m("key.ka.key_marked_down"), 1, "one outage");
-        b.record(
-            &host,
-            sent(0, 0, probe),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1_500),
-        );
+        b.succeeded(&host, sent(0, 0, probe), 1_500);
         a.tick(&host, 1_600);
         let key = &a.stores()[0].state().keys[0];
         assert!(key.is_available() && key.strikes == 0, "{key:?}");
@@ -1496,18 +1041,11 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 1000, "cooldownBackoff": 3}}"#;
         let mut w = engine(cfg, 9);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
-        w.record(&host, sent(0, 0, how), SERVER, 503, None, &Clock::at(1200));
+        w.answered(&host, sent(0, 0, how), SERVER, 503, None, 1200);
         let key = &w.stores()[0].state().keys[0];
         assert_eq!(key.strikes, 2);
         let cooldown = key.down_until_ms - 1200;
@@ -1516,14 +1054,7 @@ pub(crate) mod tests {
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5000), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
-        w.record(
-            &host,
-            sent(0, 0, how),
-            Verdict::Neutral,
-            504,
-            None,
-            &Clock::at(5001),
-        );
+        w.answered(&host, sent(0, 0, how), Verdict::Neutral, 504, None, 5001);
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(5002), &[]));
         assert_eq!(k, 0);
         assert!(how.is_probe(), "{how:?}");
@@ -1536,30 +1067,16 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut w = engine(cfg, 4);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            Some(1_000),
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, Some(1_000), 0);
         let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            refused,
-            401,
-            None,
-            &Clock::at(0),
-        );
-        w.record(
+        w.answered(&host, sent(0, 1, SentAs::Normal), refused, 401, None, 0);
+        w.answered(
             &host,
             sent(0, 2, SentAs::Normal),
             SERVER,
             503,
             Some(1_000),
-            &Clock::at(0),
+            0,
         );
         let keys = &w.stores()[0].state().keys;
         assert!(
@@ -1587,7 +1104,11 @@ pub(crate) mod tests {
                 && !w.wants_error_body(0, 503)
         );
         assert_eq!(
-            w.verdict(0, 429, true),
+            w.verdict(
+                0,
+                429,
+                Some(br#"{"error": {"type": "insufficient_quota"}}"#)
+            ),
             refused,
             "insufficient_quota is a refusal"
         );
@@ -1599,14 +1120,7 @@ pub(crate) mod tests {
         let cfg = r#"{"apiTokens": ["a"], "failover": {"cooldownDuration": 1000}}"#;
         let mut w1 = engine(cfg, 1);
         let mut w2 = engine(cfg, 2);
-        w1.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w1.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         w1.tick(&host, 500);
         w2.tick(&host, 500);
         assert_eq!(w2.stores()[0].view().available_count(), 0);
@@ -1630,33 +1144,12 @@ pub(crate) mod tests {
         );
         for _ in 0..5 {
             w.decide(&host, Some(0), &Clock::at(0), &[]);
-            w.record(
-                &host,
-                sent(0, 0, SentAs::Normal),
-                Verdict::Success,
-                200,
-                None,
-                &Clock::at(0),
-            );
+            w.succeeded(&host, sent(0, 0, SentAs::Normal), 0);
         }
         assert_eq!(host.shared.sets.get(), 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            500,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 500, None, 0);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(0),
-        );
+        w.succeeded(&host, sent(0, 0, SentAs::Normal), 0);
         assert_eq!(w.stores()[0].state().keys[0].consecutive_failures, 0);
         assert_eq!(host.shared.sets.get(), 4);
     }
@@ -1670,30 +1163,9 @@ pub(crate) mod tests {
         // Both requests start (and refresh their worker's cache) before either answer is in.
         a.decide(&host, Some(0), &Clock::at(0), &[]);
         b.decide(&host, Some(0), &Clock::at(0), &[]);
-        a.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(10),
-        );
-        b.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(20),
-        );
-        a.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(30),
-        );
+        a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 10);
+        b.succeeded(&host, sent(0, 0, SentAs::Normal), 20);
+        a.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 30);
         let shared = |w: &mut Engine| {
             w.tick(&host, 40);
             w.stores()[0].state().keys[0].clone()
@@ -1715,14 +1187,7 @@ pub(crate) mod tests {
         let mut w = engine(one, 3);
         w.decide(&host, Some(0), &Clock::at(0), &[]);
         let gets = host.shared.gets.get();
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1),
-        );
+        w.succeeded(&host, sent(0, 0, SentAs::Normal), 1);
         assert_eq!(host.shared.gets.get(), gets);
     }
 
@@ -1733,22 +1198,8 @@ pub(crate) mod tests {
             r#"{"apiTokens": ["a", "b"], "onAllUnavailable": "reject", "failover": {"cooldownDuration": 2500}}"#,
             1,
         );
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(0),
-        );
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(1000),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 0);
+        w.answered(&host, sent(0, 1, SentAs::Normal), RATE, 429, None, 1000);
         assert_eq!(
             w.decide(&host, Some(0), &Clock::at(1000), &[]),
             Decision::Reject {
@@ -1765,7 +1216,7 @@ pub(crate) mod tests {
             w.decide(&host, Some(0), &Clock::at(2800), &[]),
             Decision::UseKey(Assignment {
                 key: 0,
-                sent: SentAs::Probe { .. },
+                sent_as: SentAs::Probe { .. },
                 ..
             })
         ));
@@ -1779,39 +1230,25 @@ pub(crate) mod tests {
             1,
         );
         // Hints fix the order whatever the jitter: b returns at about 5 s, a at about 20 s.
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            RATE,
-            429,
-            Some(5_000),
-            &Clock::at(0),
-        );
-        w.record(
+        w.answered(&host, sent(0, 1, SentAs::Normal), RATE, 429, Some(5_000), 0);
+        w.answered(
             &host,
             sent(0, 0, SentAs::Normal),
             RATE,
             429,
             Some(20_000),
-            &Clock::at(100),
+            100,
         );
         let (p, k, down) = use_key(w.decide(&host, Some(0), &Clock::at(200), &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
-        w.record(
-            &host,
-            sent(p, k, down),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(200),
-        );
+        w.succeeded(&host, sent(p, k, down), 200);
         assert_eq!(w.stores()[0].view().available_count(), 1);
     }
 
     #[test]
     fn disabled_failover_never_marks_keys() {
         let w = engine(r#"{"apiTokens": ["a"], "failover": {"enabled": false}}"#, 1);
-        assert_eq!(w.verdict(0, 429, false), Verdict::Neutral);
+        assert_eq!(w.verdict(0, 429, None), Verdict::Neutral);
     }
 
     #[test]
@@ -1866,31 +1303,14 @@ pub(crate) mod tests {
                       "failover": {"cooldownDuration": 1000}}"#;
         let mut w = engine(cfg, 3);
         w.start(&host, 0);
-        let m = |name: &str| {
-            host.metrics
-                .get(&format!("ai_key_failover.pool.main.{name}"))
-        };
+        let m = |name: &str| host.pool_stat("main", name);
         assert_eq!(m("keys_configured"), 2);
         assert_eq!(m("keys_available"), 2);
         for _ in 0..5 {
             w.decide(&host, Some(0), &Clock::at(0), &[]);
         }
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            RATE,
-            429,
-            None,
-            &Clock::at(10),
-        );
-        w.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(10),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), RATE, 429, None, 10);
+        w.answered(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 10);
         w.decide(&host, Some(0), &Clock::at(20), &[]);
         w.tick(&host, 20);
         assert_eq!(m("requests_keyed"), 5);
@@ -1908,163 +1328,10 @@ pub(crate) mod tests {
         );
         let (_, k, how) = use_key(w.decide(&host, Some(0), &Clock::at(1200), &[]));
         assert!(how.is_probe(), "{how:?}");
-        w.record(
-            &host,
-            sent(0, k, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1201),
-        );
+        w.succeeded(&host, sent(0, k, how), 1201);
         w.tick(&host, 1202);
         assert_eq!(m("keys_restored"), 1);
         assert_eq!(m("keys_available"), 1);
-    }
-
-    #[test]
-    fn health_checks_run_on_one_engine_and_bring_a_refused_key_back() {
-        let host = TestHost::default();
-        let cfg = r#"{"apiTokens": [{"token": "sk-a", "name": "a"}, "b"], "failover": {"disableDuration": 0,
-                      "healthCheckModel": "m", "healthCheckInterval": 2000, "successThreshold": 2}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
-        w1.start(&host, 0);
-        w2.start(&host, 0);
-        assert!(w1.wants_target(0));
-        w1.learn_target(&host, 0, "mock_provider", "api.example");
-        assert!(!w1.wants_target(0));
-        let refused = Verdict::KeyFailure(FailureClass::KeyRefused);
-        w1.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            refused,
-            401,
-            None,
-            &Clock::at(100),
-        );
-        assert!(
-            w1.health_checks_due(&host, 500).is_empty(),
-            "not before the minimum cooldown"
-        );
-        let first = w1.health_checks_due(&host, 1_200);
-        assert_eq!(first.len(), 1);
-        assert!(
-            w2.health_checks_due(&host, 1_300).is_empty(),
-            "the other engine does not hold the lease"
-        );
-        let c = &first[0];
-        assert_eq!((c.pool, c.key, c.cluster.as_str()), (0, 0, "mock_provider"));
-        assert!(c
-            .headers
-            .contains(&("authorization".into(), "Bearer sk-a".into())));
-        assert!(c
-            .headers
-            .contains(&(":authority".into(), "api.example".into())));
-        assert!(
-            w1.health_checks_due(&host, 1_300).is_empty(),
-            "one check in flight per key"
-        );
-        let ok = CheckAnswer {
-            status: Some(200),
-            headers: &[],
-            body: b"{}",
-        };
-        w1.health_check_done(&host, 0, 0, ok, 1_400);
-        assert!(
-            !w1.stores()[0].state().keys[0].is_available(),
-            "1 of 2 passes"
-        );
-        assert!(
-            w1.health_checks_due(&host, 2_000).is_empty(),
-            "the interval"
-        );
-        assert_eq!(w1.health_checks_due(&host, 3_300).len(), 1);
-        let ok = CheckAnswer {
-            status: Some(200),
-            headers: &[],
-            body: b"{}",
-        };
-        w1.health_check_done(&host, 0, 0, ok, 3_400);
-        assert!(
-            w1.stores()[0].state().keys[0].is_available(),
-            "restored after 2 passes"
-        );
-        let m = |name: &str| {
-            host.metrics.get(&format!(
-                "ai_key_failover.pool.{}.{name}",
-                w1.config().pools[0].label
-            ))
-        };
-        assert_eq!(
-            (
-                m("health_checks_sent"),
-                m("health_checks_passed"),
-                m("health_checks_failed")
-            ),
-            (2, 2, 0)
-        );
-    }
-
-    #[test]
-    fn a_failed_or_unanswered_check_keeps_the_key_out_longer() {
-        let host = TestHost::default();
-        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000, "healthCheckModel": "m",
-                      "healthCheckCluster": "c"}}"#;
-        let mut w = engine(cfg, 1);
-        w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
-        let until = w.stores()[0].state().keys[0].down_until_ms;
-        assert_eq!(
-            w.health_checks_due(&host, 1_000).len(),
-            1,
-            "a configured cluster needs no traffic"
-        );
-        w.health_check_done(
-            &host,
-            0,
-            0,
-            CheckAnswer {
-                status: None,
-                headers: &[],
-                body: b"",
-            },
-            1_500,
-        );
-        let key = &w.stores()[0].state().keys[0];
-        assert!(
-            key.down_until_ms > until && key.strikes == 2,
-            "timeout counts as a failure with backoff"
-        );
-        assert!(w.health_checks_due(&host, 6_600).len() == 1);
-        w.health_check_done(
-            &host,
-            0,
-            0,
-            CheckAnswer {
-                status: Some(400),
-                headers: &[],
-                body: b"",
-            },
-            6_700,
-        );
-        assert_eq!(
-            w.stores()[0].state().keys[0].strikes,
-            2,
-            "a 400 says nothing about the key"
-        );
-        assert!(
-            w.health_checks_due(&host, 20_000)
-                .iter()
-                .all(|c| c.key == 0),
-            "available keys are never checked"
-        );
     }
 
     #[test]
@@ -2082,50 +1349,36 @@ pub(crate) mod tests {
             Decision::UseKey(a) => w.pool_of(a.profile).unwrap().1.to_string(),
             other => format!("{other:?}"),
         };
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 0);
-                label(&w, d)
-            },
-            "primary"
-        );
-        w.record(
+        let served_by = |w: &mut Engine, now: u64| {
+            let d = w.decide_for(&host, primary, now);
+            label(w, d)
+        };
+        assert_eq!(served_by(&mut w, 0), "primary");
+        w.answered(
             &host,
             sent(primary, 0, SentAs::Normal),
             RATE,
             429,
             Some(5_000),
-            &Clock::at(0),
+            0,
         );
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 10);
-                label(&w, d)
-            },
-            "second"
-        );
-        w.record(
+        assert_eq!(served_by(&mut w, 10), "second");
+        w.answered(
             &host,
             sent(chain[0], 0, SentAs::Normal),
             SERVER,
             503,
             None,
-            &Clock::at(10),
+            10,
         );
-        assert_eq!(
-            {
-                let d = w.decide_for(&host, primary, 20);
-                label(&w, d)
-            },
-            "third"
-        );
-        w.record(
+        assert_eq!(served_by(&mut w, 20), "third");
+        w.answered(
             &host,
             sent(chain[1], 0, SentAs::Normal),
             SERVER,
             503,
             None,
-            &Clock::at(20),
+            20,
         );
         match w.decide_for(&host, primary, 30) {
             Decision::Reject { retry_after_secs } => {
@@ -2139,15 +1392,12 @@ pub(crate) mod tests {
         assert!(matches!(
             d,
             Decision::UseKey(Assignment {
-                sent: SentAs::Probe { .. },
+                sent_as: SentAs::Probe { .. },
                 ..
             })
         ));
         w.tick(&host, 5_700);
-        let m = |name: &str| {
-            host.metrics
-                .get(&format!("ai_key_failover.pool.primary.{name}"))
-        };
+        let m = |name: &str| host.pool_stat("primary", name);
         assert_eq!(m("requests_fallen_back"), 2);
         assert_eq!(m("requests_rejected"), 1);
     }
@@ -2167,6 +1417,20 @@ pub(crate) mod tests {
         match w.decide(&host, Some(primary), &Clock::at(0), &[(pool, 0)]) {
             Decision::UseKey(a) => assert_eq!((a.profile, a.key), (primary, 1)),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_that_failed_with_every_key_still_gets_one() {
+        let host = TestHost::default();
+        let mut w = engine(r#"{"apiTokens": ["a", "b", "c"]}"#, 5);
+        let g = w.config().global.unwrap();
+        let pool = w.pool_of(g).unwrap().0;
+        let tried = [(pool, 0), (pool, 1), (pool, 2)];
+        for now in 0..6 {
+            let (p, k, how) = use_key(w.decide(&host, Some(g), &Clock::at(now), &tried));
+            assert_eq!((p, how), (g, SentAs::Normal));
+            assert!(k < 3, "{k}");
         }
     }
 
@@ -2201,58 +1465,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn durations_are_written_to_a_tenth_of_a_second() {
-        assert_eq!(seconds(0), "0.0s");
-        assert_eq!(seconds(1_234), "1.2s");
-        assert_eq!(seconds(60_000), "60.0s");
-        assert_eq!(seconds(3_600_099), "3600.0s");
-    }
-
-    /// A host that counts shared-data reads and writes per entry name.
-    #[derive(Default)]
-    struct CountingHost {
-        inner: TestHost,
-        ops: std::cell::RefCell<Vec<(&'static str, String)>>,
-    }
-
-    impl CountingHost {
-        fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
-            let name = format!(
-                "{}/{entry_suffix}",
-                crate::core::store::entry_prefix(pool_id)
-            );
-            self.ops
-                .borrow()
-                .iter()
-                .filter(|(o, k)| *o == op && *k == name)
-                .count()
-        }
-    }
-
-    impl SharedData for CountingHost {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            self.ops.borrow_mut().push(("get", key.to_string()));
-            self.inner.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            self.ops.borrow_mut().push(("set", key.to_string()));
-            self.inner.set(key, value, cas)
-        }
-    }
-
-    impl MetricsHost for CountingHost {
-        fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
-            self.inner.define(kind, name)
-        }
-        fn increment(&self, id: u32, delta: u64) {
-            self.inner.increment(id, delta)
-        }
-        fn record(&self, id: u32, value: u64) {
-            self.inner.record(id, value)
-        }
-    }
-
-    #[test]
     fn a_100_ms_cooldown_ends_on_the_next_100_ms_tick_without_traffic() {
         let host = TestHost::default();
         // A Higress value: a 100 ms cooldown.
@@ -2260,14 +1472,7 @@ pub(crate) mod tests {
         let mut w = engine(cfg, 1);
         assert_eq!(w.tick_period_ms(), 100);
         w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(1_000),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 1_000);
         let until = w.stores()[0].state().keys[0].down_until_ms;
         assert!(
             (1_100..=1_110).contains(&until),
@@ -2290,14 +1495,7 @@ pub(crate) mod tests {
         let host = TestHost::default();
         let mut w2 = engine(cfg, 2);
         w2.start(&host, 0);
-        w2.record(
-            &host,
-            sent(0, 1, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(3_000),
-        );
+        w2.answered(&host, sent(0, 1, SentAs::Normal), SERVER, 503, None, 3_000);
         let until = w2.stores()[0].state().keys[1].down_until_ms;
         let (_, key, how) = use_key(w2.decide_for(&host, 0, until));
         assert_eq!(key, 1);
@@ -2306,7 +1504,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_fast_tick_does_not_flush_stats_renew_the_lease_or_advance_slow_pools_more_often() {
-        let host = CountingHost::default();
+        let host = TestHost::default();
         // The rule's pool needs 100 ms ticks; the global pool keeps its 1 s period.
         let cfg = r#"{"name": "slow", "apiTokens": ["a", "b"], "failover": {"healthCheckModel": "m",
             "healthCheckCluster": "c", "cooldownDuration": 60000},
@@ -2317,20 +1515,9 @@ pub(crate) mod tests {
         let (slow_id, fast_id) = (w.config().pools[0].id, w.config().pools[1].id);
         w.start(&host, 0);
         // A key of the slow pool is out, so its checks have something to plan.
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
+        w.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         host.ops.borrow_mut().clear();
-        let keyed = |host: &CountingHost| {
-            host.inner
-                .metrics
-                .get("ai_key_failover.pool.slow.requests_keyed")
-        };
+        let keyed = |host: &TestHost| host.metrics.get("ai_key_failover.pool.slow.requests_keyed");
         let mut flushed_at = Vec::new();
         for now in (100..=3_000).step_by(100) {
             w.decide(&host, Some(0), &Clock::at(now), &[]);
@@ -2363,76 +1550,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn checks_remember_whether_their_authority_was_only_the_cluster_name() {
-        use crate::core::health::AuthoritySource;
-        let host = TestHost::default();
-        let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"cooldownDuration": 10000,
-                      "healthCheckModel": "m", "healthCheckCluster": "provider_cluster"}}"#;
-        let mut w = engine(cfg, 1);
-        w.start(&host, 0);
-        w.record(
-            &host,
-            sent(0, 0, SentAs::Normal),
-            SERVER,
-            503,
-            None,
-            &Clock::at(0),
-        );
-        let due = w.health_checks_due(&host, 1_000);
-        assert!(due[0]
-            .headers
-            .contains(&(":authority".into(), "provider_cluster".into())));
-        let target = w.checks[0].target().unwrap();
-        assert_eq!(target.source, AuthoritySource::ClusterName);
-        let neutral = CheckAnswer {
-            status: Some(404),
-            headers: &[],
-            body: b"",
-        };
-        w.health_check_done(&host, 0, 0, neutral, 1_100);
-        assert!(
-            !w.stores()[0].state().keys[0].is_available(),
-            "a 404 says nothing about the key"
-        );
-        // Live traffic then shows the provider's host: later checks carry it.
-        w.learn_target(&host, 0, "provider_cluster", "api.provider.test");
-        let due = w.health_checks_due(&host, 6_000);
-        assert!(due[0]
-            .headers
-            .contains(&(":authority".into(), "api.provider.test".into())));
-        assert_eq!(
-            w.checks[0].target().map(|t| t.source),
-            Some(AuthoritySource::Learned)
-        );
-    }
-
-    #[test]
     fn a_spent_budget_moves_every_worker_off_the_key_until_the_reset_with_no_probe_or_strike() {
         let host = TestHost::default();
         let cfg = r#"{"apiTokens": ["a", "b"], "failover": {"preemptiveCooldown": true}}"#;
-        let mut w1 = engine(cfg, 1);
-        let mut w2 = engine(cfg, 2);
-        w1.start(&host, 0);
-        w2.start(&host, 0);
+        let (mut w1, mut w2) = two_workers(&host, cfg);
         let g = w1.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(w1.decide(&host, g, &Clock::at(0), &[]));
+        let (p, k, _) = w1.key_for(&host, g, 0);
         assert!(w1.wants_budget(p).is_some());
-        w1.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(10),
-        );
+        w1.succeeded(&host, sent(p, k, SentAs::Normal), 10);
         // 300 ms is below minCooldownDuration: the rest is clamped up to 1 s.
         w1.spend(&host, sent(p, k, SentAs::Normal), 300, &Clock::at(10));
-        for now in [20, 600, 1_009] {
-            for _ in 0..4 {
-                let (_, k2, _) = use_key(w2.decide(&host, g, &Clock::at(now), &[]));
-                assert_ne!(k2, k, "at {now}");
-            }
-        }
+        assert_never_given(&mut w2, &host, g, k, &[20, 600, 1_009]);
         let pool = "ai_key_failover.pool.";
         let counted = |name: &str| {
             host.metrics
@@ -2447,7 +1575,7 @@ pub(crate) mod tests {
         assert_eq!(counted("class.rate_limit.keys_marked_down"), 0);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..4 {
-            let (_, k2, how) = use_key(w2.decide(&host, g, &Clock::at(1_010), &[]));
+            let (_, k2, how) = w2.key_for(&host, g, 1_010);
             assert_eq!(
                 how,
                 SentAs::Normal,
@@ -2516,15 +1644,8 @@ pub(crate) mod tests {
         assert!(used.len() >= 3, "sessions spread over the pool: {used:?}");
         let out = home[0];
         let p = g.unwrap();
-        let v = w.verdict(p, 429, false);
-        w.record(
-            &host,
-            sent(p, out, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        let v = w.verdict(p, 429, None);
+        w.answered(&host, sent(p, out, SentAs::Normal), v, 429, None, 10);
         let moved: Vec<usize> = (0..40).map(|i| pick(&mut w, i, 20).1).collect();
         for (i, (&before, &now)) in home.iter().zip(&moved).enumerate() {
             if before == out {
@@ -2538,21 +1659,13 @@ pub(crate) mod tests {
         let (_, k, how) = pick(&mut w, 0, 1_200);
         assert_eq!(k, out);
         assert!(matches!(how, SentAs::Probe { .. }), "{how:?}");
-        w.record(
-            &host,
-            sent(p, out, how),
-            Verdict::Success,
-            200,
-            None,
-            &Clock::at(1_210),
-        );
+        w.succeeded(&host, sent(p, out, how), 1_210);
         for (i, &k) in home.iter().enumerate() {
             assert_eq!(pick(&mut w, i, 1_220).1, k, "session {i} is home again");
         }
         // A request without the header uses `selection` as before.
-        let plain: std::collections::HashSet<_> = (0..8)
-            .map(|_| use_key(w.decide(&host, g, &Clock::at(1_230), &[])).1)
-            .collect();
+        let plain: std::collections::HashSet<_> =
+            (0..8).map(|_| w.key_for(&host, g, 1_230).1).collect();
         assert_eq!(plain.len(), 4);
     }
 
@@ -2565,15 +1678,8 @@ pub(crate) mod tests {
         w.start(&host, 0);
         let g = w.profile_for(&mut NoFacts);
         let p = g.unwrap();
-        let v = w.verdict(p, 429, false);
-        w.record(
-            &host,
-            sent(p, 0, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(0),
-        );
+        let v = w.verdict(p, 429, None);
+        w.answered(&host, sent(p, 0, SentAs::Normal), v, 429, None, 0);
         for now in [10, 500] {
             assert!(matches!(
                 w.decide_for(&host, p, now),
