@@ -24,7 +24,7 @@ use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::status::Verdict;
 use crate::core::waiting::{self, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
-use crate::wasm::host::{self, HostShared};
+use crate::wasm::host::{self, WasmHost};
 
 /// Enough for any provider's error JSON; a longer body is judged on its start.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -54,7 +54,7 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Ok(mut engine) = self.engine.try_borrow_mut() {
-            engine.flush_counters(&HostShared);
+            engine.flush_counters(&WasmHost);
         }
     }
 }
@@ -228,6 +228,8 @@ impl Drop for ActiveRequest {
 /// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
 /// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::wasm::callout`).
 /// Nothing here can trap: an answer nobody waits for is dropped.
+// `no_mangle` counts as unsafe code (a symbol the linker may clash); the export needs this name.
+#[allow(unsafe_code)]
 #[no_mangle]
 pub extern "C" fn ai_key_failover_on_http_call_response(
     _root_context_id: u32,
@@ -283,7 +285,7 @@ fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: us
         headers: &headers,
         body: &body,
     };
-    engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
+    engine.health_check_done(&WasmHost, pool, key, answer, host::now_ms());
 }
 
 impl RootContext for Root {
@@ -311,7 +313,7 @@ impl RootContext for Root {
             parsed.rules.len()
         );
         let mut engine = Engine::new(parsed, random_seed());
-        engine.start(&HostShared, host::now_ms());
+        engine.start(&WasmHost, host::now_ms());
         // Ends time outs during quiet periods (under traffic, requests do it themselves): as
         // often as the shortest cooldown or check interval needs, from 100 ms to 1 s.
         let tick_ms = u32::try_from(engine.tick_period_ms()).unwrap_or(u32::MAX);
@@ -377,8 +379,8 @@ impl Root {
         let Ok(mut engine) = shared.engine.try_borrow_mut() else {
             return;
         };
-        engine.tick(&HostShared, now);
-        for check in engine.health_checks_due(&HostShared, now) {
+        engine.tick(&WasmHost, now);
+        for check in engine.health_checks_due(&WasmHost, now) {
             let headers: Vec<(&str, &[u8])> = check
                 .headers
                 .iter()
@@ -444,7 +446,7 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
         };
         let a = &held.arrival;
         let clock = Clock::at(now);
-        match engine.decide_with(&HostShared, a.profile, &clock, &a.avoid, a.ask) {
+        match engine.decide_with(&WasmHost, a.profile, &clock, &a.avoid, a.ask) {
             Decision::Hold {
                 retry_after_secs, ..
             } => {
@@ -634,7 +636,7 @@ impl Context for Request {
             Some(status) if from_upstream => {
                 resend::judge_with_body(
                     &mut engine,
-                    &HostShared,
+                    &WasmHost,
                     sent,
                     status,
                     &headers,
@@ -654,14 +656,7 @@ impl Context for Request {
                 status
             }
             local => {
-                engine.record(
-                    &HostShared,
-                    sent,
-                    Verdict::Neutral,
-                    0,
-                    None,
-                    &Clock::at(now),
-                );
+                engine.record(&WasmHost, sent, Verdict::Neutral, 0, None, &Clock::at(now));
                 retry.tried.push(resend::tried_pair(&engine, sent));
                 if send_retry(&mut engine, retry) {
                     engine.count_retry(sent.profile, RetryOutcome::Failed);
@@ -722,11 +717,11 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     }
     let now = host::now_ms();
     let tried = retry.tried.clone();
-    let sent = match engine.decide(&HostShared, Some(profile), &Clock::at(now), &tried) {
+    let sent = match engine.decide(&WasmHost, Some(profile), &Clock::at(now), &tried) {
         Decision::UseKey(a) if !tried.contains(&resend::tried_pair(engine, a)) => a,
         // No key left that this request has not failed with: the client gets the failure.
         Decision::UseKey(a) => {
-            engine.abandon(&HostShared, a, now);
+            engine.abandon(&WasmHost, a, now);
             return false;
         }
         _ => return false,
@@ -737,11 +732,11 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
     let cluster = if same_pool {
         cluster_name()
     } else {
-        engine.cluster_for(&HostShared, sent.profile)
+        engine.cluster_for(&WasmHost, sent.profile)
     };
     let Some(cluster) = cluster else {
         log::debug!("no known cluster for a fallback pool; not retrying there");
-        engine.abandon(&HostShared, sent, now);
+        engine.abandon(&WasmHost, sent, now);
         return false;
     };
     let Some((auth_name, auth_value)) = engine.key_header(sent.profile, sent.key) else {
@@ -772,7 +767,7 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
             true
         }
         None => {
-            engine.abandon(&HostShared, sent, now);
+            engine.abandon(&WasmHost, sent, now);
             false
         }
     }
@@ -888,7 +883,7 @@ impl Request {
         };
         let now = host::now_ms();
         for sent in unanswered.into_iter().flatten() {
-            engine.abandon(&HostShared, sent, now);
+            engine.abandon(&WasmHost, sent, now);
         }
     }
 
@@ -901,7 +896,7 @@ impl Request {
         };
         resend::judge_with_body(
             &mut engine,
-            &HostShared,
+            &WasmHost,
             reading.sent,
             reading.status,
             &reading.headers,
@@ -973,7 +968,7 @@ impl HttpContext for Request {
             }
         }
         let clock = Clock::new(&host::now_ms);
-        match engine.decide_with(&HostShared, profile, &clock, &arrival.avoid, arrival.ask) {
+        match engine.decide_with(&WasmHost, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
                 if drop_pool_header {
                     drop_client_pool_header();
@@ -1066,7 +1061,7 @@ impl HttpContext for Request {
         let Some(status) = host::response_header(":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
         else {
-            engine.abandon(&HostShared, sent, host::now_ms());
+            engine.abandon(&WasmHost, sent, host::now_ms());
             return Action::Continue;
         };
         // Most responses (a success on a healthy key) never need the time.
@@ -1099,7 +1094,7 @@ impl HttpContext for Request {
             (matches!(first_look, Verdict::KeyFailure(_)) || status >= 400) && from_upstream();
         // Envoy's own replies (timeouts, resets, no healthy upstream) say nothing about the key.
         if matches!(first_look, Verdict::KeyFailure(_)) && !via_upstream {
-            engine.record(&HostShared, sent, Verdict::Neutral, status, None, &clock);
+            engine.record(&WasmHost, sent, Verdict::Neutral, status, None, &clock);
             return Action::Continue;
         }
         if let Some(retry) = self.retry.as_mut() {
@@ -1265,7 +1260,7 @@ fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Ke
             .map(into_text)
             .unwrap_or_default();
         if let Some(cluster) = cluster_name() {
-            engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+            engine.learn_target(&WasmHost, assignment.profile, &cluster, &authority);
         }
     }
     if arrival.upstream {
@@ -1329,14 +1324,7 @@ fn record_live_answer(
         Vec::new()
     };
     resend::record_answer(
-        engine,
-        &HostShared,
-        sent,
-        status,
-        verdict,
-        &headers,
-        None,
-        clock,
+        engine, &WasmHost, sent, status, verdict, &headers, None, clock,
     );
 }
 
@@ -1351,7 +1339,7 @@ fn note_budget(
 ) {
     resend::note_budget(
         engine,
-        &HostShared,
+        &WasmHost,
         sent,
         clock,
         |family, now_ms| match headers {
