@@ -34,24 +34,25 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
             context_id,
-            shared: None,
+            instance: None,
             waiting: Rc::new(Waiting::default()),
             last_tick_work_ms: 0,
         })
     });
 }}
 
-/// What a root context shares with the requests it creates.
-struct Shared {
+/// The plugin as one configuration made it: held by its root context and by the requests
+/// (and health checks) started under it, so a reconfigure replaces it without disturbing them.
+struct Instance {
     engine: RefCell<Engine>,
-    /// Whether this filter instance runs as an upstream filter; learned on the first request.
+    /// Whether this filter runs as an upstream filter; learned on the first request.
     upstream: std::cell::Cell<Option<bool>>,
 }
 
 /// The engine goes when the last holder lets go: its root context on reconfigure or when
 /// Envoy deletes the root (a reload's new plugin config gets a new root), or the last request
 /// that started under it. Counts since its last tick would be lost with it.
-impl Drop for Shared {
+impl Drop for Instance {
     fn drop(&mut self) {
         if let Ok(mut engine) = self.engine.try_borrow_mut() {
             engine.flush_counters(&WasmHost);
@@ -63,7 +64,7 @@ struct Root {
     /// Health checks are made on it, so their answers are read with it effective.
     context_id: u32,
     /// Replaced whole on reconfigure; requests in flight keep the one they started with.
-    shared: Option<Rc<Shared>>,
+    instance: Option<Rc<Instance>>,
     /// `onAllUnavailable: wait`: this worker's held requests; outlives a reconfigure, since
     /// each held request keeps the engine it started with.
     waiting: Rc<Waiting>,
@@ -128,7 +129,7 @@ struct Keyed {
 /// reference, so a request whose client hangs up (its context is dropped) is forgotten.
 struct Held {
     context_id: u32,
-    shared: Rc<Shared>,
+    instance: Rc<Instance>,
     arrival: Arrival,
     /// Set by the root when it sends the request on; the request takes it at its next callback.
     keyed: RefCell<Option<Keyed>>,
@@ -143,7 +144,7 @@ enum Callout {
     /// A health check of a pool's key, sent by the engine that planned it (an answer that
     /// outlives that configuration is dropped: its pool and key numbers are not the new one's).
     HealthCheck {
-        shared: Weak<Shared>,
+        instance: Weak<Instance>,
         pool: usize,
         key: usize,
     },
@@ -260,9 +261,13 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
             let _active = ActiveRequest::enter(context_id, request);
             held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
         }
-        Route::Deliver(Callout::HealthCheck { shared, pool, key }) => {
-            if let Some(shared) = shared.upgrade() {
-                health_check_answered(&shared, pool, key, body_size);
+        Route::Deliver(Callout::HealthCheck {
+            instance,
+            pool,
+            key,
+        }) => {
+            if let Some(instance) = instance.upgrade() {
+                health_check_answered(&instance, pool, key, body_size);
             }
         }
         Route::ContextGone(_) => log::debug!("an answer came for a context that is gone"),
@@ -270,8 +275,8 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
     }
 }
 
-fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: usize) {
-    let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+fn health_check_answered(instance: &Instance, pool: usize, key: usize, body_size: usize) {
+    let Ok(mut engine) = instance.engine.try_borrow_mut() else {
         return;
     };
     let CallResponse {
@@ -317,7 +322,7 @@ impl RootContext for Root {
         // Ends time outs during quiet periods (under traffic, requests do it themselves): as
         // often as the shortest cooldown or check interval needs, from 100 ms to 1 s.
         let tick_ms = u32::try_from(engine.tick_period_ms()).unwrap_or(u32::MAX);
-        self.shared = Some(Rc::new(Shared {
+        self.instance = Some(Rc::new(Instance {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
@@ -353,7 +358,7 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
             context_id,
-            shared: self.shared.clone(),
+            instance: self.instance.clone(),
             chosen: None,
             attempt: None,
             reading_error: None,
@@ -373,10 +378,10 @@ impl Root {
     /// The periodic work: the engine's tick (time outs, stats) and health checks.
     fn tick_work(&mut self, now: u64) {
         host::sync_log_level();
-        let Some(shared) = &self.shared else {
+        let Some(instance) = &self.instance else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
         engine.tick(&WasmHost, now);
@@ -387,7 +392,7 @@ impl Root {
                 .map(|(n, v)| (n.as_str(), v.as_bytes()))
                 .collect();
             let callout = Callout::HealthCheck {
-                shared: Rc::downgrade(shared),
+                instance: Rc::downgrade(instance),
                 pool: check.pool,
                 key: check.key,
             };
@@ -441,7 +446,7 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
     // The engine is borrowed only to decide: resuming runs the request's own callbacks (its
     // buffered body) at once, and they need the engine too.
     let (keyed, reject) = {
-        let Ok(mut engine) = held.shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = held.instance.engine.try_borrow_mut() else {
             return Served::NotYet;
         };
         let a = &held.arrival;
@@ -573,7 +578,7 @@ struct RetryState {
 struct Request {
     /// Its re-sends' answers are handled with it effective.
     context_id: u32,
-    shared: Option<Rc<Shared>>,
+    instance: Option<Rc<Instance>>,
     /// The key this request (or attempt) went out with, until its response is judged.
     chosen: Option<Assignment>,
     attempt: Option<Attempt>,
@@ -605,11 +610,11 @@ impl Context for Request {
         _num_trailers: usize,
     ) {
         // Whatever happens, the held response must not hang: let it through if we cannot answer.
-        let Some(shared) = self.shared.clone() else {
+        let Some(instance) = self.instance.clone() else {
             host::resume_response();
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             host::resume_response();
             return;
         };
@@ -775,7 +780,7 @@ fn send_retry(engine: &mut Engine, retry: &mut RetryState) -> bool {
 
 impl Request {
     fn retry_body_limit(&self, profile: usize) -> usize {
-        self.shared
+        self.instance
             .as_ref()
             .and_then(|s| {
                 s.engine
@@ -816,7 +821,7 @@ impl Request {
     fn hold(
         &mut self,
         engine: &mut Engine,
-        shared: &Rc<Shared>,
+        instance: &Rc<Instance>,
         arrival: Arrival,
         max_wait_ms: u64,
         retry_after_secs: u64,
@@ -824,7 +829,7 @@ impl Request {
         let group = arrival.profile.unwrap_or(usize::MAX);
         let held = Rc::new(Held {
             context_id: self.context_id,
-            shared: shared.clone(),
+            instance: instance.clone(),
             arrival,
             keyed: RefCell::new(None),
         });
@@ -875,10 +880,10 @@ impl Request {
         if unanswered.iter().all(Option::is_none) {
             return;
         }
-        let Some(shared) = self.shared.clone() else {
+        let Some(instance) = self.instance.clone() else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
         let now = host::now_ms();
@@ -888,10 +893,11 @@ impl Request {
     }
 
     fn finish_error_response(&mut self) {
-        let (Some(reading), Some(shared)) = (self.reading_error.take(), self.shared.clone()) else {
+        let (Some(reading), Some(instance)) = (self.reading_error.take(), self.instance.clone())
+        else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
         resend::judge_with_body(
@@ -908,17 +914,17 @@ impl Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else {
+        let Some(instance) = self.instance.clone() else {
             return Action::Continue;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return Action::Continue;
         };
-        let upstream = match shared.upstream.get() {
+        let upstream = match instance.upstream.get() {
             Some(known) => known,
             None => {
                 let upstream = host::property(&["upstream", "address"]).is_some();
-                shared.upstream.set(Some(upstream));
+                instance.upstream.set(Some(upstream));
                 log::info!(
                     "running as {} filter",
                     if upstream {
@@ -964,7 +970,7 @@ impl HttpContext for Request {
             if queued {
                 let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
                 // The queue has room, so the reject answer's wait is never used here.
-                return self.hold(&mut engine, &shared, arrival, max_wait_ms, 1);
+                return self.hold(&mut engine, &instance, arrival, max_wait_ms, 1);
             }
         }
         let clock = Clock::new(&host::now_ms);
@@ -982,7 +988,13 @@ impl HttpContext for Request {
             Decision::Hold {
                 max_wait_ms,
                 retry_after_secs,
-            } => self.hold(&mut engine, &shared, arrival, max_wait_ms, retry_after_secs),
+            } => self.hold(
+                &mut engine,
+                &instance,
+                arrival,
+                max_wait_ms,
+                retry_after_secs,
+            ),
             Decision::UseKey(assignment) => {
                 let keyed = put_key(&mut engine, &arrival, assignment);
                 self.adopt(keyed);
@@ -1041,10 +1053,10 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.adopt_released();
-        let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
+        let (Some(sent), Some(instance)) = (self.chosen.take(), self.instance.clone()) else {
             return Action::Continue;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return Action::Continue;
         };
         if engine
