@@ -1242,3 +1242,69 @@ mod tests {
         assert_eq!(a.view().available_count(), 1, "a write is still seen");
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::fake::FakeShared;
+    use super::*;
+
+    /// What one known pool leaves in shared data, byte for byte: a change of any name or layout
+    /// here is a change an upgrade would trip on (the previous build reads these bytes).
+    #[test]
+    fn names_and_bytes_are_those_earlier_builds_wrote() {
+        let host = FakeShared::default();
+        let mut s = PoolStore::new(0x1234, vec![7, 8], vec![1, 1], Selection::RoundRobin);
+        s.carry_over(&host, 5).unwrap();
+        register(&host, &[0x1234]).unwrap();
+        assert!(s.try_lead(&host, 0xAB, 100, 3_000));
+        s.write_target(&host, "outbound|443||api.x", "api.x");
+        let names: Vec<String> = {
+            let mut v: Vec<String> = host.entries.borrow().keys().cloned().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names,
+            [
+                "ai-key-failover/v3/0000000000001234/epoch",
+                "ai-key-failover/v3/0000000000001234/health-lease",
+                "ai-key-failover/v3/0000000000001234/state",
+                "ai-key-failover/v3/0000000000001234/target",
+                "ai-key-failover/v3/pools",
+            ]
+        );
+        let p = "ai-key-failover/v3/0000000000001234";
+        assert_eq!(host.value(&format!("{p}/epoch")), b"");
+        assert_eq!(
+            host.value("ai-key-failover/v3/pools"),
+            0x1234u64.to_le_bytes()
+        );
+        let mut lease = 0xABu64.to_le_bytes().to_vec();
+        lease.extend_from_slice(&3_100u64.to_le_bytes());
+        assert_eq!(host.value(&format!("{p}/health-lease")), lease);
+        assert_eq!(
+            host.value(&format!("{p}/target")),
+            b"outbound|443||api.x\napi.x"
+        );
+        let mut state = b"AKF\x03".to_vec();
+        state.extend_from_slice(&5u64.to_le_bytes());
+        state.extend_from_slice(&2u32.to_le_bytes());
+        for fp in [7u64, 8] {
+            state.extend_from_slice(&fp.to_le_bytes());
+            state.extend_from_slice(&[0u8; 1 + 4 + 4 + 8 + 8 + 8]);
+        }
+        // FNV-1a 32 of everything before it.
+        let mut hash: u32 = 0x811c_9dc5;
+        for &b in &state {
+            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        state.extend_from_slice(&hash.to_le_bytes());
+        assert_eq!(host.value(&format!("{p}/state")), state);
+        // The previous build's names, read on load.
+        assert_eq!(previous::REGISTRY_KEY, "ai-key-failover/v1/pools");
+        assert_eq!(
+            previous::state_key(0x1234),
+            "ai-key-failover/v1/0000000000001234/state"
+        );
+    }
+}
