@@ -1223,6 +1223,7 @@ pub(crate) mod tests {
     use crate::core::config;
     use crate::core::metrics::fake::FakeMetrics;
     use crate::core::metrics::MetricKind;
+    use crate::core::schema::PoolKeys;
     use crate::core::store::fake::FakeShared;
     use crate::core::store::StoreError;
 
@@ -1344,7 +1345,7 @@ pub(crate) mod tests {
         // A new key list: it would carry the down key over, but every write of it conflicts.
         let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
         let mut new = engine(new_cfg, 2);
-        let state_key = format!("{}/state", store::entry_prefix(new.stores()[0].pool_id()));
+        let state_key = PoolKeys::of(new.stores()[0].pool_id()).state;
         *host.shared.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if key == state_key {
                 let v = h.value(key);
@@ -1374,10 +1375,9 @@ pub(crate) mod tests {
         w.start(&host, 0);
         let stat = "ai_key_failover.pool.main.state_decode_failed";
         assert_eq!(host.metrics.get(stat), 0);
-        let prefix = store::entry_prefix(w.stores()[0].pool_id());
-        host.shared
-            .put_raw(&format!("{prefix}/state"), b"not a state entry");
-        host.shared.put_raw(&format!("{prefix}/epoch"), &[]);
+        let keys = PoolKeys::of(w.stores()[0].pool_id());
+        host.shared.put_raw(&keys.state, b"not a state entry");
+        host.shared.put_raw(&keys.epoch, &[]);
         w.tick(&host, 1_000);
         assert_eq!(host.metrics.get(stat), 1);
         w.tick(&host, 2_000);
@@ -2216,15 +2216,11 @@ pub(crate) mod tests {
     }
 
     impl CountingHost {
-        fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
-            let name = format!(
-                "{}/{entry_suffix}",
-                crate::core::store::entry_prefix(pool_id)
-            );
+        fn count(&self, op: &str, entry: &str) -> usize {
             self.ops
                 .borrow()
                 .iter()
-                .filter(|(o, k)| *o == op && *k == name)
+                .filter(|(o, k)| *o == op && k == entry)
                 .count()
         }
     }
@@ -2346,16 +2342,16 @@ pub(crate) mod tests {
             vec![1_000, 2_000, 3_000],
             "stats flush once a second"
         );
-        let lease_looks = host.count("get", "health-lease", slow_id);
+        let lease_looks = host.count("get", &PoolKeys::of(slow_id).lease);
         assert!(
             (3..=4).contains(&lease_looks)
-                && host.count("set", "health-lease", slow_id) == lease_looks,
+                && host.count("set", &PoolKeys::of(slow_id).lease) == lease_looks,
             "the lease is renewed once a second: {lease_looks} looks in 3 s"
         );
         // Ticks alone: 30 for the fast pool; the slow pool's are once a second (requests read
         // its epoch too, 30 of them).
-        assert_eq!(host.count("get", "epoch", fast_id), 30);
-        let slow_epoch_reads = host.count("get", "epoch", slow_id);
+        assert_eq!(host.count("get", &PoolKeys::of(fast_id).epoch), 30);
+        let slow_epoch_reads = host.count("get", &PoolKeys::of(slow_id).epoch);
         assert!(
             (33..=34).contains(&slow_epoch_reads),
             "30 requests and one tick a second: {slow_epoch_reads}"

@@ -4,13 +4,13 @@
 //! Reading order: `config` (what the operator asked for) → `pool` (one pool's key states and
 //! their transitions) → `select` (which key a request gets) → `status` and `hints` (what an
 //! answer means) → `engine` (one worker's view, tying these together) → `resend` and `health`
-//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
-//! names and updates stats.
+//! (what to send next). `schema` (every shared-data entry's name and bytes) and `store` (the
+//! cached copy and the CAS loop) keep pool state in the host's shared data; `metrics` names and
+//! updates stats.
 
 pub mod affinity;
 pub mod attempts;
 pub mod budget;
-pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
@@ -24,6 +24,7 @@ pub mod resend;
 pub mod rewrite;
 pub mod rules;
 pub mod schedule;
+pub mod schema;
 pub mod select;
 pub mod status;
 pub mod store;

@@ -1,10 +1,10 @@
 //! A pool's state in proxy shared data: a cached, decoded copy per VM, and the CAS loop that
 //! changes it.
 //!
-//! Each pool has four entries under `KEY_SPACE/<pool id>/`: `state` (every key's record),
-//! `epoch` (an empty value rewritten after each change), `health-lease` and `target`. A request
-//! reads only `epoch`; the host's CAS number on it moves with every write, so `state` is read
-//! and decoded again only when something changed. This keeps the per-request cost flat however
+//! Each pool has four entries (named, and their bytes laid out, in `schema`): `state` (every
+//! key's record), `epoch` (an empty value rewritten after each change), `health-lease` and
+//! `target`. A request reads only `epoch`; the host's CAS number on it moves with every write,
+//! so `state` is read and decoded again only when something changed. This keeps the per-request cost flat however
 //! many keys the pool has. The epoch is empty because a non-empty value makes the host call back
 //! into the VM to allocate a copy on every read: that re-entry is most of a read's cost.
 //!
@@ -14,12 +14,12 @@
 //! refuses once someone else has created it: the loser re-reads and retries on what the winner
 //! wrote, like any other conflict.
 //!
-//! The key space carries the format version (`codec::VERSION`). During an upgrade the previous
+//! The key space carries the format version (`schema::VERSION`). During an upgrade the previous
 //! build, still serving draining connections under the same `vm_id`, keeps its own entries
 //! (`previous`), which this build reads once on load and never writes.
 
-use crate::core::codec::{self, DecodeError};
 use crate::core::pool::{Event, Health, KeyState, PoolState, FOREVER};
+use crate::core::schema::{self, previous, DecodeError, Lease, PoolKeys, REGISTRY_KEY};
 use crate::core::select::{PoolView, Selection};
 
 /// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
@@ -79,10 +79,7 @@ pub enum UpdateError {
 
 pub struct PoolStore {
     pool_id: u64,
-    state_key: String,
-    epoch_key: String,
-    lease_key: String,
-    target_key: String,
+    keys: PoolKeys,
     fingerprints: Vec<u64>,
     weights: Vec<u32>,
     selection: Selection,
@@ -104,41 +101,9 @@ pub struct PoolStore {
     decode_failures: u64,
 }
 
-/// This build's shared-data key space; the name carries `codec::VERSION`.
-pub const KEY_SPACE: &str = "ai-key-failover/v3";
-
-pub fn entry_prefix(pool_id: u64) -> String {
-    format!("{KEY_SPACE}/{pool_id:016x}")
-}
-
-/// Lists the pools configured so far (newest last), so a new config can take over the state of
-/// keys it keeps from the pools it replaces.
-pub const REGISTRY_KEY: &str = "ai-key-failover/v3/pools";
 /// Older pools than this are forgotten by the registry and their entries cleared; their keys
 /// start fresh if they return. A configuration with more pools keeps all of its own.
 pub const REGISTRY_CAPACITY: usize = 64;
-
-/// Where the previous build (format `codec::PREVIOUS_VERSION`) keeps its entries. Read on config
-/// load so a key it had taken out stays out; never written, since that build may still be
-/// serving draining connections from them.
-pub mod previous {
-    pub const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
-
-    pub fn state_key(pool_id: u64) -> String {
-        format!("ai-key-failover/v1/{pool_id:016x}/state")
-    }
-}
-
-fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
-    bytes
-        .unwrap_or_default()
-        .chunks_exact(8)
-        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
-        .collect()
-}
-
-/// A pool's entries, under `entry_prefix`: `state`, then those created empty on config load.
-const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
 
 /// Records a configuration's pools in the registry (newest last) after they have carried over
 /// the earlier pools' state, and clears every entry of the pools this pushes out of it.
@@ -146,7 +111,7 @@ const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
 pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, UpdateError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (bytes, cas) = host.get(REGISTRY_KEY).map_err(host_error)?;
-        let mut ids = decode_registry(bytes.as_deref());
+        let mut ids = schema::decode_registry(bytes.as_deref());
         if ids.ends_with(pool_ids) {
             return Ok(Vec::new());
         }
@@ -156,8 +121,7 @@ pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, Upd
             .len()
             .saturating_sub(REGISTRY_CAPACITY.max(pool_ids.len()));
         let evicted: Vec<u64> = ids.drain(..excess).collect();
-        let encoded: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-        match host.set(REGISTRY_KEY, &encoded, cas_for(cas)) {
+        match host.set(REGISTRY_KEY, &schema::encode_registry(&ids), cas_for(cas)) {
             Ok(()) => {
                 for &id in &evicted {
                     clear_pool(host, id);
@@ -174,10 +138,9 @@ pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, Upd
 /// Empties a forgotten pool's entries, as Envoy's own removal would: the names stay, the
 /// values (a state entry holds a record per key) go.
 fn clear_pool(host: &dyn SharedData, pool_id: u64) {
-    let prefix = entry_prefix(pool_id);
-    for name in ENTRY_NAMES {
-        if let Err(e) = host.set(&format!("{prefix}/{name}"), &[], None) {
-            log::debug!("clearing {prefix}/{name} failed: {e:?}");
+    for key in PoolKeys::of(pool_id).all() {
+        if let Err(e) = host.set(key, &[], None) {
+            log::debug!("clearing {key} failed: {e:?}");
         }
     }
 }
@@ -220,17 +183,11 @@ impl PoolStore {
         weights: Vec<u32>,
         selection: Selection,
     ) -> Self {
-        let prefix = entry_prefix(pool_id);
-        let [state_key, epoch_key, lease_key, target_key] =
-            ENTRY_NAMES.map(|name| format!("{prefix}/{name}"));
         let state = PoolState::fresh(&fingerprints);
         let view = PoolView::build(&state, &weights, selection);
         PoolStore {
             pool_id,
-            state_key,
-            epoch_key,
-            lease_key,
-            target_key,
+            keys: PoolKeys::of(pool_id),
             fingerprints,
             weights,
             selection,
@@ -287,7 +244,7 @@ impl PoolStore {
     ) -> Result<CarryOver, UpdateError> {
         let earlier = self.earlier_states(host)?;
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
+            let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
             let (mut state, as_is, writable) = match self.read_stored(bytes.as_deref()) {
                 Stored::Fresh(state) => (state, false, true),
                 Stored::Current { state, as_is } => (state, as_is, true),
@@ -331,9 +288,13 @@ impl PoolStore {
                 self.adopt(state);
                 return Ok(result);
             }
-            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
+            match host.set(
+                &self.keys.state,
+                &schema::encode_state(&state),
+                cas_for(cas),
+            ) {
                 Ok(()) => {
-                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
+                    host.set(&self.keys.epoch, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     self.synced = false;
                     self.create_side_entries(host);
@@ -350,22 +311,20 @@ impl PoolStore {
     fn earlier_states(&self, host: &dyn SharedData) -> Result<Vec<PoolState>, UpdateError> {
         let (registry, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
         let (previous_registry, _) = host.get(previous::REGISTRY_KEY).map_err(host_error)?;
-        let mut previous_ids = decode_registry(previous_registry.as_deref());
+        let mut previous_ids = schema::decode_registry(previous_registry.as_deref());
         if !previous_ids.contains(&self.pool_id) {
             previous_ids.push(self.pool_id);
         }
-        let current = decode_registry(registry.as_deref())
+        let current = schema::decode_registry(registry.as_deref())
             .into_iter()
             .filter(|&id| id != self.pool_id)
-            .map(|id| {
-                (
-                    format!("{}/state", entry_prefix(id)),
-                    codec::decode as Decoder,
-                )
-            });
-        let older = previous_ids
-            .into_iter()
-            .map(|id| (previous::state_key(id), codec::decode_previous as Decoder));
+            .map(|id| (PoolKeys::of(id).state, schema::decode_state as Decoder));
+        let older = previous_ids.into_iter().map(|id| {
+            (
+                previous::state_key(id),
+                schema::decode_previous_state as Decoder,
+            )
+        });
         let mut states: Vec<PoolState> = current
             .chain(older)
             .filter_map(|(key, decode)| {
@@ -385,7 +344,7 @@ impl PoolStore {
 
     /// Best effort: an entry left absent is still written with `CREATE_CAS` later.
     fn create_side_entries(&self, host: &dyn SharedData) {
-        for key in [&self.epoch_key, &self.lease_key, &self.target_key] {
+        for key in [&self.keys.epoch, &self.keys.lease, &self.keys.target] {
             if let Err(e) = create_empty(host, key) {
                 log::debug!("creating {key} failed: {e:?}");
             }
@@ -394,47 +353,45 @@ impl PoolStore {
 
     /// Takes or renews the pool's health-check lease for `owner`; false while another holds it.
     pub fn try_lead(&self, host: &dyn SharedData, owner: u64, now_ms: u64, lease_ms: u64) -> bool {
-        let Ok((bytes, cas)) = host.get(&self.lease_key) else {
+        let Ok((bytes, cas)) = host.get(&self.keys.lease) else {
             return false;
         };
-        let current = bytes.as_deref().and_then(|b| {
-            let owner = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
-            let until = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
-            Some((owner, until))
-        });
-        if matches!(current, Some((holder, until)) if holder != owner && until > now_ms) {
+        let current = bytes.as_deref().and_then(schema::decode_lease);
+        if matches!(current, Some(held) if held.owner != owner && held.until_ms > now_ms) {
             return false;
         }
-        let mut value = owner.to_le_bytes().to_vec();
-        value.extend_from_slice(&now_ms.saturating_add(lease_ms).to_le_bytes());
-        host.set(&self.lease_key, &value, cas_for(cas)).is_ok()
+        let value = schema::encode_lease(Lease {
+            owner,
+            until_ms: now_ms.saturating_add(lease_ms),
+        });
+        host.set(&self.keys.lease, &value, cas_for(cas)).is_ok()
     }
 
     /// Where health checks go, as some worker learned it from live traffic.
     pub fn read_target(&self, host: &dyn SharedData) -> Option<(String, String)> {
-        let (bytes, _) = host.get(&self.target_key).ok()?;
-        crate::core::health::decode_target(&present(bytes)?)
+        let (bytes, _) = host.get(&self.keys.target).ok()?;
+        schema::decode_target(&present(bytes)?)
     }
 
     pub fn write_target(&self, host: &dyn SharedData, cluster: &str, authority: &str) {
-        let value = crate::core::health::encode_target(cluster, authority);
-        let Ok((bytes, cas)) = host.get(&self.target_key) else {
+        let value = schema::encode_target(cluster, authority);
+        let Ok((bytes, cas)) = host.get(&self.keys.target) else {
             return;
         };
         if bytes.as_deref() != Some(value.as_slice()) {
             // A conflict means another worker just stored what it learned: that will do.
-            let _ = host.set(&self.target_key, &value, cas_for(cas));
+            let _ = host.set(&self.keys.target, &value, cas_for(cas));
         }
     }
 
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
     pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
-        let (_, epoch) = host.get(&self.epoch_key)?;
+        let (_, epoch) = host.get(&self.keys.epoch)?;
         // A pool nobody has written yet has no epoch entry: that, too, is a version to cache.
         if self.synced && epoch == self.seen_epoch {
             return Ok(());
         }
-        let (bytes, _) = host.get(&self.state_key)?;
+        let (bytes, _) = host.get(&self.keys.state)?;
         match self.read_stored(bytes.as_deref()) {
             Stored::Fresh(state) | Stored::Current { state, .. } => self.adopt(state),
             // A newer build's entry says nothing we can read: keep what this VM knows.
@@ -456,7 +413,7 @@ impl PoolStore {
         mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
     ) -> Result<Vec<Event>, UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
+            let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
             let (mut state, stored_as_is, writable) = match self.read_stored(bytes.as_deref()) {
                 Stored::Fresh(state) => (state, false, true),
                 Stored::Current { state, as_is } => (state, as_is, true),
@@ -472,10 +429,14 @@ impl PoolStore {
                 self.adopt(state);
                 return Ok(events);
             }
-            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
+            match host.set(
+                &self.keys.state,
+                &schema::encode_state(&state),
+                cas_for(cas),
+            ) {
                 Ok(()) => {
                     // Only the epoch's CAS number is the signal; see the module comment.
-                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
+                    host.set(&self.keys.epoch, &[], None).map_err(host_error)?;
                     self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
                     self.synced = false;
@@ -494,7 +455,7 @@ impl PoolStore {
         let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
             return Stored::Fresh(PoolState::fresh(&self.fingerprints));
         };
-        match codec::decode(bytes) {
+        match schema::decode_state(bytes) {
             Ok(stored) => {
                 let (state, changed) = PoolState::reconcile(stored, &self.fingerprints);
                 Stored::Current {
@@ -508,7 +469,7 @@ impl PoolStore {
                     if !self.newer_entry_seen {
                         log::warn!(
                             "shared state entry {} was written by a newer build ({e}); this VM keeps its own copy of the pool's state",
-                            self.state_key
+                            self.keys.state
                         );
                         self.newer_entry_seen = true;
                     }
@@ -517,7 +478,7 @@ impl PoolStore {
                 if !self.corrupt_entry_seen {
                     log::warn!(
                         "shared state entry {} could not be decoded ({e}); starting from fresh state",
-                        self.state_key
+                        self.keys.state
                     );
                     self.corrupt_entry_seen = true;
                 }
@@ -765,10 +726,10 @@ mod tests {
         *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if !f.get() && key.ends_with("/state") {
                 f.set(true);
-                let mut s = codec::decode(&h.entries.borrow()[key].0).unwrap_or_default();
+                let mut s = schema::decode_state(&h.entries.borrow()[key].0).unwrap_or_default();
                 s.record_failure(1, &fail(429), 0, &P);
                 *os.borrow_mut() = Some(s.clone());
-                h.put_raw(key, &codec::encode(&s));
+                h.put_raw(key, &schema::encode_state(&s));
             }
         }));
         let ev = a
@@ -803,8 +764,8 @@ mod tests {
             }
         }));
         host.put_raw(
-            &format!("{}/state", entry_prefix(9)),
-            &codec::encode(&PoolState::fresh(&[1])),
+            &PoolKeys::of(9).state,
+            &schema::encode_state(&PoolState::fresh(&[1])),
         );
         let r = a.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
@@ -815,9 +776,9 @@ mod tests {
     #[test]
     fn corrupt_entries_are_replaced_by_fresh_state() {
         let host = FakeShared::default();
-        let key = format!("{}/state", entry_prefix(9));
+        let key = PoolKeys::of(9).state;
         host.put_raw(&key, b"garbage from an older version");
-        host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[1]);
+        host.put_raw(&PoolKeys::of(9).epoch, &[1]);
         let mut a = store(&[1, 2]);
         a.refresh(&host).unwrap();
         assert!(a.corrupt_entry_seen);
@@ -826,12 +787,12 @@ mod tests {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
-        let stored = codec::decode(&host.entries.borrow()[&key].0).unwrap();
+        let stored = schema::decode_state(&host.entries.borrow()[&key].0).unwrap();
         assert_eq!(stored.keys.len(), 2);
     }
 
     fn state_key(pool_id: u64) -> String {
-        format!("{}/state", entry_prefix(pool_id))
+        PoolKeys::of(pool_id).state
     }
 
     /// Marks key `key` of store `s` down (a 429 at `now`) and returns nothing.
@@ -844,15 +805,6 @@ mod tests {
             })
             .unwrap();
         assert!(!events.is_empty(), "key {key} was marked down");
-    }
-
-    #[test]
-    fn the_key_space_carries_the_format_version() {
-        let version = format!("ai-key-failover/v{}", codec::VERSION);
-        assert_eq!(KEY_SPACE, version);
-        assert!(REGISTRY_KEY.starts_with(&format!("{version}/")));
-        assert!(entry_prefix(9).starts_with(&format!("{version}/")));
-        assert!(!previous::state_key(9).starts_with(&format!("{version}/")));
     }
 
     #[test]
@@ -905,13 +857,12 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         load(&host, &mut a, 5).unwrap();
-        let prefix = entry_prefix(9);
-        for name in ["state", "epoch", "health-lease", "target"] {
-            let (_, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
-            assert!(cas.is_some(), "{name} was created");
+        for key in PoolKeys::of(9).all() {
+            let (_, cas) = host.get(key).unwrap();
+            assert!(cas.is_some(), "{key} was created");
         }
         assert_eq!(a.read_target(&host), None, "an empty target is no target");
-        let stored = codec::decode(&host.value(&state_key(9))).unwrap();
+        let stored = schema::decode_state(&host.value(&state_key(9))).unwrap();
         assert_eq!(
             stored,
             PoolState {
@@ -936,11 +887,8 @@ mod tests {
             },
         );
         old.written_at_ms = 1_000;
-        let mut bytes = codec::encode(&old);
-        bytes[3] = codec::PREVIOUS_VERSION;
-        let body = bytes.len() - 4;
-        let checksum = codec::fnv1a32(&bytes[..body]);
-        bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        let bytes =
+            schema::written_by::with_version(&schema::encode_state(&old), schema::PREVIOUS_VERSION);
         host.put_raw(&previous::state_key(9), &bytes);
         host.put_raw(previous::REGISTRY_KEY, &9u64.to_le_bytes());
         let mut new = store(&[1, 2, 3]);
@@ -965,11 +913,10 @@ mod tests {
     #[test]
     fn an_entry_in_a_newer_format_is_never_overwritten() {
         let host = FakeShared::default();
-        let mut newer = codec::encode(&PoolState::fresh(&[1, 2]));
-        newer[3] = codec::VERSION + 1;
-        let body = newer.len() - 4;
-        let checksum = codec::fnv1a32(&newer[..body]);
-        newer[body..].copy_from_slice(&checksum.to_le_bytes());
+        let newer = schema::written_by::with_version(
+            &schema::encode_state(&PoolState::fresh(&[1, 2])),
+            schema::VERSION + 1,
+        );
         host.put_raw(&state_key(9), &newer);
         let mut a = store(&[1, 2]);
         load(&host, &mut a, 0).unwrap();
@@ -998,7 +945,7 @@ mod tests {
         assert_eq!(a.take_decode_failures(), 0);
         for damage in [&b"garbage"[..], b"AKF", &[0xff; 64]] {
             host.put_raw(&state_key(9), damage);
-            host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[]);
+            host.put_raw(&PoolKeys::of(9).epoch, &[]);
             a.refresh(&host).unwrap();
         }
         assert_eq!(
@@ -1038,28 +985,27 @@ mod tests {
         mark_down(&host, &mut first, 0, 0);
         first.write_target(&host, "c", "a.example");
         assert!(first.try_lead(&host, 7, 0, 3_000));
-        let prefix = entry_prefix(1);
-        let names = ["state", "epoch", "health-lease", "target"];
+        let keys = PoolKeys::of(1);
         for id in 2..=REGISTRY_CAPACITY as u64 {
             assert_eq!(register(&host, &[id]).unwrap(), Vec::<u64>::new());
         }
-        assert!(
-            !host.value(&format!("{prefix}/state")).is_empty(),
-            "still registered"
-        );
+        assert!(!host.value(&keys.state).is_empty(), "still registered");
         assert_eq!(register(&host, &[1_000]).unwrap(), vec![1]);
-        for name in names {
-            let (value, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
-            assert_eq!((value, cas.is_some()), (None, true), "{name} cleared");
+        for key in keys.all() {
+            let (value, cas) = host.get(key).unwrap();
+            assert_eq!((value, cas.is_some()), (None, true), "{key} cleared");
         }
-        let registry = decode_registry(Some(&host.value(REGISTRY_KEY)));
+        let registry = schema::decode_registry(Some(&host.value(REGISTRY_KEY)));
         assert_eq!(registry.len(), REGISTRY_CAPACITY);
         assert!(!registry.contains(&1));
         // A configuration with more pools than the registry holds keeps all of its own.
         let many: Vec<u64> = (5_000..5_000 + REGISTRY_CAPACITY as u64 + 3).collect();
         let cleared = register(&host, &many).unwrap();
         assert_eq!(cleared.len(), REGISTRY_CAPACITY);
-        assert_eq!(decode_registry(Some(&host.value(REGISTRY_KEY))), many);
+        assert_eq!(
+            schema::decode_registry(Some(&host.value(REGISTRY_KEY))),
+            many
+        );
     }
 
     #[test]
@@ -1080,7 +1026,7 @@ mod tests {
         assert_eq!(new.state().keys[1].health, Health::Available);
         new.update(&host, 0, |_| Vec::new()).unwrap();
         let stored =
-            codec::decode(&host.entries.borrow()[&format!("{}/state", entry_prefix(9))].0).unwrap();
+            schema::decode_state(&host.entries.borrow()[&PoolKeys::of(9).state].0).unwrap();
         assert_eq!(
             stored
                 .keys
@@ -1129,7 +1075,7 @@ mod tests {
         assert_eq!(load(&host, &mut a2, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();
         assert_eq!(a2.view().available_count(), 3);
-        let registry = decode_registry(
+        let registry = schema::decode_registry(
             host.entries
                 .borrow()
                 .get(REGISTRY_KEY)
