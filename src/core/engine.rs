@@ -9,9 +9,11 @@ use crate::core::metrics::{MetricsHost, PoolMetrics};
 use crate::core::pool::{Event, Failure, PoolState, SentAs, FOREVER};
 use crate::core::rules::RequestFacts;
 use crate::core::schedule::{self, Every};
-use crate::core::select::{OnAllUnavailable, Rng, Selection};
+use crate::core::select::{OnAllUnavailable, PoolIndex, Rng, Selection};
 use crate::core::status::{classify, FailureClass, Verdict};
-use crate::core::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
+use crate::core::store::{
+    self, PoolStore, SharedData, StateChange, UpdateError, Updated, MAX_CAS_ATTEMPTS,
+};
 
 /// How long a probe may stay unanswered before another request may probe the key. Long enough
 /// for a slow first byte; a probe that never answers (a vanished client) frees it sooner.
@@ -90,6 +92,8 @@ pub struct Ask {
 pub struct Engine {
     config: PluginConfig,
     stores: Vec<PoolStore>,
+    /// Per pool: the selection tables built from its cached state, rebuilt when it changes.
+    indexes: Vec<PoolIndex>,
     /// Per pool, this worker's round-robin position; starts at a random offset so workers
     /// do not all begin with the same key.
     cursors: Vec<u64>,
@@ -133,7 +137,7 @@ pub enum RetryOutcome {
 impl Engine {
     pub fn new(config: PluginConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
-        let stores: Vec<PoolStore> = config
+        let (stores, indexes): (Vec<PoolStore>, Vec<PoolIndex>) = config
             .pools
             .iter()
             .enumerate()
@@ -147,18 +151,15 @@ impl Engine {
                 } else {
                     Selection::RoundRobin
                 };
-                let store = PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection);
+                let store = PoolStore::new(pool.id, pool.fingerprints());
                 let affinity = config
                     .profiles
                     .iter()
                     .any(|p| p.pool == i && p.affinity_header.is_some());
-                if affinity {
-                    store.with_affinity()
-                } else {
-                    store
-                }
+                let index = PoolIndex::new(store.state(), pool.weights(), selection, affinity);
+                (store, index)
             })
-            .collect();
+            .unzip();
         let cursors = stores.iter().map(|_| rng.next_u64()).collect();
         let owner_id = rng.next_u64();
         let periods: Vec<u64> = (0..config.pools.len())
@@ -188,6 +189,7 @@ impl Engine {
         Engine {
             config,
             stores,
+            indexes,
             cursors,
             rng,
             metrics: Vec::new(),
@@ -488,6 +490,10 @@ impl Engine {
                     log::warn!("pool {label}: could not take over earlier state: {e}")
                 }
             }
+            // Once per config load, whatever the carry-over did.
+            if let Some(index) = self.indexes.get_mut(pool) {
+                index.rebuild(store.state());
+            }
         }
         // After the carry-over, so this load's pools do not read one another as earlier pools.
         let pool_ids: Vec<u64> = self.stores.iter().map(PoolStore::pool_id).collect();
@@ -589,7 +595,7 @@ impl Engine {
             .filter_map(|position| {
                 let i = self.chain_member(primary, position)?;
                 let pool = self.config.profiles.get(i)?.pool;
-                Some((i, self.stores.get(pool)?.view()))
+                Some((i, self.indexes.get(pool)?.view()))
             })
             .collect();
         let earliest = views
@@ -656,10 +662,9 @@ impl Engine {
         clock: &Clock,
         avoid: &[usize],
     ) -> Option<(usize, SentAs)> {
-        let store = self.stores.get(pool)?;
-        let home = store.ring()?.owner(hash)?;
+        let home = self.indexes.get(pool)?.ring()?.owner(hash)?;
         if !avoid.contains(&home) {
-            let state = store.state().keys.get(home)?;
+            let state = self.stores.get(pool)?.state().keys.get(home)?;
             if state.is_available() {
                 return Some((home, SentAs::Normal));
             }
@@ -670,7 +675,7 @@ impl Engine {
                 }
             }
         }
-        self.stores
+        self.indexes
             .get(pool)?
             .view()
             .session_key(hash)
@@ -722,18 +727,18 @@ impl Engine {
         }
         // A key whose time out is over is tried by exactly one request: whoever claims it.
         let candidate = self
-            .stores
+            .indexes
             .get(pool)
-            .and_then(|s| s.view().probe_candidate())
+            .and_then(|index| index.view().probe_candidate())
             .filter(|k| !avoid_here.contains(k));
         if let Some(key) = candidate {
             if let Some(claim_ms) = self.claim_probe(host, pool, key, clock.now()) {
                 return Some((key, SentAs::Probe { claim_ms }));
             }
         }
-        let store = self.stores.get(pool)?;
+        let index = self.indexes.get(pool)?;
         let cursor = self.cursors.get_mut(pool)?;
-        let key = store
+        let key = index
             .view()
             .pick_available(selection, cursor, &mut self.rng, &avoid_here)?;
         Some((key, SentAs::Normal))
@@ -880,8 +885,8 @@ impl Engine {
         let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
         };
-        let pool = p.pool;
-        let policy = p.failover.policy();
+        let (pool, policy, respect_retry_after) =
+            (p.pool, p.failover.policy(), p.failover.respect_retry_after);
         let key = sent.key;
         let needs_write = |store: &PoolStore| {
             store.state().keys.get(key).map(|cached| match verdict {
@@ -904,11 +909,7 @@ impl Engine {
             // worker's next failure would be taken as the next in a row. One epoch read (the
             // state only if it moved). With a threshold of 1 no count ever stays on an available
             // key, so successes there read nothing.
-            if let Some(store) = self.stores.get_mut(pool) {
-                if let Err(e) = store.refresh(host) {
-                    log::debug!("reading shared state failed ({e:?}); using the cached copy");
-                }
-            }
+            self.refresh(host, pool);
             write = self.stores.get(pool).and_then(needs_write).unwrap_or(false);
         }
         if !write {
@@ -919,8 +920,7 @@ impl Engine {
             Verdict::KeyFailure(class) => Some(Failure {
                 status,
                 class,
-                hint_ms: hint_ms
-                    .filter(|_| class.takes_retry_hints() && p.failover.respect_retry_after),
+                hint_ms: hint_ms.filter(|_| class.takes_retry_hints() && respect_retry_after),
                 jitter_permille: self.rng.below(101) as u32,
             }),
             _ => None,
@@ -1019,15 +1019,38 @@ impl Engine {
         &self.stores
     }
 
-    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, clock: &Clock) {
+    pub fn indexes(&self) -> &[PoolIndex] {
+        &self.indexes
+    }
+
+    /// Makes the pool's cached state current, and its selection tables with it.
+    fn refresh(&mut self, host: &dyn Host, pool: usize) {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
-        if let Err(e) = store.refresh(host) {
-            log::debug!("reading shared state failed ({e:?}); using the cached copy");
+        match store.refresh(host) {
+            Ok(change) => self.reindex(pool, change),
+            Err(e) => log::debug!("reading shared state failed ({e:?}); using the cached copy"),
         }
+    }
+
+    /// Rebuilds the pool's selection tables when its cached state changed.
+    fn reindex(&mut self, pool: usize, change: StateChange) {
+        if change == StateChange::Unchanged {
+            return;
+        }
+        if let (Some(index), Some(store)) = (self.indexes.get_mut(pool), self.stores.get(pool)) {
+            index.rebuild(store.state());
+        }
+    }
+
+    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, clock: &Clock) {
+        self.refresh(host, pool);
         // Only a pool with something due later needs the time at all.
-        let due = store.view().next_change_ms();
+        let due = self
+            .indexes
+            .get(pool)
+            .and_then(|index| index.view().next_change_ms());
         if let Some(now_ms) = due
             .map(|_| clock.now())
             .filter(|&now| due.is_some_and(|t| t <= now))
@@ -1048,7 +1071,8 @@ impl Engine {
             return Vec::new();
         };
         match store.update(host, now_ms, change) {
-            Ok(events) => {
+            Ok(Updated { events, state }) => {
+                self.reindex(pool, state);
                 if let Some(m) = self.metrics.get(pool) {
                     m.count_events(host, &events);
                 }
@@ -1186,9 +1210,9 @@ impl Engine {
             }
         }
         if went_out {
-            if let Some(store) = self.stores.get(pool) {
-                if store.view().available_count() == 0 {
-                    let first = store.view().next_change_ms().map_or_else(
+            if let Some(index) = self.indexes.get(pool) {
+                if index.view().available_count() == 0 {
+                    let first = index.view().next_change_ms().map_or_else(
                         || "none returns by itself".to_string(),
                         |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
                     );
@@ -1322,6 +1346,36 @@ pub(crate) mod tests {
         LOGGED.with(|l| l.borrow_mut().clear());
         f();
         LOGGED.with(|l| l.take())
+    }
+
+    #[test]
+    fn a_key_carried_over_down_at_a_config_load_is_out_from_the_first_request() {
+        let host = TestHost::default();
+        let old_cfg =
+            r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut old = engine(old_cfg, 1);
+        old.start(&host, 0);
+        let g = old.profile_for(&mut NoFacts);
+        let (p, down, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
+        let v = old.verdict(p, 429, false);
+        old.record(
+            &host,
+            sent(p, down, SentAs::Normal),
+            v,
+            429,
+            None,
+            &Clock::at(10),
+        );
+        // A new key list keeping both keys: a new pool, which takes the down key's state over.
+        let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut new = engine(new_cfg, 2);
+        new.start(&host, 20);
+        let g = new.profile_for(&mut NoFacts);
+        let picked: Vec<usize> = (0..6)
+            .map(|i| use_key(new.decide(&host, g, &Clock::at(30 + i), &[])).1)
+            .collect();
+        assert!(!picked.contains(&down), "key {down} is down: {picked:?}");
+        assert_eq!(new.indexes()[0].view().available_count(), 2);
     }
 
     #[test]
@@ -1609,7 +1663,7 @@ pub(crate) mod tests {
         );
         w1.tick(&host, 500);
         w2.tick(&host, 500);
-        assert_eq!(w2.stores()[0].view().available_count(), 0);
+        assert_eq!(w2.indexes()[0].view().available_count(), 0);
         let sets = host.shared.sets.get();
         w1.tick(&host, 1200);
         w2.tick(&host, 1200);
@@ -1618,7 +1672,7 @@ pub(crate) mod tests {
             2,
             "one state write and one epoch write"
         );
-        assert_eq!(w2.stores()[0].view().probe_candidate(), Some(0));
+        assert_eq!(w2.indexes()[0].view().probe_candidate(), Some(0));
     }
 
     #[test]
@@ -1805,7 +1859,7 @@ pub(crate) mod tests {
             None,
             &Clock::at(200),
         );
-        assert_eq!(w.stores()[0].view().available_count(), 1);
+        assert_eq!(w.indexes()[0].view().available_count(), 1);
     }
 
     #[test]
@@ -2272,7 +2326,7 @@ pub(crate) mod tests {
         let mut back_at = None;
         for now in (1_000..=2_000).step_by(100) {
             w.tick(&host, now);
-            if w.stores()[0].view().probe_candidate() == Some(0) {
+            if w.indexes()[0].view().probe_candidate() == Some(0) {
                 back_at = Some(now);
                 break;
             }

@@ -20,7 +20,6 @@
 
 use crate::core::pool::{Event, Health, KeyState, PoolState, FOREVER};
 use crate::core::schema::{self, previous, DecodeError, Lease, PoolKeys, REGISTRY_KEY};
-use crate::core::select::{PoolView, Selection};
 
 /// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
 /// (None: the entry does not exist): no CAS, or 0, writes unconditionally; a write to an absent
@@ -77,22 +76,32 @@ pub enum UpdateError {
     Host(String),
 }
 
+/// Whether the cached copy of a pool's state changed: what views derived from it
+/// (`select::PoolIndex`) are rebuilt on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    Changed,
+    Unchanged,
+}
+
+/// What an `update` did: the events its change caused, and whether the cached copy changed
+/// (it may change with no event, when another worker's write was read).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Updated {
+    pub events: Vec<Event>,
+    pub state: StateChange,
+}
+
 pub struct PoolStore {
     pool_id: u64,
     keys: PoolKeys,
     fingerprints: Vec<u64>,
-    weights: Vec<u32>,
-    selection: Selection,
     /// The epoch's CAS number when `state` was last read (None: no epoch entry yet).
     seen_epoch: Option<u32>,
     /// Whether `state` is what the shared entry held at `seen_epoch`. Cleared by our own writes,
     /// since another write may land between ours and the next refresh.
     synced: bool,
     state: PoolState,
-    view: PoolView,
-    /// `affinity`: the ring of every configured key, built once; the view holds the ring of
-    /// the keys in rotation, filtered from it whenever the view is rebuilt.
-    ring: Option<crate::core::affinity::Ring>,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
     /// Set when the stored entry is a newer build's, so that warning too is logged once per VM.
@@ -177,25 +186,14 @@ enum Stored {
 }
 
 impl PoolStore {
-    pub fn new(
-        pool_id: u64,
-        fingerprints: Vec<u64>,
-        weights: Vec<u32>,
-        selection: Selection,
-    ) -> Self {
-        let state = PoolState::fresh(&fingerprints);
-        let view = PoolView::build(&state, &weights, selection);
+    pub fn new(pool_id: u64, fingerprints: Vec<u64>) -> Self {
         PoolStore {
             pool_id,
             keys: PoolKeys::of(pool_id),
+            state: PoolState::fresh(&fingerprints),
             fingerprints,
-            weights,
-            selection,
             seen_epoch: None,
             synced: false,
-            state,
-            view,
-            ring: None,
             corrupt_entry_seen: false,
             newer_entry_seen: false,
             decode_failures: 0,
@@ -206,25 +204,8 @@ impl PoolStore {
         self.pool_id
     }
 
-    /// Keeps a session-affinity ring of this pool's keys (some profile sets `affinity`).
-    pub fn with_affinity(mut self) -> Self {
-        let ring = crate::core::affinity::Ring::build(&self.fingerprints, &self.weights);
-        self.view.set_affinity(&ring, &self.state);
-        self.ring = Some(ring);
-        self
-    }
-
-    /// The ring of every configured key, when affinity is on.
-    pub fn ring(&self) -> Option<&crate::core::affinity::Ring> {
-        self.ring.as_ref()
-    }
-
     pub fn state(&self) -> &PoolState {
         &self.state
-    }
-
-    pub fn view(&self) -> &PoolView {
-        &self.view
     }
 
     /// Reads of this pool's entries that failed to decode since the last call (for the stat).
@@ -243,13 +224,7 @@ impl PoolStore {
         now_ms: u64,
     ) -> Result<CarryOver, UpdateError> {
         let earlier = self.earlier_states(host)?;
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
-            let (mut state, as_is, writable) = match self.read_stored(bytes.as_deref()) {
-                Stored::Fresh(state) => (state, false, true),
-                Stored::Current { state, as_is } => (state, as_is, true),
-                Stored::Newer => (self.state.clone(), true, false),
-            };
+        let (result, landed, _) = self.cas_change(host, now_ms, |state| {
             // Fresh state was written at 0: anything anyone stored is newer.
             let own_written = state.written_at_ms;
             let mut carried = 0;
@@ -274,37 +249,18 @@ impl PoolStore {
                     reenabled += 1;
                 }
             }
+            let changed = carried > 0 || reenabled > 0;
             let result = CarryOver {
                 keys_carried: carried,
                 keys_reenabled: reenabled,
             };
-            if as_is && carried == 0 && reenabled == 0 {
-                self.create_side_entries(host);
-                return Ok(result);
-            }
-            state.written_at_ms = now_ms;
-            if !writable {
-                // Not ours to replace: this VM goes on with what it carried, on its own.
-                self.adopt(state);
-                return Ok(result);
-            }
-            match host.set(
-                &self.keys.state,
-                &schema::encode_state(&state),
-                cas_for(cas),
-            ) {
-                Ok(()) => {
-                    host.set(&self.keys.epoch, &[], None).map_err(host_error)?;
-                    self.adopt(state);
-                    self.synced = false;
-                    self.create_side_entries(host);
-                    return Ok(result);
-                }
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
-            }
+            (result, changed)
+        })?;
+        // A newer build's pool: not ours to create entries in either.
+        if landed != Landed::LocalOnly {
+            self.create_side_entries(host);
         }
-        Err(UpdateError::GaveUp)
+        Ok(result)
     }
 
     /// The other pools' states in the registry and the previous build's states, newest first.
@@ -385,21 +341,21 @@ impl PoolStore {
     }
 
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
-    pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
+    pub fn refresh(&mut self, host: &dyn SharedData) -> Result<StateChange, StoreError> {
         let (_, epoch) = host.get(&self.keys.epoch)?;
         // A pool nobody has written yet has no epoch entry: that, too, is a version to cache.
         if self.synced && epoch == self.seen_epoch {
-            return Ok(());
+            return Ok(StateChange::Unchanged);
         }
         let (bytes, _) = host.get(&self.keys.state)?;
-        match self.read_stored(bytes.as_deref()) {
+        let change = match self.read_stored(bytes.as_deref()) {
             Stored::Fresh(state) | Stored::Current { state, .. } => self.adopt(state),
             // A newer build's entry says nothing we can read: keep what this VM knows.
-            Stored::Newer => {}
-        }
+            Stored::Newer => StateChange::Unchanged,
+        };
         self.seen_epoch = epoch;
         self.synced = true;
-        Ok(())
+        Ok(change)
     }
 
     /// Applies `change` to the current shared state with compare-and-swap, retrying on conflict.
@@ -411,7 +367,26 @@ impl PoolStore {
         host: &dyn SharedData,
         now_ms: u64,
         mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
-    ) -> Result<Vec<Event>, UpdateError> {
+    ) -> Result<Updated, UpdateError> {
+        let (events, _, state) = self.cas_change(host, now_ms, |s| {
+            let events = change(s);
+            let changed = !events.is_empty();
+            (events, changed)
+        })?;
+        Ok(Updated { events, state })
+    }
+
+    /// The CAS loop of `update` and `carry_over`. Each attempt reads `state` and lets `change`
+    /// work on the copy read, which also says whether it changed anything. When it did not and
+    /// the stored bytes already say so, nothing is written; otherwise the copy is written with
+    /// the CAS number read, then the epoch (only its CAS number is the signal: see the module
+    /// comment). A conflict starts the next attempt; a newer build's entry is not written.
+    fn cas_change<T>(
+        &mut self,
+        host: &dyn SharedData,
+        now_ms: u64,
+        mut change: impl FnMut(&mut PoolState) -> (T, bool),
+    ) -> Result<(T, Landed, StateChange), UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
             let (mut state, stored_as_is, writable) = match self.read_stored(bytes.as_deref()) {
@@ -419,15 +394,14 @@ impl PoolStore {
                 Stored::Current { state, as_is } => (state, as_is, true),
                 Stored::Newer => (self.state.clone(), true, false),
             };
-            let events = change(&mut state);
-            if events.is_empty() && stored_as_is {
-                self.adopt(state);
-                return Ok(events);
+            let (result, changed) = change(&mut state);
+            if !changed && stored_as_is {
+                return Ok((result, Landed::AsIs, self.adopt(state)));
             }
             state.written_at_ms = now_ms;
             if !writable {
-                self.adopt(state);
-                return Ok(events);
+                // Not ours to replace: this VM goes on with the change, on its own.
+                return Ok((result, Landed::LocalOnly, self.adopt(state)));
             }
             match host.set(
                 &self.keys.state,
@@ -435,12 +409,11 @@ impl PoolStore {
                 cas_for(cas),
             ) {
                 Ok(()) => {
-                    // Only the epoch's CAS number is the signal; see the module comment.
                     host.set(&self.keys.epoch, &[], None).map_err(host_error)?;
-                    self.adopt(state);
+                    let cached = self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
                     self.synced = false;
-                    return Ok(events);
+                    return Ok((result, Landed::Shared, cached));
                 }
                 Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
@@ -487,18 +460,27 @@ impl PoolStore {
         }
     }
 
-    fn adopt(&mut self, state: PoolState) {
-        if state != self.state {
-            self.view = PoolView::build(&state, &self.weights, self.selection);
-            if let Some(ring) = &self.ring {
-                self.view.set_affinity(ring, &state);
-            }
-            self.state = state;
+    fn adopt(&mut self, state: PoolState) -> StateChange {
+        if state == self.state {
+            return StateChange::Unchanged;
         }
+        self.state = state;
+        StateChange::Changed
     }
 }
 
 type Decoder = fn(&[u8]) -> Result<PoolState, DecodeError>;
+
+/// Where a `cas_change` left its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landed {
+    /// The stored entry already said it: nothing written.
+    AsIs,
+    /// Written to shared data.
+    Shared,
+    /// A newer build's entry: kept in this VM's copy only.
+    LocalOnly,
+}
 
 fn host_error(e: StoreError) -> UpdateError {
     match e {
@@ -655,8 +637,18 @@ mod tests {
         result
     }
 
+    /// How many of the store's keys its cached state has in rotation.
+    fn available(store: &PoolStore) -> usize {
+        store
+            .state()
+            .keys
+            .iter()
+            .filter(|k| k.is_available())
+            .count()
+    }
+
     fn store(fps: &[u64]) -> PoolStore {
-        PoolStore::new(9, fps.to_vec(), vec![1; fps.len()], Selection::RoundRobin)
+        PoolStore::new(9, fps.to_vec())
     }
 
     #[test]
@@ -671,11 +663,50 @@ mod tests {
                 s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
-        assert_eq!(ev.len(), 1);
-        assert_eq!(b.view().available_count(), 2);
+        assert_eq!(ev.events.len(), 1);
+        assert_eq!(available(&b), 2);
         b.refresh(&host).unwrap();
-        assert_eq!(b.view().available_count(), 1);
+        assert_eq!(available(&b), 1);
         assert_eq!(b.state().keys[0].health, Health::CoolingDown);
+    }
+
+    #[test]
+    fn refresh_and_update_say_whether_the_cached_state_changed() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        let mut b = store(&[1, 2]);
+        assert_eq!(
+            a.refresh(&host).unwrap(),
+            StateChange::Unchanged,
+            "nothing stored yet: still the fresh state"
+        );
+        let marked = b
+            .update(&host, 0, |s| {
+                s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
+            })
+            .unwrap();
+        assert_eq!(marked.state, StateChange::Changed);
+        assert_eq!(
+            a.refresh(&host).unwrap(),
+            StateChange::Changed,
+            "another worker's write"
+        );
+        assert_eq!(a.refresh(&host).unwrap(), StateChange::Unchanged);
+        b.update(&host, 5, |s| {
+            s.record_failure(1, &fail(429), 5, &P).into_iter().collect()
+        })
+        .unwrap();
+        let read = a.update(&host, 6, |_| Vec::new()).unwrap();
+        assert_eq!(
+            read,
+            Updated {
+                events: Vec::new(),
+                state: StateChange::Changed
+            },
+            "a change with no events still brings in what another worker wrote"
+        );
+        let again = a.update(&host, 7, |_| Vec::new()).unwrap();
+        assert_eq!(again.state, StateChange::Unchanged);
     }
 
     #[test]
@@ -708,7 +739,7 @@ mod tests {
         .unwrap();
         let sets = host.sets.get();
         let ev = a.update(&host, 0, |_| Vec::new()).unwrap();
-        assert!(ev.is_empty());
+        assert!(ev.events.is_empty());
         assert_eq!(host.sets.get(), sets);
     }
 
@@ -737,14 +768,10 @@ mod tests {
                 s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
-        assert_eq!(ev.len(), 1);
+        assert_eq!(ev.events.len(), 1);
         *host.before_set.borrow_mut() = None;
         other.refresh(&host).unwrap();
-        assert_eq!(
-            other.view().available_count(),
-            0,
-            "both mark-downs survived"
-        );
+        assert_eq!(available(&other), 0, "both mark-downs survived");
         assert!(other_state.borrow().is_some());
     }
 
@@ -782,7 +809,7 @@ mod tests {
         let mut a = store(&[1, 2]);
         a.refresh(&host).unwrap();
         assert!(a.corrupt_entry_seen);
-        assert_eq!(a.view().available_count(), 2);
+        assert_eq!(available(&a), 2);
         a.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
@@ -804,7 +831,7 @@ mod tests {
                     .collect()
             })
             .unwrap();
-        assert!(!events.is_empty(), "key {key} was marked down");
+        assert!(!events.events.is_empty(), "key {key} was marked down");
     }
 
     #[test]
@@ -897,7 +924,7 @@ mod tests {
         worker.refresh(&host).unwrap();
         assert_eq!(worker.state().keys[1].health, Health::CoolingDown);
         assert_eq!(worker.state().keys[1].down_until_ms, 61_000);
-        assert_eq!(worker.view().available_count(), 2);
+        assert_eq!(available(&worker), 2);
         assert_eq!(
             host.value(&previous::state_key(9)),
             bytes,
@@ -929,12 +956,12 @@ mod tests {
         );
         assert!(a.newer_entry_seen);
         assert_eq!(
-            a.view().available_count(),
+            available(&a),
             1,
             "this VM still keeps the failed key out on its own"
         );
         a.refresh(&host).unwrap();
-        assert_eq!(a.view().available_count(), 1);
+        assert_eq!(available(&a), 1);
     }
 
     #[test]
@@ -959,10 +986,10 @@ mod tests {
     #[test]
     fn carry_over_that_meets_a_conflict_on_every_attempt_reports_it_gave_up() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(100, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1, 2]);
         load(&host, &mut a, 10).unwrap();
         mark_down(&host, &mut a, 1, 20);
-        let mut b = PoolStore::new(200, vec![2, 3], vec![1; 2], Selection::RoundRobin);
+        let mut b = PoolStore::new(200, vec![2, 3]);
         *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
             if key == state_key(200) {
                 let v = h.value(key);
@@ -980,7 +1007,7 @@ mod tests {
     #[test]
     fn a_pool_pushed_out_of_the_registry_has_its_entries_cleared() {
         let host = FakeShared::default();
-        let mut first = PoolStore::new(1, vec![1], vec![1], Selection::RoundRobin);
+        let mut first = PoolStore::new(1, vec![1]);
         load(&host, &mut first, 0).unwrap();
         mark_down(&host, &mut first, 0, 0);
         first.write_target(&host, "c", "a.example");
@@ -1041,7 +1068,7 @@ mod tests {
     fn a_new_pool_takes_over_the_newest_state_of_keys_it_keeps() {
         let host = FakeShared::default();
         // Config A: keys 1, 2, 3; key 2 is cooling down.
-        let mut a = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1, 2, 3]);
         assert_eq!(load(&host, &mut a, 10).unwrap(), CarryOver::default());
         a.update(&host, 20, |s| {
             s.record_failure(1, &fail(429), 20, &P)
@@ -1050,7 +1077,7 @@ mod tests {
         })
         .unwrap();
         // Config B drops key 3 and adds key 4: another key list, another pool id.
-        let mut b = PoolStore::new(200, vec![4, 2, 1], vec![1; 3], Selection::RoundRobin);
+        let mut b = PoolStore::new(200, vec![4, 2, 1]);
         assert_eq!(load(&host, &mut b, 30).unwrap().keys_carried, 1);
         b.refresh(&host).unwrap();
         assert_eq!(
@@ -1064,17 +1091,17 @@ mod tests {
             "key 2 stays down"
         );
         assert_eq!(b.state().keys[1].down_until_ms, 1_020);
-        assert_eq!(b.view().available_count(), 2);
+        assert_eq!(available(&b), 2);
         // Back to config A: B's newer word on key 2 (restored there) wins over A's stale entry.
         b.update(&host, 2_000, |s| {
             s.restore_all();
             vec![Event::Restored { key: 1 }]
         })
         .unwrap();
-        let mut a2 = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        let mut a2 = PoolStore::new(100, vec![1, 2, 3]);
         assert_eq!(load(&host, &mut a2, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();
-        assert_eq!(a2.view().available_count(), 3);
+        assert_eq!(available(&a2), 3);
         let registry = schema::decode_registry(
             host.entries
                 .borrow()
@@ -1087,10 +1114,10 @@ mod tests {
     #[test]
     fn carry_over_is_a_no_op_when_nothing_is_newer() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1]);
         load(&host, &mut a, 0).unwrap();
         let sets = host.sets.get();
-        let mut a_again = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        let mut a_again = PoolStore::new(100, vec![1]);
         load(&host, &mut a_again, 5).unwrap();
         assert_eq!(
             host.sets.get(),
@@ -1102,7 +1129,7 @@ mod tests {
     #[test]
     fn a_config_load_brings_back_keys_disabled_until_the_config_changes() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut a = PoolStore::new(7, vec![1, 2]);
         load(&host, &mut a, 0).unwrap();
         let forever = Policy { disable_ms: 0, ..P };
         let refused = crate::core::pool::Failure {
@@ -1129,7 +1156,7 @@ mod tests {
             .collect()
         })
         .unwrap();
-        let mut again = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut again = PoolStore::new(7, vec![1, 2]);
         let result = load(&host, &mut again, 20).unwrap();
         assert_eq!(result.keys_reenabled, 1);
         again.refresh(&host).unwrap();
@@ -1185,7 +1212,7 @@ mod tests {
         })
         .unwrap();
         a.refresh(&host).unwrap();
-        assert_eq!(a.view().available_count(), 1, "a write is still seen");
+        assert_eq!(available(&a), 1, "a write is still seen");
     }
 }
 
@@ -1199,7 +1226,7 @@ mod golden {
     #[test]
     fn names_and_bytes_are_those_earlier_builds_wrote() {
         let host = FakeShared::default();
-        let mut s = PoolStore::new(0x1234, vec![7, 8], vec![1, 1], Selection::RoundRobin);
+        let mut s = PoolStore::new(0x1234, vec![7, 8]);
         s.carry_over(&host, 5).unwrap();
         register(&host, &[0x1234]).unwrap();
         assert!(s.try_lead(&host, 0xAB, 100, 3_000));
