@@ -564,6 +564,31 @@ impl PoolState {
     }
 }
 
+/// What tests across the core fail keys with.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// One failure takes a key out for a second, every time; a refusal disables it until the
+    /// configuration changes.
+    pub const ONE_STRIKE: Policy = Policy {
+        failure_threshold: 1,
+        cooldown_ms: 1_000,
+        backoff_permille: 1_000,
+        min_cooldown_ms: 1,
+        max_cooldown_ms: 1_000_000,
+        disable_ms: 0,
+    };
+
+    /// A 429 with no retry hint.
+    pub const RATE_LIMITED: Failure = Failure {
+        status: 429,
+        class: FailureClass::RateLimit,
+        hint_ms: None,
+        jitter_permille: 0,
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,23 +341,9 @@ impl PoolIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::pool::{Failure, Policy};
+    use crate::core::pool::testing::{ONE_STRIKE as P, RATE_LIMITED as F};
+    use crate::core::pool::Failure;
     use crate::core::status::FailureClass;
-
-    const P: Policy = Policy {
-        failure_threshold: 1,
-        cooldown_ms: 1_000,
-        backoff_permille: 1_000,
-        min_cooldown_ms: 1,
-        max_cooldown_ms: 1_000_000,
-        disable_ms: 0,
-    };
-    const F: Failure = Failure {
-        status: 429,
-        class: FailureClass::RateLimit,
-        hint_ms: None,
-        jitter_permille: 0,
-    };
 
     fn picks(view: &PoolView, sel: Selection, n: usize, cursor: u64) -> Vec<usize> {
         let mut c = cursor;

@@ -24,10 +24,52 @@ use crate::core::schema::{self, previous, DecodeError, Lease, PoolKeys, REGISTRY
 /// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
 /// (None: the entry does not exist): no CAS, or 0, writes unconditionally; a write to an absent
 /// entry succeeds whatever its CAS; otherwise the numbers must match.
-pub fn cas_admits(cas: Option<u32>, current: Option<u32>) -> bool {
+fn cas_admits(cas: Option<u32>, current: Option<u32>) -> bool {
     match (cas, current) {
         (Some(want), Some(have)) => want == 0 || want == have,
         _ => true,
+    }
+}
+
+/// Proxy shared data as Envoy keeps it, as a plain map: every write takes the next number of
+/// one process-wide CAS counter; a write is admitted by `cas_admits`; a removal stores an empty
+/// value, which a later get returns as `(None, Some(cas))`. The native host keeps the process's
+/// shared data in one (behind a lock); tests use one as the host's.
+#[derive(Debug, Default)]
+pub struct CasMap {
+    entries: std::collections::BTreeMap<String, (Vec<u8>, u32)>,
+    last_cas: u32,
+}
+
+impl CasMap {
+    pub const fn new() -> Self {
+        CasMap {
+            entries: std::collections::BTreeMap::new(),
+            last_cas: 0,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.entries.get(key) {
+            Some((value, cas)) => ((!value.is_empty()).then(|| value.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        if !cas_admits(cas, self.entries.get(key).map(|e| e.1)) {
+            return Err(StoreError::CasMismatch);
+        }
+        // Envoy's counter starts at 1 and never hands out 0, which means "no CAS".
+        self.last_cas = self.last_cas.wrapping_add(1).max(1);
+        self.entries
+            .insert(key.to_string(), (value.to_vec(), self.last_cas));
+        Ok(())
+    }
+
+    /// Every entry's name, removed ones included (they still exist for CAS).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 }
 
@@ -493,18 +535,14 @@ fn host_error(e: StoreError) -> UpdateError {
 pub mod fake {
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
 
     pub type WriteHook = Box<dyn FnMut(&FakeShared, &str)>;
 
-    /// Proxy shared data as Envoy implements it: every write takes the next number of one
-    /// process-wide CAS counter; a write with CAS 0 or None is unconditional; a CAS write to an
-    /// absent key succeeds whatever the number; a removal stores an empty value, which a later
-    /// get returns as `(None, Some(cas))`.
+    /// Proxy shared data as Envoy implements it (`CasMap`), counting the calls, with a hook that
+    /// lets a test play a competing worker.
     #[derive(Default)]
     pub struct FakeShared {
-        pub entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        last_cas: Cell<u32>,
+        pub entries: RefCell<CasMap>,
         pub gets: Cell<usize>,
         pub sets: Cell<usize>,
         /// Called before each write: lets a test play a competing worker.
@@ -512,18 +550,9 @@ pub mod fake {
     }
 
     impl FakeShared {
-        fn next_cas(&self) -> u32 {
-            let cas = self.last_cas.get().wrapping_add(1).max(1);
-            self.last_cas.set(cas);
-            cas
-        }
-
         /// Writes as another plugin (or a test) would, unconditionally and without the hook.
         pub fn put_raw(&self, key: &str, value: &[u8]) {
-            let cas = self.next_cas();
-            self.entries
-                .borrow_mut()
-                .insert(key.to_string(), (value.to_vec(), cas));
+            let _ = self.entries.borrow_mut().set(key, value, None);
         }
 
         /// What `remove_shared_data` does.
@@ -533,21 +562,14 @@ pub mod fake {
 
         /// The stored value, empty for absent and removed entries.
         pub fn value(&self, key: &str) -> Vec<u8> {
-            self.entries
-                .borrow()
-                .get(key)
-                .map(|e| e.0.clone())
-                .unwrap_or_default()
+            self.entries.borrow().get(key).0.unwrap_or_default()
         }
     }
 
     impl SharedData for FakeShared {
         fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
             self.gets.set(self.gets.get() + 1);
-            Ok(match self.entries.borrow().get(key) {
-                Some((v, cas)) => ((!v.is_empty()).then(|| v.clone()), Some(*cas)),
-                None => (None, None),
-            })
+            Ok(self.entries.borrow().get(key))
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
@@ -557,21 +579,13 @@ pub mod fake {
                 *self.before_set.borrow_mut() = Some(hook);
             }
             self.sets.set(self.sets.get() + 1);
-            let current = self.entries.borrow().get(key).map(|e| e.1);
-            if !super::cas_admits(cas, current) {
-                return Err(StoreError::CasMismatch);
-            }
-            let next = self.next_cas();
-            self.entries
-                .borrow_mut()
-                .insert(key.to_string(), (value.to_vec(), next));
-            Ok(())
+            self.entries.borrow_mut().set(key, value, cas)
         }
     }
 
-    #[test]
-    fn the_fake_follows_envoys_rules() {
-        let h = FakeShared::default();
+    /// Checks that `h` keeps Envoy's shared-data rules, the ones the CAS loop relies on; run
+    /// against every implementation.
+    pub fn check_envoys_rules(h: &dyn SharedData) {
         assert_eq!(h.get("k").unwrap(), (None, None));
         assert!(h.set("k", b"a", Some(12345)).is_ok(), "absent: any CAS");
         let (v, cas) = h.get("k").unwrap();
@@ -584,11 +598,12 @@ pub mod fake {
         assert!(h.set("k", b"b", Some(cas)).is_ok());
         assert!(h.set("k", b"c", Some(0)).is_ok(), "0 is unconditional");
         assert!(h.set("k", b"d", None).is_ok(), "None is unconditional");
-        h.put_raw("other", b"x");
+        h.set("other", b"x", None).unwrap();
         let (_, k_cas) = h.get("k").unwrap();
         let (_, other_cas) = h.get("other").unwrap();
         assert_ne!(k_cas, other_cas, "one counter for all keys");
-        h.remove("k");
+        // What `remove_shared_data` does.
+        h.set("k", b"", None).unwrap();
         let (v, cas) = h.get("k").unwrap();
         assert_eq!(v, None, "a removed entry reads as no value");
         let cas = cas.unwrap();
@@ -599,6 +614,14 @@ pub mod fake {
         );
         assert!(h.set("k", b"e", Some(cas)).is_ok());
     }
+
+    #[test]
+    fn the_fake_follows_envoys_rules() {
+        let h = FakeShared::default();
+        check_envoys_rules(&h);
+        h.remove("k");
+        assert_eq!(h.get("k").unwrap().0, None, "remove empties the entry");
+    }
 }
 
 #[cfg(test)]
@@ -608,21 +631,12 @@ mod tests {
     use crate::core::pool::Policy;
     use std::cell::{Cell, RefCell};
 
-    const P: Policy = Policy {
-        failure_threshold: 1,
-        cooldown_ms: 1_000,
-        backoff_permille: 1_000,
-        min_cooldown_ms: 1,
-        max_cooldown_ms: 1_000_000,
-        disable_ms: 0,
-    };
+    use crate::core::pool::testing::{ONE_STRIKE as P, RATE_LIMITED};
 
     fn fail(status: u16) -> crate::core::pool::Failure {
         crate::core::pool::Failure {
             status,
-            class: crate::core::status::FailureClass::RateLimit,
-            hint_ms: None,
-            jitter_permille: 0,
+            ..RATE_LIMITED
         }
     }
 
@@ -635,6 +649,19 @@ mod tests {
         let result = store.carry_over(host, now_ms);
         register(host, &[store.pool_id()])?;
         result
+    }
+
+    /// Ten refreshes with nothing written in between: one epoch read each, no state read.
+    fn assert_refreshes_read_only_the_epoch(host: &FakeShared, store: &mut PoolStore) {
+        let gets = host.gets.get();
+        for _ in 0..10 {
+            assert_eq!(store.refresh(host).unwrap(), StateChange::Unchanged);
+        }
+        assert_eq!(
+            host.gets.get() - gets,
+            10,
+            "one epoch read per refresh, no state read"
+        );
     }
 
     /// How many of the store's keys its cached state has in rotation.
@@ -713,20 +740,9 @@ mod tests {
     fn refresh_reads_the_full_state_only_when_the_epoch_moved() {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
-        a.update(&host, 0, |s| {
-            s.record_failure(1, &fail(500), 0, &P).into_iter().collect()
-        })
-        .unwrap();
+        mark_down(&host, &mut a, 1, 0);
         a.refresh(&host).unwrap();
-        let gets = host.gets.get();
-        for _ in 0..10 {
-            a.refresh(&host).unwrap();
-        }
-        assert_eq!(
-            host.gets.get() - gets,
-            10,
-            "one epoch read per refresh, no state read"
-        );
+        assert_refreshes_read_only_the_epoch(&host, &mut a);
     }
 
     #[test]
@@ -757,7 +773,7 @@ mod tests {
         *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if !f.get() && key.ends_with("/state") {
                 f.set(true);
-                let mut s = schema::decode_state(&h.entries.borrow()[key].0).unwrap_or_default();
+                let mut s = schema::decode_state(&h.value(key)).unwrap_or_default();
                 s.record_failure(1, &fail(429), 0, &P);
                 *os.borrow_mut() = Some(s.clone());
                 h.put_raw(key, &schema::encode_state(&s));
@@ -781,12 +797,7 @@ mod tests {
         let mut a = store(&[1]);
         *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
             if key.ends_with("/state") {
-                let v = h
-                    .entries
-                    .borrow()
-                    .get(key)
-                    .map(|e| e.0.clone())
-                    .unwrap_or_default();
+                let v = h.value(key);
                 h.put_raw(key, &v);
             }
         }));
@@ -814,7 +825,7 @@ mod tests {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
-        let stored = schema::decode_state(&host.entries.borrow()[&key].0).unwrap();
+        let stored = schema::decode_state(&host.value(&key)).unwrap();
         assert_eq!(stored.keys.len(), 2);
     }
 
@@ -1039,10 +1050,7 @@ mod tests {
     fn a_stored_state_from_another_key_list_is_reconciled_and_rewritten() {
         let host = FakeShared::default();
         let mut old = store(&[1, 2]);
-        old.update(&host, 0, |s| {
-            s.record_failure(1, &fail(429), 0, &P).into_iter().collect()
-        })
-        .unwrap();
+        mark_down(&host, &mut old, 1, 0);
         let mut new = store(&[2, 3]);
         new.refresh(&host).unwrap();
         assert_eq!(
@@ -1052,8 +1060,7 @@ mod tests {
         );
         assert_eq!(new.state().keys[1].health, Health::Available);
         new.update(&host, 0, |_| Vec::new()).unwrap();
-        let stored =
-            schema::decode_state(&host.entries.borrow()[&PoolKeys::of(9).state].0).unwrap();
+        let stored = schema::decode_state(&host.value(&PoolKeys::of(9).state)).unwrap();
         assert_eq!(
             stored
                 .keys
@@ -1102,12 +1109,7 @@ mod tests {
         assert_eq!(load(&host, &mut a2, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();
         assert_eq!(available(&a2), 3);
-        let registry = schema::decode_registry(
-            host.entries
-                .borrow()
-                .get(REGISTRY_KEY)
-                .map(|e| e.0.as_slice()),
-        );
+        let registry = schema::decode_registry(Some(&host.value(REGISTRY_KEY)));
         assert_eq!(registry, vec![200, 100]);
     }
 
@@ -1197,15 +1199,7 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         a.refresh(&host).unwrap();
-        let gets = host.gets.get();
-        for _ in 0..10 {
-            a.refresh(&host).unwrap();
-        }
-        assert_eq!(
-            host.gets.get() - gets,
-            10,
-            "one epoch read per refresh, no state read"
-        );
+        assert_refreshes_read_only_the_epoch(&host, &mut a);
         let mut b = store(&[1, 2]);
         b.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
@@ -1232,7 +1226,7 @@ mod golden {
         assert!(s.try_lead(&host, 0xAB, 100, 3_000));
         s.write_target(&host, "outbound|443||api.x", "api.x");
         let names: Vec<String> = {
-            let mut v: Vec<String> = host.entries.borrow().keys().cloned().collect();
+            let mut v: Vec<String> = host.entries.borrow().names().map(String::from).collect();
             v.sort();
             v
         };
