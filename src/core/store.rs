@@ -266,7 +266,8 @@ impl PoolStore {
         now_ms: u64,
     ) -> Result<CarryOver, UpdateError> {
         let earlier = self.earlier_states(host)?;
-        let (result, landed, _) = self.cas_change(host, now_ms, |state| {
+        let mut result = CarryOver::default();
+        let (landed, _) = self.cas_change(host, now_ms, &mut |state| {
             // Fresh state was written at 0: anything anyone stored is newer.
             let own_written = state.written_at_ms;
             let mut carried = 0;
@@ -291,12 +292,11 @@ impl PoolStore {
                     reenabled += 1;
                 }
             }
-            let changed = carried > 0 || reenabled > 0;
-            let result = CarryOver {
+            result = CarryOver {
                 keys_carried: carried,
                 keys_reenabled: reenabled,
             };
-            (result, changed)
+            carried > 0 || reenabled > 0
         })?;
         // A newer build's pool: not ours to create entries in either.
         if landed != Landed::LocalOnly {
@@ -410,25 +410,27 @@ impl PoolStore {
         now_ms: u64,
         mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
     ) -> Result<Updated, UpdateError> {
-        let (events, _, state) = self.cas_change(host, now_ms, |s| {
-            let events = change(s);
-            let changed = !events.is_empty();
-            (events, changed)
+        let mut events = Vec::new();
+        let (_, state) = self.cas_change(host, now_ms, &mut |s| {
+            events = change(s);
+            !events.is_empty()
         })?;
         Ok(Updated { events, state })
     }
 
     /// The CAS loop of `update` and `carry_over`. Each attempt reads `state` and lets `change`
-    /// work on the copy read, which also says whether it changed anything. When it did not and
-    /// the stored bytes already say so, nothing is written; otherwise the copy is written with
-    /// the CAS number read, then the epoch (only its CAS number is the signal: see the module
-    /// comment). A conflict starts the next attempt; a newer build's entry is not written.
-    fn cas_change<T>(
+    /// work on the copy read; it says whether it changed anything (and keeps its own account of
+    /// what, the last attempt's being the one that counts). When it did not and the stored bytes
+    /// already say so, nothing is written; otherwise the copy is written with the CAS number
+    /// read, then the epoch (only its CAS number is the signal: see the module comment). A
+    /// conflict starts the next attempt; a newer build's entry is not written. `dyn`, so the
+    /// loop is compiled once rather than once per caller's closure.
+    fn cas_change(
         &mut self,
         host: &dyn SharedData,
         now_ms: u64,
-        mut change: impl FnMut(&mut PoolState) -> (T, bool),
-    ) -> Result<(T, Landed, StateChange), UpdateError> {
+        change: &mut dyn FnMut(&mut PoolState) -> bool,
+    ) -> Result<(Landed, StateChange), UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
             let (mut state, stored_as_is, writable) = match self.read_stored(bytes.as_deref()) {
@@ -436,14 +438,14 @@ impl PoolStore {
                 Stored::Current { state, as_is } => (state, as_is, true),
                 Stored::Newer => (self.state.clone(), true, false),
             };
-            let (result, changed) = change(&mut state);
+            let changed = change(&mut state);
             if !changed && stored_as_is {
-                return Ok((result, Landed::AsIs, self.adopt(state)));
+                return Ok((Landed::AsIs, self.adopt(state)));
             }
             state.written_at_ms = now_ms;
             if !writable {
                 // Not ours to replace: this VM goes on with the change, on its own.
-                return Ok((result, Landed::LocalOnly, self.adopt(state)));
+                return Ok((Landed::LocalOnly, self.adopt(state)));
             }
             match host.set(
                 &self.keys.state,
@@ -455,7 +457,7 @@ impl PoolStore {
                     let cached = self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
                     self.synced = false;
-                    return Ok((result, Landed::Shared, cached));
+                    return Ok((Landed::Shared, cached));
                 }
                 Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
