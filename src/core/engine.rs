@@ -1348,27 +1348,35 @@ pub(crate) mod tests {
         LOGGED.with(|l| l.take())
     }
 
-    #[test]
-    fn a_key_carried_over_down_at_a_config_load_is_out_from_the_first_request() {
-        let host = TestHost::default();
-        let old_cfg =
+    const KEYS_A_B_C: &str = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
+
+    /// A configuration of keys a and b started on `host`, whose first key chosen got a 429 (60 s
+    /// cooldown) at 10 ms: the key that is down.
+    fn a_key_down_under_keys_a_and_b(host: &TestHost) -> usize {
+        let cfg =
             r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut old = engine(old_cfg, 1);
-        old.start(&host, 0);
+        let mut old = engine(cfg, 1);
+        old.start(host, 0);
         let g = old.profile_for(&mut NoFacts);
-        let (p, down, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
+        let (p, down, _) = use_key(old.decide(host, g, &Clock::at(0), &[]));
         let v = old.verdict(p, 429, false);
         old.record(
-            &host,
+            host,
             sent(p, down, SentAs::Normal),
             v,
             429,
             None,
             &Clock::at(10),
         );
+        down
+    }
+
+    #[test]
+    fn a_key_carried_over_down_at_a_config_load_is_out_from_the_first_request() {
+        let host = TestHost::default();
+        let down = a_key_down_under_keys_a_and_b(&host);
         // A new key list keeping both keys: a new pool, which takes the down key's state over.
-        let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut new = engine(new_cfg, 2);
+        let mut new = engine(KEYS_A_B_C, 2);
         new.start(&host, 20);
         let g = new.profile_for(&mut NoFacts);
         let picked: Vec<usize> = (0..6)
@@ -1381,24 +1389,9 @@ pub(crate) mod tests {
     #[test]
     fn a_carry_over_that_gives_up_is_logged_and_counted_as_such() {
         let host = TestHost::default();
-        let old_cfg =
-            r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut old = engine(old_cfg, 1);
-        old.start(&host, 0);
-        let g = old.profile_for(&mut NoFacts);
-        let (p, k, _) = use_key(old.decide(&host, g, &Clock::at(0), &[]));
-        let v = old.verdict(p, 429, false);
-        old.record(
-            &host,
-            sent(p, k, SentAs::Normal),
-            v,
-            429,
-            None,
-            &Clock::at(10),
-        );
+        a_key_down_under_keys_a_and_b(&host);
         // A new key list: it would carry the down key over, but every write of it conflicts.
-        let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut new = engine(new_cfg, 2);
+        let mut new = engine(KEYS_A_B_C, 2);
         let state_key = PoolKeys::of(new.stores()[0].pool_id()).state;
         *host.shared.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if key == state_key {
