@@ -4,9 +4,14 @@
 //! Each pool has four entries (named, and their bytes laid out, in `schema`): `state` (every
 //! key's record), `epoch` (an empty value rewritten after each change), `health-lease` and
 //! `target`. A request reads only `epoch`; the host's CAS number on it moves with every write,
-//! so `state` is read and decoded again only when something changed. This keeps the per-request cost flat however
-//! many keys the pool has. The epoch is empty because a non-empty value makes the host call back
-//! into the VM to allocate a copy on every read: that re-entry is most of a read's cost.
+//! so `state` is read and decoded again only when something changed. This keeps the per-request
+//! cost flat however many keys the pool has. The epoch is empty because a non-empty value makes
+//! the host call back into the VM to allocate a copy on every read: that re-entry is most of a
+//! read's cost.
+//!
+//! The store keeps the state and nothing derived from it: `refresh` and `update` say whether the
+//! cached copy changed (`StateChange`), and the engine rebuilds its selection tables
+//! (`select::PoolIndex`) when it did.
 //!
 //! Envoy writes an absent entry whatever CAS number comes with the write, so the first write of
 //! an entry is where two workers can lose one another's change. Every entry is created on config
