@@ -7,7 +7,8 @@
 //! | health-check lease | `.../health-lease` | owner(u64) until_ms(u64) |
 //! | learned target | `.../target` | `cluster` `\n` `authority`, UTF-8 |
 //! | registry of pools | `ai-key-failover/v3/pools` | pool ids (u64 each), oldest first |
-//! | previous build's | `ai-key-failover/v1/pools`, `ai-key-failover/v1/<pool id>/state` | the same, state record version 2 |
+//! | previous build's registry | `ai-key-failover/v1/pools` | as ours; read on load only |
+//! | previous build's state | `ai-key-failover/v1/<pool id>/state` | state record version 2 |
 //!
 //! Integers are little-endian. The key space carries the schema version (`VERSION`), so two
 //! builds with different versions loaded under one `vm_id` during an upgrade each keep their own
