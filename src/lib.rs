@@ -12,6 +12,9 @@
 //! Calls go from a host into `core`, never back: `core` names no host, and each host only moves
 //! bytes between Envoy and the core's decisions.
 
+// Raw host calls are confined to `wasm::hostcalls` and `native::abi`, which allow it.
+#![deny(unsafe_code)]
+
 pub mod core;
 pub mod wasm;
 

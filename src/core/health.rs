@@ -266,17 +266,6 @@ pub fn neutral_answer_warning(
     }
 }
 
-/// Where checks go, as learned from live traffic: stored in shared data as `cluster\nauthority`.
-pub fn encode_target(cluster: &str, authority: &str) -> Vec<u8> {
-    format!("{cluster}\n{authority}").into_bytes()
-}
-
-pub fn decode_target(bytes: &[u8]) -> Option<(String, String)> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let (cluster, authority) = text.split_once('\n')?;
-    (!cluster.is_empty()).then(|| (cluster.to_string(), authority.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,23 +368,6 @@ mod tests {
             "/v1beta/models/g:generateContent"
         );
         assert_eq!(default_path(Provider::Azure, "g"), "/v1/chat/completions");
-    }
-
-    #[test]
-    fn targets_round_trip_and_junk_is_refused() {
-        assert_eq!(
-            decode_target(&encode_target(
-                "outbound|443||api.openai.com",
-                "api.openai.com"
-            )),
-            Some((
-                "outbound|443||api.openai.com".into(),
-                "api.openai.com".into()
-            ))
-        );
-        assert_eq!(decode_target(b"no newline"), None);
-        assert_eq!(decode_target(b"\nauthority"), None);
-        assert_eq!(decode_target(b"\xff\n"), None);
     }
 
     #[test]

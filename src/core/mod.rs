@@ -5,14 +5,14 @@
 //! their transitions) → `select` (which key a request gets) → `status` and `hints`, joined in
 //! `judge` (what an answer means) → `engine` (one worker's view, tying these together) →
 //! `answer` (recording what an upstream answer says) → `retry`, `upstream_attempt` and `health`
-//! (what to send next). `codec` and `store` keep pool state in the host's shared data; `metrics`
-//! names and updates stats.
+//! (what to send next). `schema` (every shared-data entry's name and bytes) and `store` (the
+//! cached copy and the CAS loop) keep pool state in the host's shared data; `metrics` names and
+//! updates stats.
 
 pub mod affinity;
 pub mod answer;
 pub mod attempts;
 pub mod budget;
-pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod engine;
@@ -27,6 +27,7 @@ pub mod retry;
 pub mod rewrite;
 pub mod rules;
 pub mod schedule;
+pub mod schema;
 pub mod select;
 pub mod status;
 pub mod store;

@@ -256,6 +256,56 @@ impl PoolView {
     }
 }
 
+/// A pool's `PoolView` together with what it is built from besides the state (weights, the
+/// selection mode, the ring of every configured key): the engine keeps one per pool and
+/// rebuilds it when the store reports that the pool's state changed, so a request reads
+/// prebuilt tables.
+pub struct PoolIndex {
+    weights: Vec<u32>,
+    selection: Selection,
+    /// `affinity`: the ring of every configured key, built once; the view holds the ring of
+    /// the keys in rotation, filtered from it whenever the view is rebuilt.
+    ring: Option<crate::core::affinity::Ring>,
+    view: PoolView,
+}
+
+impl PoolIndex {
+    /// `affinity`: keep a session-affinity ring of the pool's keys (some profile sets it).
+    pub fn new(state: &PoolState, weights: Vec<u32>, selection: Selection, affinity: bool) -> Self {
+        let fingerprints: Vec<u64> = state.keys.iter().map(|k| k.fingerprint).collect();
+        let ring = affinity.then(|| crate::core::affinity::Ring::build(&fingerprints, &weights));
+        let mut index = PoolIndex {
+            view: PoolView::build(state, &weights, selection),
+            weights,
+            selection,
+            ring,
+        };
+        index.set_ring(state);
+        index
+    }
+
+    /// After the pool's state changed.
+    pub fn rebuild(&mut self, state: &PoolState) {
+        self.view = PoolView::build(state, &self.weights, self.selection);
+        self.set_ring(state);
+    }
+
+    fn set_ring(&mut self, state: &PoolState) {
+        if let Some(ring) = &self.ring {
+            self.view.set_affinity(ring, state);
+        }
+    }
+
+    pub fn view(&self) -> &PoolView {
+        &self.view
+    }
+
+    /// The ring of every configured key, when affinity is on.
+    pub fn ring(&self) -> Option<&crate::core::affinity::Ring> {
+        self.ring.as_ref()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

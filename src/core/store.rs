@@ -1,12 +1,17 @@
 //! A pool's state in proxy shared data: a cached, decoded copy per VM, and the CAS loop that
 //! changes it.
 //!
-//! Each pool has four entries under `KEY_SPACE/<pool id>/`: `state` (every key's record),
-//! `epoch` (an empty value rewritten after each change), `health-lease` and `target`. A request
-//! reads only `epoch`; the host's CAS number on it moves with every write, so `state` is read
-//! and decoded again only when something changed. This keeps the per-request cost flat however
-//! many keys the pool has. The epoch is empty because a non-empty value makes the host call back
-//! into the VM to allocate a copy on every read: that re-entry is most of a read's cost.
+//! Each pool has four entries (named, and their bytes laid out, in `schema`): `state` (every
+//! key's record), `epoch` (an empty value rewritten after each change), `health-lease` and
+//! `target`. A request reads only `epoch`; the host's CAS number on it moves with every write,
+//! so `state` is read and decoded again only when something changed. This keeps the per-request
+//! cost flat however many keys the pool has. The epoch is empty because a non-empty value makes
+//! the host call back into the VM to allocate a copy on every read: that re-entry is most of a
+//! read's cost.
+//!
+//! The store keeps the state and nothing derived from it: `refresh` and `update` say whether the
+//! cached copy changed (`StateChange`), and the engine rebuilds its selection tables
+//! (`select::PoolIndex`) when it did.
 //!
 //! Envoy writes an absent entry whatever CAS number comes with the write, so the first write of
 //! an entry is where two workers can lose one another's change. Every entry is created on config
@@ -14,21 +19,62 @@
 //! refuses once someone else has created it: the loser re-reads and retries on what the winner
 //! wrote, like any other conflict.
 //!
-//! The key space carries the format version (`codec::VERSION`). During an upgrade the previous
+//! The key space carries the format version (`schema::VERSION`). During an upgrade the previous
 //! build, still serving draining connections under the same `vm_id`, keeps its own entries
 //! (`previous`), which this build reads once on load and never writes.
 
-use crate::core::codec::{self, DecodeError};
 use crate::core::pool::{Event, Health, KeyState, PoolState, FOREVER};
-use crate::core::select::{PoolView, Selection};
+use crate::core::schema::{self, previous, DecodeError, Lease, PoolKeys, REGISTRY_KEY};
 
 /// Envoy's rule for a shared-data write with `cas` to an entry whose CAS number is `current`
 /// (None: the entry does not exist): no CAS, or 0, writes unconditionally; a write to an absent
 /// entry succeeds whatever its CAS; otherwise the numbers must match.
-pub fn cas_admits(cas: Option<u32>, current: Option<u32>) -> bool {
+fn cas_admits(cas: Option<u32>, current: Option<u32>) -> bool {
     match (cas, current) {
         (Some(want), Some(have)) => want == 0 || want == have,
         _ => true,
+    }
+}
+
+/// Proxy shared data as Envoy keeps it, as a plain map: every write takes the next number of
+/// one process-wide CAS counter; a write is admitted by `cas_admits`; a removal stores an empty
+/// value, which a later get returns as `(None, Some(cas))`. The native host keeps the process's
+/// shared data in one (behind a lock); tests use one as the host's.
+#[derive(Debug, Default)]
+pub struct CasMap {
+    entries: std::collections::BTreeMap<String, (Vec<u8>, u32)>,
+    last_cas: u32,
+}
+
+impl CasMap {
+    pub const fn new() -> Self {
+        CasMap {
+            entries: std::collections::BTreeMap::new(),
+            last_cas: 0,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.entries.get(key) {
+            Some((value, cas)) => ((!value.is_empty()).then(|| value.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        if !cas_admits(cas, self.entries.get(key).map(|e| e.1)) {
+            return Err(StoreError::CasMismatch);
+        }
+        // Envoy's counter starts at 1 and never hands out 0, which means "no CAS".
+        self.last_cas = self.last_cas.wrapping_add(1).max(1);
+        self.entries
+            .insert(key.to_string(), (value.to_vec(), self.last_cas));
+        Ok(())
+    }
+
+    /// Every entry's name, removed ones included (they still exist for CAS).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 }
 
@@ -77,25 +123,32 @@ pub enum UpdateError {
     Host(String),
 }
 
+/// Whether the cached copy of a pool's state changed: what views derived from it
+/// (`select::PoolIndex`) are rebuilt on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    Changed,
+    Unchanged,
+}
+
+/// What an `update` did: the events its change caused, and whether the cached copy changed
+/// (it may change with no event, when another worker's write was read).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Updated {
+    pub events: Vec<Event>,
+    pub state: StateChange,
+}
+
 pub struct PoolStore {
     pool_id: u64,
-    state_key: String,
-    epoch_key: String,
-    lease_key: String,
-    target_key: String,
+    keys: PoolKeys,
     fingerprints: Vec<u64>,
-    weights: Vec<u32>,
-    selection: Selection,
     /// The epoch's CAS number when `state` was last read (None: no epoch entry yet).
     seen_epoch: Option<u32>,
     /// Whether `state` is what the shared entry held at `seen_epoch`. Cleared by our own writes,
     /// since another write may land between ours and the next refresh.
     synced: bool,
     state: PoolState,
-    view: PoolView,
-    /// `affinity`: the ring of every configured key, built once; the view holds the ring of
-    /// the keys in rotation, filtered from it whenever the view is rebuilt.
-    ring: Option<crate::core::affinity::Ring>,
     /// Set when the stored entry could not be decoded, so the warning is logged once per VM.
     pub corrupt_entry_seen: bool,
     /// Set when the stored entry is a newer build's, so that warning too is logged once per VM.
@@ -104,41 +157,9 @@ pub struct PoolStore {
     decode_failures: u64,
 }
 
-/// This build's shared-data key space; the name carries `codec::VERSION`.
-pub const KEY_SPACE: &str = "ai-key-failover/v3";
-
-pub fn entry_prefix(pool_id: u64) -> String {
-    format!("{KEY_SPACE}/{pool_id:016x}")
-}
-
-/// Lists the pools configured so far (newest last), so a new config can take over the state of
-/// keys it keeps from the pools it replaces.
-pub const REGISTRY_KEY: &str = "ai-key-failover/v3/pools";
 /// Older pools than this are forgotten by the registry and their entries cleared; their keys
 /// start fresh if they return. A configuration with more pools keeps all of its own.
 pub const REGISTRY_CAPACITY: usize = 64;
-
-/// Where the previous build (format `codec::PREVIOUS_VERSION`) keeps its entries. Read on config
-/// load so a key it had taken out stays out; never written, since that build may still be
-/// serving draining connections from them.
-pub mod previous {
-    pub const REGISTRY_KEY: &str = "ai-key-failover/v1/pools";
-
-    pub fn state_key(pool_id: u64) -> String {
-        format!("ai-key-failover/v1/{pool_id:016x}/state")
-    }
-}
-
-fn decode_registry(bytes: Option<&[u8]>) -> Vec<u64> {
-    bytes
-        .unwrap_or_default()
-        .chunks_exact(8)
-        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
-        .collect()
-}
-
-/// A pool's entries, under `entry_prefix`: `state`, then those created empty on config load.
-const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
 
 /// Records a configuration's pools in the registry (newest last) after they have carried over
 /// the earlier pools' state, and clears every entry of the pools this pushes out of it.
@@ -146,7 +167,7 @@ const ENTRY_NAMES: [&str; 4] = ["state", "epoch", "health-lease", "target"];
 pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, UpdateError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (bytes, cas) = host.get(REGISTRY_KEY).map_err(host_error)?;
-        let mut ids = decode_registry(bytes.as_deref());
+        let mut ids = schema::decode_registry(bytes.as_deref());
         if ids.ends_with(pool_ids) {
             return Ok(Vec::new());
         }
@@ -156,8 +177,7 @@ pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, Upd
             .len()
             .saturating_sub(REGISTRY_CAPACITY.max(pool_ids.len()));
         let evicted: Vec<u64> = ids.drain(..excess).collect();
-        let encoded: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-        match host.set(REGISTRY_KEY, &encoded, cas_for(cas)) {
+        match host.set(REGISTRY_KEY, &schema::encode_registry(&ids), cas_for(cas)) {
             Ok(()) => {
                 for &id in &evicted {
                     clear_pool(host, id);
@@ -174,10 +194,9 @@ pub fn register(host: &dyn SharedData, pool_ids: &[u64]) -> Result<Vec<u64>, Upd
 /// Empties a forgotten pool's entries, as Envoy's own removal would: the names stay, the
 /// values (a state entry holds a record per key) go.
 fn clear_pool(host: &dyn SharedData, pool_id: u64) {
-    let prefix = entry_prefix(pool_id);
-    for name in ENTRY_NAMES {
-        if let Err(e) = host.set(&format!("{prefix}/{name}"), &[], None) {
-            log::debug!("clearing {prefix}/{name} failed: {e:?}");
+    for key in PoolKeys::of(pool_id).all() {
+        if let Err(e) = host.set(key, &[], None) {
+            log::debug!("clearing {key} failed: {e:?}");
         }
     }
 }
@@ -214,31 +233,14 @@ enum Stored {
 }
 
 impl PoolStore {
-    pub fn new(
-        pool_id: u64,
-        fingerprints: Vec<u64>,
-        weights: Vec<u32>,
-        selection: Selection,
-    ) -> Self {
-        let prefix = entry_prefix(pool_id);
-        let [state_key, epoch_key, lease_key, target_key] =
-            ENTRY_NAMES.map(|name| format!("{prefix}/{name}"));
-        let state = PoolState::fresh(&fingerprints);
-        let view = PoolView::build(&state, &weights, selection);
+    pub fn new(pool_id: u64, fingerprints: Vec<u64>) -> Self {
         PoolStore {
             pool_id,
-            state_key,
-            epoch_key,
-            lease_key,
-            target_key,
+            keys: PoolKeys::of(pool_id),
+            state: PoolState::fresh(&fingerprints),
             fingerprints,
-            weights,
-            selection,
             seen_epoch: None,
             synced: false,
-            state,
-            view,
-            ring: None,
             corrupt_entry_seen: false,
             newer_entry_seen: false,
             decode_failures: 0,
@@ -249,25 +251,8 @@ impl PoolStore {
         self.pool_id
     }
 
-    /// Keeps a session-affinity ring of this pool's keys (some profile sets `affinity`).
-    pub fn with_affinity(mut self) -> Self {
-        let ring = crate::core::affinity::Ring::build(&self.fingerprints, &self.weights);
-        self.view.set_affinity(&ring, &self.state);
-        self.ring = Some(ring);
-        self
-    }
-
-    /// The ring of every configured key, when affinity is on.
-    pub fn ring(&self) -> Option<&crate::core::affinity::Ring> {
-        self.ring.as_ref()
-    }
-
     pub fn state(&self) -> &PoolState {
         &self.state
-    }
-
-    pub fn view(&self) -> &PoolView {
-        &self.view
     }
 
     /// Reads of this pool's entries that failed to decode since the last call (for the stat).
@@ -286,13 +271,8 @@ impl PoolStore {
         now_ms: u64,
     ) -> Result<CarryOver, UpdateError> {
         let earlier = self.earlier_states(host)?;
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
-            let (mut state, as_is, writable) = match self.read_stored(bytes.as_deref()) {
-                Stored::Fresh(state) => (state, false, true),
-                Stored::Current { state, as_is } => (state, as_is, true),
-                Stored::Newer => (self.state.clone(), true, false),
-            };
+        let mut result = CarryOver::default();
+        let (landed, _) = self.cas_change(host, now_ms, &mut |state| {
             // Fresh state was written at 0: anything anyone stored is newer.
             let own_written = state.written_at_ms;
             let mut carried = 0;
@@ -317,55 +297,37 @@ impl PoolStore {
                     reenabled += 1;
                 }
             }
-            let result = CarryOver {
+            result = CarryOver {
                 keys_carried: carried,
                 keys_reenabled: reenabled,
             };
-            if as_is && carried == 0 && reenabled == 0 {
-                self.create_side_entries(host);
-                return Ok(result);
-            }
-            state.written_at_ms = now_ms;
-            if !writable {
-                // Not ours to replace: this VM goes on with what it carried, on its own.
-                self.adopt(state);
-                return Ok(result);
-            }
-            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
-                Ok(()) => {
-                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
-                    self.adopt(state);
-                    self.synced = false;
-                    self.create_side_entries(host);
-                    return Ok(result);
-                }
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
-            }
+            carried > 0 || reenabled > 0
+        })?;
+        // A newer build's pool: not ours to create entries in either.
+        if landed != Landed::LocalOnly {
+            self.create_side_entries(host);
         }
-        Err(UpdateError::GaveUp)
+        Ok(result)
     }
 
     /// The other pools' states in the registry and the previous build's states, newest first.
     fn earlier_states(&self, host: &dyn SharedData) -> Result<Vec<PoolState>, UpdateError> {
         let (registry, _) = host.get(REGISTRY_KEY).map_err(host_error)?;
         let (previous_registry, _) = host.get(previous::REGISTRY_KEY).map_err(host_error)?;
-        let mut previous_ids = decode_registry(previous_registry.as_deref());
+        let mut previous_ids = schema::decode_registry(previous_registry.as_deref());
         if !previous_ids.contains(&self.pool_id) {
             previous_ids.push(self.pool_id);
         }
-        let current = decode_registry(registry.as_deref())
+        let current = schema::decode_registry(registry.as_deref())
             .into_iter()
             .filter(|&id| id != self.pool_id)
-            .map(|id| {
-                (
-                    format!("{}/state", entry_prefix(id)),
-                    codec::decode as Decoder,
-                )
-            });
-        let older = previous_ids
-            .into_iter()
-            .map(|id| (previous::state_key(id), codec::decode_previous as Decoder));
+            .map(|id| (PoolKeys::of(id).state, schema::decode_state as Decoder));
+        let older = previous_ids.into_iter().map(|id| {
+            (
+                previous::state_key(id),
+                schema::decode_previous_state as Decoder,
+            )
+        });
         let mut states: Vec<PoolState> = current
             .chain(older)
             .filter_map(|(key, decode)| {
@@ -385,7 +347,7 @@ impl PoolStore {
 
     /// Best effort: an entry left absent is still written with `CREATE_CAS` later.
     fn create_side_entries(&self, host: &dyn SharedData) {
-        for key in [&self.epoch_key, &self.lease_key, &self.target_key] {
+        for key in [&self.keys.epoch, &self.keys.lease, &self.keys.target] {
             if let Err(e) = create_empty(host, key) {
                 log::debug!("creating {key} failed: {e:?}");
             }
@@ -394,55 +356,53 @@ impl PoolStore {
 
     /// Takes or renews the pool's health-check lease for `owner`; false while another holds it.
     pub fn try_lead(&self, host: &dyn SharedData, owner: u64, now_ms: u64, lease_ms: u64) -> bool {
-        let Ok((bytes, cas)) = host.get(&self.lease_key) else {
+        let Ok((bytes, cas)) = host.get(&self.keys.lease) else {
             return false;
         };
-        let current = bytes.as_deref().and_then(|b| {
-            let owner = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
-            let until = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
-            Some((owner, until))
-        });
-        if matches!(current, Some((holder, until)) if holder != owner && until > now_ms) {
+        let current = bytes.as_deref().and_then(schema::decode_lease);
+        if matches!(current, Some(held) if held.owner != owner && held.until_ms > now_ms) {
             return false;
         }
-        let mut value = owner.to_le_bytes().to_vec();
-        value.extend_from_slice(&now_ms.saturating_add(lease_ms).to_le_bytes());
-        host.set(&self.lease_key, &value, cas_for(cas)).is_ok()
+        let value = schema::encode_lease(Lease {
+            owner,
+            until_ms: now_ms.saturating_add(lease_ms),
+        });
+        host.set(&self.keys.lease, &value, cas_for(cas)).is_ok()
     }
 
     /// Where health checks go, as some worker learned it from live traffic.
     pub fn read_target(&self, host: &dyn SharedData) -> Option<(String, String)> {
-        let (bytes, _) = host.get(&self.target_key).ok()?;
-        crate::core::health::decode_target(&present(bytes)?)
+        let (bytes, _) = host.get(&self.keys.target).ok()?;
+        schema::decode_target(&present(bytes)?)
     }
 
     pub fn write_target(&self, host: &dyn SharedData, cluster: &str, authority: &str) {
-        let value = crate::core::health::encode_target(cluster, authority);
-        let Ok((bytes, cas)) = host.get(&self.target_key) else {
+        let value = schema::encode_target(cluster, authority);
+        let Ok((bytes, cas)) = host.get(&self.keys.target) else {
             return;
         };
         if bytes.as_deref() != Some(value.as_slice()) {
             // A conflict means another worker just stored what it learned: that will do.
-            let _ = host.set(&self.target_key, &value, cas_for(cas));
+            let _ = host.set(&self.keys.target, &value, cas_for(cas));
         }
     }
 
     /// Makes the cached copy current: one small read, plus a full read only when it moved.
-    pub fn refresh(&mut self, host: &dyn SharedData) -> Result<(), StoreError> {
-        let (_, epoch) = host.get(&self.epoch_key)?;
+    pub fn refresh(&mut self, host: &dyn SharedData) -> Result<StateChange, StoreError> {
+        let (_, epoch) = host.get(&self.keys.epoch)?;
         // A pool nobody has written yet has no epoch entry: that, too, is a version to cache.
         if self.synced && epoch == self.seen_epoch {
-            return Ok(());
+            return Ok(StateChange::Unchanged);
         }
-        let (bytes, _) = host.get(&self.state_key)?;
-        match self.read_stored(bytes.as_deref()) {
+        let (bytes, _) = host.get(&self.keys.state)?;
+        let change = match self.read_stored(bytes.as_deref()) {
             Stored::Fresh(state) | Stored::Current { state, .. } => self.adopt(state),
             // A newer build's entry says nothing we can read: keep what this VM knows.
-            Stored::Newer => {}
-        }
+            Stored::Newer => StateChange::Unchanged,
+        };
         self.seen_epoch = epoch;
         self.synced = true;
-        Ok(())
+        Ok(change)
     }
 
     /// Applies `change` to the current shared state with compare-and-swap, retrying on conflict.
@@ -454,32 +414,55 @@ impl PoolStore {
         host: &dyn SharedData,
         now_ms: u64,
         mut change: impl FnMut(&mut PoolState) -> Vec<Event>,
-    ) -> Result<Vec<Event>, UpdateError> {
+    ) -> Result<Updated, UpdateError> {
+        let mut events = Vec::new();
+        let (_, state) = self.cas_change(host, now_ms, &mut |s| {
+            events = change(s);
+            !events.is_empty()
+        })?;
+        Ok(Updated { events, state })
+    }
+
+    /// The CAS loop of `update` and `carry_over`. Each attempt reads `state` and lets `change`
+    /// work on the copy read; it says whether it changed anything (and keeps its own account of
+    /// what, the last attempt's being the one that counts). When it did not and the stored bytes
+    /// already say so, nothing is written; otherwise the copy is written with the CAS number
+    /// read, then the epoch (only its CAS number is the signal: see the module comment). A
+    /// conflict starts the next attempt; a newer build's entry is not written. `dyn`, so the
+    /// loop is compiled once rather than once per caller's closure.
+    fn cas_change(
+        &mut self,
+        host: &dyn SharedData,
+        now_ms: u64,
+        change: &mut dyn FnMut(&mut PoolState) -> bool,
+    ) -> Result<(Landed, StateChange), UpdateError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (bytes, cas) = host.get(&self.state_key).map_err(host_error)?;
+            let (bytes, cas) = host.get(&self.keys.state).map_err(host_error)?;
             let (mut state, stored_as_is, writable) = match self.read_stored(bytes.as_deref()) {
                 Stored::Fresh(state) => (state, false, true),
                 Stored::Current { state, as_is } => (state, as_is, true),
                 Stored::Newer => (self.state.clone(), true, false),
             };
-            let events = change(&mut state);
-            if events.is_empty() && stored_as_is {
-                self.adopt(state);
-                return Ok(events);
+            let changed = change(&mut state);
+            if !changed && stored_as_is {
+                return Ok((Landed::AsIs, self.adopt(state)));
             }
             state.written_at_ms = now_ms;
             if !writable {
-                self.adopt(state);
-                return Ok(events);
+                // Not ours to replace: this VM goes on with the change, on its own.
+                return Ok((Landed::LocalOnly, self.adopt(state)));
             }
-            match host.set(&self.state_key, &codec::encode(&state), cas_for(cas)) {
+            match host.set(
+                &self.keys.state,
+                &schema::encode_state(&state),
+                cas_for(cas),
+            ) {
                 Ok(()) => {
-                    // Only the epoch's CAS number is the signal; see the module comment.
-                    host.set(&self.epoch_key, &[], None).map_err(host_error)?;
-                    self.adopt(state);
+                    host.set(&self.keys.epoch, &[], None).map_err(host_error)?;
+                    let cached = self.adopt(state);
                     // Another write may land between ours and the next refresh: read again then.
                     self.synced = false;
-                    return Ok(events);
+                    return Ok((Landed::Shared, cached));
                 }
                 Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Host(e)) => return Err(UpdateError::Host(e)),
@@ -494,7 +477,7 @@ impl PoolStore {
         let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
             return Stored::Fresh(PoolState::fresh(&self.fingerprints));
         };
-        match codec::decode(bytes) {
+        match schema::decode_state(bytes) {
             Ok(stored) => {
                 let (state, changed) = PoolState::reconcile(stored, &self.fingerprints);
                 Stored::Current {
@@ -508,7 +491,7 @@ impl PoolStore {
                     if !self.newer_entry_seen {
                         log::warn!(
                             "shared state entry {} was written by a newer build ({e}); this VM keeps its own copy of the pool's state",
-                            self.state_key
+                            self.keys.state
                         );
                         self.newer_entry_seen = true;
                     }
@@ -517,7 +500,7 @@ impl PoolStore {
                 if !self.corrupt_entry_seen {
                     log::warn!(
                         "shared state entry {} could not be decoded ({e}); starting from fresh state",
-                        self.state_key
+                        self.keys.state
                     );
                     self.corrupt_entry_seen = true;
                 }
@@ -526,18 +509,27 @@ impl PoolStore {
         }
     }
 
-    fn adopt(&mut self, state: PoolState) {
-        if state != self.state {
-            self.view = PoolView::build(&state, &self.weights, self.selection);
-            if let Some(ring) = &self.ring {
-                self.view.set_affinity(ring, &state);
-            }
-            self.state = state;
+    fn adopt(&mut self, state: PoolState) -> StateChange {
+        if state == self.state {
+            return StateChange::Unchanged;
         }
+        self.state = state;
+        StateChange::Changed
     }
 }
 
 type Decoder = fn(&[u8]) -> Result<PoolState, DecodeError>;
+
+/// Where a `cas_change` left its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landed {
+    /// The stored entry already said it: nothing written.
+    AsIs,
+    /// Written to shared data.
+    Shared,
+    /// A newer build's entry: kept in this VM's copy only.
+    LocalOnly,
+}
 
 fn host_error(e: StoreError) -> UpdateError {
     match e {
@@ -550,18 +542,14 @@ fn host_error(e: StoreError) -> UpdateError {
 pub mod fake {
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
 
     pub type WriteHook = Box<dyn FnMut(&FakeShared, &str)>;
 
-    /// Proxy shared data as Envoy implements it: every write takes the next number of one
-    /// process-wide CAS counter; a write with CAS 0 or None is unconditional; a CAS write to an
-    /// absent key succeeds whatever the number; a removal stores an empty value, which a later
-    /// get returns as `(None, Some(cas))`.
+    /// Proxy shared data as Envoy implements it (`CasMap`), counting the calls, with a hook that
+    /// lets a test play a competing worker.
     #[derive(Default)]
     pub struct FakeShared {
-        pub entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        last_cas: Cell<u32>,
+        pub entries: RefCell<CasMap>,
         pub gets: Cell<usize>,
         pub sets: Cell<usize>,
         /// Called before each write: lets a test play a competing worker.
@@ -569,18 +557,9 @@ pub mod fake {
     }
 
     impl FakeShared {
-        fn next_cas(&self) -> u32 {
-            let cas = self.last_cas.get().wrapping_add(1).max(1);
-            self.last_cas.set(cas);
-            cas
-        }
-
         /// Writes as another plugin (or a test) would, unconditionally and without the hook.
         pub fn put_raw(&self, key: &str, value: &[u8]) {
-            let cas = self.next_cas();
-            self.entries
-                .borrow_mut()
-                .insert(key.to_string(), (value.to_vec(), cas));
+            let _ = self.entries.borrow_mut().set(key, value, None);
         }
 
         /// What `remove_shared_data` does.
@@ -590,21 +569,14 @@ pub mod fake {
 
         /// The stored value, empty for absent and removed entries.
         pub fn value(&self, key: &str) -> Vec<u8> {
-            self.entries
-                .borrow()
-                .get(key)
-                .map(|e| e.0.clone())
-                .unwrap_or_default()
+            self.entries.borrow().get(key).0.unwrap_or_default()
         }
     }
 
     impl SharedData for FakeShared {
         fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
             self.gets.set(self.gets.get() + 1);
-            Ok(match self.entries.borrow().get(key) {
-                Some((v, cas)) => ((!v.is_empty()).then(|| v.clone()), Some(*cas)),
-                None => (None, None),
-            })
+            Ok(self.entries.borrow().get(key))
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
@@ -614,21 +586,13 @@ pub mod fake {
                 *self.before_set.borrow_mut() = Some(hook);
             }
             self.sets.set(self.sets.get() + 1);
-            let current = self.entries.borrow().get(key).map(|e| e.1);
-            if !super::cas_admits(cas, current) {
-                return Err(StoreError::CasMismatch);
-            }
-            let next = self.next_cas();
-            self.entries
-                .borrow_mut()
-                .insert(key.to_string(), (value.to_vec(), next));
-            Ok(())
+            self.entries.borrow_mut().set(key, value, cas)
         }
     }
 
-    #[test]
-    fn the_fake_follows_envoys_rules() {
-        let h = FakeShared::default();
+    /// Checks that `h` keeps Envoy's shared-data rules, the ones the CAS loop relies on; run
+    /// against every implementation.
+    pub fn check_envoys_rules(h: &dyn SharedData) {
         assert_eq!(h.get("k").unwrap(), (None, None));
         assert!(h.set("k", b"a", Some(12345)).is_ok(), "absent: any CAS");
         let (v, cas) = h.get("k").unwrap();
@@ -641,11 +605,12 @@ pub mod fake {
         assert!(h.set("k", b"b", Some(cas)).is_ok());
         assert!(h.set("k", b"c", Some(0)).is_ok(), "0 is unconditional");
         assert!(h.set("k", b"d", None).is_ok(), "None is unconditional");
-        h.put_raw("other", b"x");
+        h.set("other", b"x", None).unwrap();
         let (_, k_cas) = h.get("k").unwrap();
         let (_, other_cas) = h.get("other").unwrap();
         assert_ne!(k_cas, other_cas, "one counter for all keys");
-        h.remove("k");
+        // What `remove_shared_data` does.
+        h.set("k", b"", None).unwrap();
         let (v, cas) = h.get("k").unwrap();
         assert_eq!(v, None, "a removed entry reads as no value");
         let cas = cas.unwrap();
@@ -656,6 +621,14 @@ pub mod fake {
         );
         assert!(h.set("k", b"e", Some(cas)).is_ok());
     }
+
+    #[test]
+    fn the_fake_follows_envoys_rules() {
+        let h = FakeShared::default();
+        check_envoys_rules(&h);
+        h.remove("k");
+        assert_eq!(h.get("k").unwrap().0, None, "remove empties the entry");
+    }
 }
 
 #[cfg(test)]
@@ -665,14 +638,12 @@ mod tests {
     use crate::core::pool::Policy;
     use std::cell::{Cell, RefCell};
 
-    use crate::core::pool::test_fixtures::ONE_SECOND as P;
+    use crate::core::pool::test_fixtures::{ONE_SECOND as P, RATE_LIMITED};
 
     fn fail(status: u16) -> crate::core::pool::Failure {
         crate::core::pool::Failure {
             status,
-            class: crate::core::status::FailureClass::RateLimit,
-            hint_ms: None,
-            jitter_permille: 0,
+            ..RATE_LIMITED
         }
     }
 
@@ -687,8 +658,31 @@ mod tests {
         result
     }
 
+    /// Ten refreshes with nothing written in between: one epoch read each, no state read.
+    fn assert_refreshes_read_only_the_epoch(host: &FakeShared, store: &mut PoolStore) {
+        let gets = host.gets.get();
+        for _ in 0..10 {
+            assert_eq!(store.refresh(host).unwrap(), StateChange::Unchanged);
+        }
+        assert_eq!(
+            host.gets.get() - gets,
+            10,
+            "one epoch read per refresh, no state read"
+        );
+    }
+
+    /// How many of the store's keys its cached state has in rotation.
+    fn available(store: &PoolStore) -> usize {
+        store
+            .state()
+            .keys
+            .iter()
+            .filter(|k| k.is_available())
+            .count()
+    }
+
     fn store(fps: &[u64]) -> PoolStore {
-        PoolStore::new(9, fps.to_vec(), vec![1; fps.len()], Selection::RoundRobin)
+        PoolStore::new(9, fps.to_vec())
     }
 
     #[test]
@@ -703,31 +697,59 @@ mod tests {
                 s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
-        assert_eq!(ev.len(), 1);
-        assert_eq!(b.view().available_count(), 2);
+        assert_eq!(ev.events.len(), 1);
+        assert_eq!(available(&b), 2);
         b.refresh(&host).unwrap();
-        assert_eq!(b.view().available_count(), 1);
+        assert_eq!(available(&b), 1);
         assert_eq!(b.state().keys[0].health, Health::CoolingDown);
+    }
+
+    #[test]
+    fn refresh_and_update_say_whether_the_cached_state_changed() {
+        let host = FakeShared::default();
+        let mut a = store(&[1, 2]);
+        let mut b = store(&[1, 2]);
+        assert_eq!(
+            a.refresh(&host).unwrap(),
+            StateChange::Unchanged,
+            "nothing stored yet: still the fresh state"
+        );
+        let marked = b
+            .update(&host, 0, |s| {
+                s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
+            })
+            .unwrap();
+        assert_eq!(marked.state, StateChange::Changed);
+        assert_eq!(
+            a.refresh(&host).unwrap(),
+            StateChange::Changed,
+            "another worker's write"
+        );
+        assert_eq!(a.refresh(&host).unwrap(), StateChange::Unchanged);
+        b.update(&host, 5, |s| {
+            s.record_failure(1, &fail(429), 5, &P).into_iter().collect()
+        })
+        .unwrap();
+        let read = a.update(&host, 6, |_| Vec::new()).unwrap();
+        assert_eq!(
+            read,
+            Updated {
+                events: Vec::new(),
+                state: StateChange::Changed
+            },
+            "a change with no events still brings in what another worker wrote"
+        );
+        let again = a.update(&host, 7, |_| Vec::new()).unwrap();
+        assert_eq!(again.state, StateChange::Unchanged);
     }
 
     #[test]
     fn refresh_reads_the_full_state_only_when_the_epoch_moved() {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
-        a.update(&host, 0, |s| {
-            s.record_failure(1, &fail(500), 0, &P).into_iter().collect()
-        })
-        .unwrap();
+        mark_down(&host, &mut a, 1, 0);
         a.refresh(&host).unwrap();
-        let gets = host.gets.get();
-        for _ in 0..10 {
-            a.refresh(&host).unwrap();
-        }
-        assert_eq!(
-            host.gets.get() - gets,
-            10,
-            "one epoch read per refresh, no state read"
-        );
+        assert_refreshes_read_only_the_epoch(&host, &mut a);
     }
 
     #[test]
@@ -740,7 +762,7 @@ mod tests {
         .unwrap();
         let sets = host.sets.get();
         let ev = a.update(&host, 0, |_| Vec::new()).unwrap();
-        assert!(ev.is_empty());
+        assert!(ev.events.is_empty());
         assert_eq!(host.sets.get(), sets);
     }
 
@@ -758,10 +780,10 @@ mod tests {
         *host.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if !f.get() && key.ends_with("/state") {
                 f.set(true);
-                let mut s = codec::decode(&h.entries.borrow()[key].0).unwrap_or_default();
+                let mut s = schema::decode_state(&h.value(key)).unwrap_or_default();
                 s.record_failure(1, &fail(429), 0, &P);
                 *os.borrow_mut() = Some(s.clone());
-                h.put_raw(key, &codec::encode(&s));
+                h.put_raw(key, &schema::encode_state(&s));
             }
         }));
         let ev = a
@@ -769,14 +791,10 @@ mod tests {
                 s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
             })
             .unwrap();
-        assert_eq!(ev.len(), 1);
+        assert_eq!(ev.events.len(), 1);
         *host.before_set.borrow_mut() = None;
         other.refresh(&host).unwrap();
-        assert_eq!(
-            other.view().available_count(),
-            0,
-            "both mark-downs survived"
-        );
+        assert_eq!(available(&other), 0, "both mark-downs survived");
         assert!(other_state.borrow().is_some());
     }
 
@@ -786,18 +804,13 @@ mod tests {
         let mut a = store(&[1]);
         *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
             if key.ends_with("/state") {
-                let v = h
-                    .entries
-                    .borrow()
-                    .get(key)
-                    .map(|e| e.0.clone())
-                    .unwrap_or_default();
+                let v = h.value(key);
                 h.put_raw(key, &v);
             }
         }));
         host.put_raw(
-            &format!("{}/state", entry_prefix(9)),
-            &codec::encode(&PoolState::fresh(&[1])),
+            &PoolKeys::of(9).state,
+            &schema::encode_state(&PoolState::fresh(&[1])),
         );
         let r = a.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
@@ -808,23 +821,23 @@ mod tests {
     #[test]
     fn corrupt_entries_are_replaced_by_fresh_state() {
         let host = FakeShared::default();
-        let key = format!("{}/state", entry_prefix(9));
+        let key = PoolKeys::of(9).state;
         host.put_raw(&key, b"garbage from an older version");
-        host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[1]);
+        host.put_raw(&PoolKeys::of(9).epoch, &[1]);
         let mut a = store(&[1, 2]);
         a.refresh(&host).unwrap();
         assert!(a.corrupt_entry_seen);
-        assert_eq!(a.view().available_count(), 2);
+        assert_eq!(available(&a), 2);
         a.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
-        let stored = codec::decode(&host.entries.borrow()[&key].0).unwrap();
+        let stored = schema::decode_state(&host.value(&key)).unwrap();
         assert_eq!(stored.keys.len(), 2);
     }
 
     fn state_key(pool_id: u64) -> String {
-        format!("{}/state", entry_prefix(pool_id))
+        PoolKeys::of(pool_id).state
     }
 
     /// Marks key `key` of store `s` down (a 429 at `now`) and returns nothing.
@@ -836,16 +849,7 @@ mod tests {
                     .collect()
             })
             .unwrap();
-        assert!(!events.is_empty(), "key {key} was marked down");
-    }
-
-    #[test]
-    fn the_key_space_carries_the_format_version() {
-        let version = format!("ai-key-failover/v{}", codec::VERSION);
-        assert_eq!(KEY_SPACE, version);
-        assert!(REGISTRY_KEY.starts_with(&format!("{version}/")));
-        assert!(entry_prefix(9).starts_with(&format!("{version}/")));
-        assert!(!previous::state_key(9).starts_with(&format!("{version}/")));
+        assert!(!events.events.is_empty(), "key {key} was marked down");
     }
 
     #[test]
@@ -898,13 +902,12 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         load(&host, &mut a, 5).unwrap();
-        let prefix = entry_prefix(9);
-        for name in ["state", "epoch", "health-lease", "target"] {
-            let (_, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
-            assert!(cas.is_some(), "{name} was created");
+        for key in PoolKeys::of(9).all() {
+            let (_, cas) = host.get(key).unwrap();
+            assert!(cas.is_some(), "{key} was created");
         }
         assert_eq!(a.read_target(&host), None, "an empty target is no target");
-        let stored = codec::decode(&host.value(&state_key(9))).unwrap();
+        let stored = schema::decode_state(&host.value(&state_key(9))).unwrap();
         assert_eq!(
             stored,
             PoolState {
@@ -929,11 +932,8 @@ mod tests {
             },
         );
         old.written_at_ms = 1_000;
-        let mut bytes = codec::encode(&old);
-        bytes[3] = codec::PREVIOUS_VERSION;
-        let body = bytes.len() - 4;
-        let checksum = codec::fnv1a32(&bytes[..body]);
-        bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        let bytes =
+            schema::written_by::with_version(&schema::encode_state(&old), schema::PREVIOUS_VERSION);
         host.put_raw(&previous::state_key(9), &bytes);
         host.put_raw(previous::REGISTRY_KEY, &9u64.to_le_bytes());
         let mut new = store(&[1, 2, 3]);
@@ -942,7 +942,7 @@ mod tests {
         worker.refresh(&host).unwrap();
         assert_eq!(worker.state().keys[1].health, Health::CoolingDown);
         assert_eq!(worker.state().keys[1].down_until_ms, 61_000);
-        assert_eq!(worker.view().available_count(), 2);
+        assert_eq!(available(&worker), 2);
         assert_eq!(
             host.value(&previous::state_key(9)),
             bytes,
@@ -958,11 +958,10 @@ mod tests {
     #[test]
     fn an_entry_in_a_newer_format_is_never_overwritten() {
         let host = FakeShared::default();
-        let mut newer = codec::encode(&PoolState::fresh(&[1, 2]));
-        newer[3] = codec::VERSION + 1;
-        let body = newer.len() - 4;
-        let checksum = codec::fnv1a32(&newer[..body]);
-        newer[body..].copy_from_slice(&checksum.to_le_bytes());
+        let newer = schema::written_by::with_version(
+            &schema::encode_state(&PoolState::fresh(&[1, 2])),
+            schema::VERSION + 1,
+        );
         host.put_raw(&state_key(9), &newer);
         let mut a = store(&[1, 2]);
         load(&host, &mut a, 0).unwrap();
@@ -975,12 +974,12 @@ mod tests {
         );
         assert!(a.newer_entry_seen);
         assert_eq!(
-            a.view().available_count(),
+            available(&a),
             1,
             "this VM still keeps the failed key out on its own"
         );
         a.refresh(&host).unwrap();
-        assert_eq!(a.view().available_count(), 1);
+        assert_eq!(available(&a), 1);
     }
 
     #[test]
@@ -991,7 +990,7 @@ mod tests {
         assert_eq!(a.take_decode_failures(), 0);
         for damage in [&b"garbage"[..], b"AKF", &[0xff; 64]] {
             host.put_raw(&state_key(9), damage);
-            host.put_raw(&format!("{}/epoch", entry_prefix(9)), &[]);
+            host.put_raw(&PoolKeys::of(9).epoch, &[]);
             a.refresh(&host).unwrap();
         }
         assert_eq!(
@@ -1005,10 +1004,10 @@ mod tests {
     #[test]
     fn carry_over_that_meets_a_conflict_on_every_attempt_reports_it_gave_up() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(100, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1, 2]);
         load(&host, &mut a, 10).unwrap();
         mark_down(&host, &mut a, 1, 20);
-        let mut b = PoolStore::new(200, vec![2, 3], vec![1; 2], Selection::RoundRobin);
+        let mut b = PoolStore::new(200, vec![2, 3]);
         *host.before_set.borrow_mut() = Some(Box::new(|h: &FakeShared, key: &str| {
             if key == state_key(200) {
                 let v = h.value(key);
@@ -1026,43 +1025,39 @@ mod tests {
     #[test]
     fn a_pool_pushed_out_of_the_registry_has_its_entries_cleared() {
         let host = FakeShared::default();
-        let mut first = PoolStore::new(1, vec![1], vec![1], Selection::RoundRobin);
+        let mut first = PoolStore::new(1, vec![1]);
         load(&host, &mut first, 0).unwrap();
         mark_down(&host, &mut first, 0, 0);
         first.write_target(&host, "c", "a.example");
         assert!(first.try_lead(&host, 7, 0, 3_000));
-        let prefix = entry_prefix(1);
-        let names = ["state", "epoch", "health-lease", "target"];
+        let keys = PoolKeys::of(1);
         for id in 2..=REGISTRY_CAPACITY as u64 {
             assert_eq!(register(&host, &[id]).unwrap(), Vec::<u64>::new());
         }
-        assert!(
-            !host.value(&format!("{prefix}/state")).is_empty(),
-            "still registered"
-        );
+        assert!(!host.value(&keys.state).is_empty(), "still registered");
         assert_eq!(register(&host, &[1_000]).unwrap(), vec![1]);
-        for name in names {
-            let (value, cas) = host.get(&format!("{prefix}/{name}")).unwrap();
-            assert_eq!((value, cas.is_some()), (None, true), "{name} cleared");
+        for key in keys.all() {
+            let (value, cas) = host.get(key).unwrap();
+            assert_eq!((value, cas.is_some()), (None, true), "{key} cleared");
         }
-        let registry = decode_registry(Some(&host.value(REGISTRY_KEY)));
+        let registry = schema::decode_registry(Some(&host.value(REGISTRY_KEY)));
         assert_eq!(registry.len(), REGISTRY_CAPACITY);
         assert!(!registry.contains(&1));
         // A configuration with more pools than the registry holds keeps all of its own.
         let many: Vec<u64> = (5_000..5_000 + REGISTRY_CAPACITY as u64 + 3).collect();
         let cleared = register(&host, &many).unwrap();
         assert_eq!(cleared.len(), REGISTRY_CAPACITY);
-        assert_eq!(decode_registry(Some(&host.value(REGISTRY_KEY))), many);
+        assert_eq!(
+            schema::decode_registry(Some(&host.value(REGISTRY_KEY))),
+            many
+        );
     }
 
     #[test]
     fn a_stored_state_from_another_key_list_is_reconciled_and_rewritten() {
         let host = FakeShared::default();
         let mut old = store(&[1, 2]);
-        old.update(&host, 0, |s| {
-            s.record_failure(1, &fail(429), 0, &P).into_iter().collect()
-        })
-        .unwrap();
+        mark_down(&host, &mut old, 1, 0);
         let mut new = store(&[2, 3]);
         new.refresh(&host).unwrap();
         assert_eq!(
@@ -1072,8 +1067,7 @@ mod tests {
         );
         assert_eq!(new.state().keys[1].health, Health::Available);
         new.update(&host, 0, |_| Vec::new()).unwrap();
-        let stored =
-            codec::decode(&host.entries.borrow()[&format!("{}/state", entry_prefix(9))].0).unwrap();
+        let stored = schema::decode_state(&host.value(&PoolKeys::of(9).state)).unwrap();
         assert_eq!(
             stored
                 .keys
@@ -1088,7 +1082,7 @@ mod tests {
     fn a_new_pool_takes_over_the_newest_state_of_keys_it_keeps() {
         let host = FakeShared::default();
         // Config A: keys 1, 2, 3; key 2 is cooling down.
-        let mut a = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1, 2, 3]);
         assert_eq!(load(&host, &mut a, 10).unwrap(), CarryOver::default());
         a.update(&host, 20, |s| {
             s.record_failure(1, &fail(429), 20, &P)
@@ -1097,7 +1091,7 @@ mod tests {
         })
         .unwrap();
         // Config B drops key 3 and adds key 4: another key list, another pool id.
-        let mut b = PoolStore::new(200, vec![4, 2, 1], vec![1; 3], Selection::RoundRobin);
+        let mut b = PoolStore::new(200, vec![4, 2, 1]);
         assert_eq!(load(&host, &mut b, 30).unwrap().keys_carried, 1);
         b.refresh(&host).unwrap();
         assert_eq!(
@@ -1111,33 +1105,28 @@ mod tests {
             "key 2 stays down"
         );
         assert_eq!(b.state().keys[1].down_until_ms, 1_020);
-        assert_eq!(b.view().available_count(), 2);
+        assert_eq!(available(&b), 2);
         // Back to config A: B's newer word on key 2 (restored there) wins over A's stale entry.
         b.update(&host, 2_000, |s| {
             s.restore_all();
             vec![Event::Restored { key: 1 }]
         })
         .unwrap();
-        let mut a2 = PoolStore::new(100, vec![1, 2, 3], vec![1; 3], Selection::RoundRobin);
+        let mut a2 = PoolStore::new(100, vec![1, 2, 3]);
         assert_eq!(load(&host, &mut a2, 2_100).unwrap().keys_carried, 1);
         a2.refresh(&host).unwrap();
-        assert_eq!(a2.view().available_count(), 3);
-        let registry = decode_registry(
-            host.entries
-                .borrow()
-                .get(REGISTRY_KEY)
-                .map(|e| e.0.as_slice()),
-        );
+        assert_eq!(available(&a2), 3);
+        let registry = schema::decode_registry(Some(&host.value(REGISTRY_KEY)));
         assert_eq!(registry, vec![200, 100]);
     }
 
     #[test]
     fn carry_over_is_a_no_op_when_nothing_is_newer() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        let mut a = PoolStore::new(100, vec![1]);
         load(&host, &mut a, 0).unwrap();
         let sets = host.sets.get();
-        let mut a_again = PoolStore::new(100, vec![1], vec![1], Selection::RoundRobin);
+        let mut a_again = PoolStore::new(100, vec![1]);
         load(&host, &mut a_again, 5).unwrap();
         assert_eq!(
             host.sets.get(),
@@ -1149,7 +1138,7 @@ mod tests {
     #[test]
     fn a_config_load_brings_back_keys_disabled_until_the_config_changes() {
         let host = FakeShared::default();
-        let mut a = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut a = PoolStore::new(7, vec![1, 2]);
         load(&host, &mut a, 0).unwrap();
         let forever = Policy { disable_ms: 0, ..P };
         let refused = crate::core::pool::Failure {
@@ -1176,7 +1165,7 @@ mod tests {
             .collect()
         })
         .unwrap();
-        let mut again = PoolStore::new(7, vec![1, 2], vec![1; 2], Selection::RoundRobin);
+        let mut again = PoolStore::new(7, vec![1, 2]);
         let result = load(&host, &mut again, 20).unwrap();
         assert_eq!(result.keys_reenabled, 1);
         again.refresh(&host).unwrap();
@@ -1217,21 +1206,79 @@ mod tests {
         let host = FakeShared::default();
         let mut a = store(&[1, 2]);
         a.refresh(&host).unwrap();
-        let gets = host.gets.get();
-        for _ in 0..10 {
-            a.refresh(&host).unwrap();
-        }
-        assert_eq!(
-            host.gets.get() - gets,
-            10,
-            "one epoch read per refresh, no state read"
-        );
+        assert_refreshes_read_only_the_epoch(&host, &mut a);
         let mut b = store(&[1, 2]);
         b.update(&host, 0, |s| {
             s.record_failure(0, &fail(429), 0, &P).into_iter().collect()
         })
         .unwrap();
         a.refresh(&host).unwrap();
-        assert_eq!(a.view().available_count(), 1, "a write is still seen");
+        assert_eq!(available(&a), 1, "a write is still seen");
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    use super::fake::FakeShared;
+    use super::*;
+
+    /// What one known pool leaves in shared data, byte for byte: a change of any name or layout
+    /// here is a change an upgrade would trip on (the previous build reads these bytes).
+    #[test]
+    fn names_and_bytes_are_those_earlier_builds_wrote() {
+        let host = FakeShared::default();
+        let mut s = PoolStore::new(0x1234, vec![7, 8]);
+        s.carry_over(&host, 5).unwrap();
+        register(&host, &[0x1234]).unwrap();
+        assert!(s.try_lead(&host, 0xAB, 100, 3_000));
+        s.write_target(&host, "outbound|443||api.x", "api.x");
+        let names: Vec<String> = {
+            let mut v: Vec<String> = host.entries.borrow().names().map(String::from).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names,
+            [
+                "ai-key-failover/v3/0000000000001234/epoch",
+                "ai-key-failover/v3/0000000000001234/health-lease",
+                "ai-key-failover/v3/0000000000001234/state",
+                "ai-key-failover/v3/0000000000001234/target",
+                "ai-key-failover/v3/pools",
+            ]
+        );
+        let p = "ai-key-failover/v3/0000000000001234";
+        assert_eq!(host.value(&format!("{p}/epoch")), b"");
+        assert_eq!(
+            host.value("ai-key-failover/v3/pools"),
+            0x1234u64.to_le_bytes()
+        );
+        let mut lease = 0xABu64.to_le_bytes().to_vec();
+        lease.extend_from_slice(&3_100u64.to_le_bytes());
+        assert_eq!(host.value(&format!("{p}/health-lease")), lease);
+        assert_eq!(
+            host.value(&format!("{p}/target")),
+            b"outbound|443||api.x\napi.x"
+        );
+        let mut state = b"AKF\x03".to_vec();
+        state.extend_from_slice(&5u64.to_le_bytes());
+        state.extend_from_slice(&2u32.to_le_bytes());
+        for fp in [7u64, 8] {
+            state.extend_from_slice(&fp.to_le_bytes());
+            state.extend_from_slice(&[0u8; 1 + 4 + 4 + 8 + 8 + 8]);
+        }
+        // FNV-1a 32 of everything before it.
+        let mut hash: u32 = 0x811c_9dc5;
+        for &b in &state {
+            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        state.extend_from_slice(&hash.to_le_bytes());
+        assert_eq!(host.value(&format!("{p}/state")), state);
+        // The previous build's names, read on load.
+        assert_eq!(previous::REGISTRY_KEY, "ai-key-failover/v1/pools");
+        assert_eq!(
+            previous::state_key(0x1234),
+            "ai-key-failover/v1/0000000000001234/state"
+        );
     }
 }

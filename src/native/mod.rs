@@ -7,7 +7,9 @@
 
 pub mod shared;
 
+// Envoy's C ABI: the one place of the native host that may use `unsafe`.
 #[cfg(feature = "native")]
+#[allow(unsafe_code)]
 mod abi;
 #[cfg(feature = "native")]
 mod filter;

@@ -24,34 +24,35 @@ use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 use crate::core::waiting::{self, Arrival, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
-use crate::wasm::host::{self, HostShared};
+use crate::wasm::host::{self, WasmHost};
 
 proxy_wasm::main! {{
     host::install_logger();
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root {
             context_id,
-            shared: None,
+            instance: None,
             waiting: Rc::new(Waiting::default()),
             last_tick_work_ms: 0,
         })
     });
 }}
 
-/// What a root context shares with the requests it creates.
-struct Shared {
+/// The plugin as one configuration made it: held by its root context and by the requests
+/// (and health checks) started under it, so a reconfigure replaces it without disturbing them.
+struct Instance {
     engine: RefCell<Engine>,
-    /// Whether this filter instance runs as an upstream filter; learned on the first request.
+    /// Whether this filter runs as an upstream filter; learned on the first request.
     upstream: std::cell::Cell<Option<bool>>,
 }
 
 /// The engine goes when the last holder lets go: its root context on reconfigure or when
 /// Envoy deletes the root (a reload's new plugin config gets a new root), or the last request
 /// that started under it. Counts since its last tick would be lost with it.
-impl Drop for Shared {
+impl Drop for Instance {
     fn drop(&mut self) {
         if let Ok(mut engine) = self.engine.try_borrow_mut() {
-            engine.flush_counters(&HostShared);
+            engine.flush_counters(&WasmHost);
         }
     }
 }
@@ -60,7 +61,7 @@ struct Root {
     /// Health checks are made on it, so their answers are read with it effective.
     context_id: u32,
     /// Replaced whole on reconfigure; requests in flight keep the one they started with.
-    shared: Option<Rc<Shared>>,
+    instance: Option<Rc<Instance>>,
     /// `onAllUnavailable: wait`: this worker's held requests; outlives a reconfigure, since
     /// each held request keeps the engine it started with.
     waiting: Rc<Waiting>,
@@ -114,7 +115,7 @@ struct Keyed {
 /// reference, so a request whose client hangs up (its context is dropped) is forgotten.
 struct Held {
     context_id: u32,
-    shared: Rc<Shared>,
+    instance: Rc<Instance>,
     arrival: Arrival,
     /// Set by the root when it sends the request on; the request takes it at its next callback.
     keyed: RefCell<Option<Keyed>>,
@@ -129,7 +130,7 @@ enum Callout {
     /// A health check of a pool's key, sent by the engine that planned it (an answer that
     /// outlives that configuration is dropped: its pool and key numbers are not the new one's).
     HealthCheck {
-        shared: Weak<Shared>,
+        instance: Weak<Instance>,
         pool: usize,
         key: usize,
     },
@@ -214,6 +215,8 @@ impl Drop for ActiveRequest {
 /// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
 /// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::wasm::callout`).
 /// Nothing here can trap: an answer nobody waits for is dropped.
+// `no_mangle` counts as unsafe code (a symbol the linker may clash); the export needs this name.
+#[allow(unsafe_code)]
 #[no_mangle]
 pub extern "C" fn ai_key_failover_on_http_call_response(
     _root_context_id: u32,
@@ -244,9 +247,13 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
             let _active = ActiveRequest::enter(context_id, request);
             held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
         }
-        Route::Deliver(Callout::HealthCheck { shared, pool, key }) => {
-            if let Some(shared) = shared.upgrade() {
-                health_check_answered(&shared, pool, key, body_size);
+        Route::Deliver(Callout::HealthCheck {
+            instance,
+            pool,
+            key,
+        }) => {
+            if let Some(instance) = instance.upgrade() {
+                health_check_answered(&instance, pool, key, body_size);
             }
         }
         Route::ContextGone(_) => log::debug!("an answer came for a context that is gone"),
@@ -254,8 +261,8 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
     }
 }
 
-fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: usize) {
-    let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+fn health_check_answered(instance: &Instance, pool: usize, key: usize, body_size: usize) {
+    let Ok(mut engine) = instance.engine.try_borrow_mut() else {
         return;
     };
     let (headers, body) = host::call_response(body_size);
@@ -264,7 +271,7 @@ fn health_check_answered(shared: &Shared, pool: usize, key: usize, body_size: us
         headers: &headers,
         body: &body,
     };
-    engine.health_check_done(&HostShared, pool, key, answer, host::now_ms());
+    engine.health_check_done(&WasmHost, pool, key, answer, host::now_ms());
 }
 
 impl RootContext for Root {
@@ -292,11 +299,11 @@ impl RootContext for Root {
             parsed.rules.len()
         );
         let mut engine = Engine::new(parsed, random_seed());
-        engine.start(&HostShared, host::now_ms());
+        engine.start(&WasmHost, host::now_ms());
         // Ends time outs during quiet periods (under traffic, requests do it themselves): as
         // often as the shortest cooldown or check interval needs, from 100 ms to 1 s.
         let tick_ms = u32::try_from(engine.tick_period_ms()).unwrap_or(u32::MAX);
-        self.shared = Some(Rc::new(Shared {
+        self.instance = Some(Rc::new(Instance {
             engine: RefCell::new(engine),
             upstream: std::cell::Cell::new(None),
         }));
@@ -334,7 +341,7 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
             context_id,
-            shared: self.shared.clone(),
+            instance: self.instance.clone(),
             chosen: None,
             attempt: None,
             reading_error: None,
@@ -354,21 +361,21 @@ impl Root {
     /// The periodic work: the engine's tick (time outs, stats) and health checks.
     fn tick_work(&mut self, now: u64) {
         host::sync_log_level();
-        let Some(shared) = &self.shared else {
+        let Some(instance) = &self.instance else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
-        engine.tick(&HostShared, now);
-        for check in engine.health_checks_due(&HostShared, now) {
+        engine.tick(&WasmHost, now);
+        for check in engine.health_checks_due(&WasmHost, now) {
             let headers: Vec<(&str, &[u8])> = check
                 .headers
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.as_bytes()))
                 .collect();
             let callout = Callout::HealthCheck {
-                shared: Rc::downgrade(shared),
+                instance: Rc::downgrade(instance),
                 pool: check.pool,
                 key: check.key,
             };
@@ -422,13 +429,13 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
     // The engine is borrowed only to decide: resuming runs the request's own callbacks (its
     // buffered body) at once, and they need the engine too.
     let (keyed, reject) = {
-        let Ok(mut engine) = held.shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = held.instance.engine.try_borrow_mut() else {
             return Served::NotYet;
         };
         let a = &held.arrival;
         let released = waiting::release(
             &mut engine,
-            &HostShared,
+            &WasmHost,
             a.profile,
             &a.avoid,
             a.ask,
@@ -503,7 +510,7 @@ fn into_text(bytes: Vec<u8>) -> String {
 struct Request {
     /// Its re-sends' answers are handled with it effective.
     context_id: u32,
-    shared: Option<Rc<Shared>>,
+    instance: Option<Rc<Instance>>,
     /// The key this request (or attempt) went out with, until its response is judged.
     chosen: Option<Assignment>,
     attempt: Option<Attempt>,
@@ -529,12 +536,14 @@ impl Context for Request {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(shared), Some(retry)) = (self.shared.clone(), self.retry.as_mut()) else {
+        let (Some(instance), Some(retry)) = (self.instance.clone(), self.retry.as_mut()) else {
             host::resume_response();
             return;
         };
         let (headers, body) = host::call_response(body_size);
-        let dispatch = WasmDispatch { shared: &shared };
+        let dispatch = WasmDispatch {
+            instance: &instance,
+        };
         match retry.on_call_answer(
             &dispatch,
             u64::from(token_id),
@@ -559,7 +568,7 @@ impl Context for Request {
 /// The retry state machine's host: the request's engine, and calls made for the request whose
 /// callback is running (`dispatch_retry`).
 struct WasmDispatch<'a> {
-    shared: &'a Shared,
+    instance: &'a Instance,
 }
 
 impl Dispatch for WasmDispatch<'_> {
@@ -568,10 +577,10 @@ impl Dispatch for WasmDispatch<'_> {
     where
         Self: 'e;
     fn engine(&self) -> Option<RefMut<'_, Engine>> {
-        self.shared.engine.try_borrow_mut().ok()
+        self.instance.engine.try_borrow_mut().ok()
     }
     fn host(&self) -> &dyn Host {
-        &HostShared
+        &WasmHost
     }
     fn own_cluster(&self) -> Option<String> {
         cluster_name()
@@ -617,7 +626,7 @@ impl Request {
     fn hold(
         &mut self,
         engine: &mut Engine,
-        shared: &Rc<Shared>,
+        instance: &Rc<Instance>,
         arrival: Arrival,
         max_wait_ms: u64,
         retry_after_secs: u64,
@@ -625,7 +634,7 @@ impl Request {
         let group = arrival.profile.unwrap_or(usize::MAX);
         let held = Rc::new(Held {
             context_id: self.context_id,
-            shared: shared.clone(),
+            instance: instance.clone(),
             arrival,
             keyed: RefCell::new(None),
         });
@@ -672,42 +681,43 @@ impl Request {
         if unanswered.iter().all(Option::is_none) {
             return;
         }
-        let Some(shared) = self.shared.clone() else {
+        let Some(instance) = self.instance.clone() else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
         let now = host::now_ms();
         for sent in unanswered.into_iter().flatten() {
-            engine.abandon(&HostShared, sent, now);
+            engine.abandon(&WasmHost, sent, now);
         }
     }
 
     fn finish_error_response(&mut self) {
-        let (Some(reading), Some(shared)) = (self.reading_error.take(), self.shared.clone()) else {
+        let (Some(reading), Some(instance)) = (self.reading_error.take(), self.instance.clone())
+        else {
             return;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return;
         };
-        reading.judge(&mut engine, &HostShared, &Clock::new(&host::now_ms));
+        reading.judge(&mut engine, &WasmHost, &Clock::new(&host::now_ms));
     }
 }
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else {
+        let Some(instance) = self.instance.clone() else {
             return Action::Continue;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return Action::Continue;
         };
-        let upstream = match shared.upstream.get() {
+        let upstream = match instance.upstream.get() {
             Some(known) => known,
             None => {
                 let upstream = host::property(&["upstream", "address"]).is_some();
-                shared.upstream.set(Some(upstream));
+                instance.upstream.set(Some(upstream));
                 log::info!(
                     "running as {} filter",
                     if upstream {
@@ -750,11 +760,11 @@ impl HttpContext for Request {
             if queued {
                 let max_wait_ms = engine.profile(p).map_or(0, |p| p.max_wait_ms);
                 // The queue has room, so the reject answer's wait is never used here.
-                return self.hold(&mut engine, &shared, arrival, max_wait_ms, 1);
+                return self.hold(&mut engine, &instance, arrival, max_wait_ms, 1);
             }
         }
         let clock = Clock::new(&host::now_ms);
-        match engine.decide_with(&HostShared, profile, &clock, &arrival.avoid, arrival.ask) {
+        match engine.decide_with(&WasmHost, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
                 if drop_pool_header {
                     drop_client_pool_header();
@@ -768,7 +778,13 @@ impl HttpContext for Request {
             Decision::Hold {
                 max_wait_ms,
                 retry_after_secs,
-            } => self.hold(&mut engine, &shared, arrival, max_wait_ms, retry_after_secs),
+            } => self.hold(
+                &mut engine,
+                &instance,
+                arrival,
+                max_wait_ms,
+                retry_after_secs,
+            ),
             Decision::UseKey(assignment) => {
                 let keyed = put_key(&mut engine, &arrival, assignment);
                 self.adopt(keyed);
@@ -810,17 +826,17 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.adopt_released();
-        let (Some(sent), Some(shared)) = (self.chosen.take(), self.shared.clone()) else {
+        let (Some(sent), Some(instance)) = (self.chosen.take(), self.instance.clone()) else {
             return Action::Continue;
         };
-        let Ok(mut engine) = shared.engine.try_borrow_mut() else {
+        let Ok(mut engine) = instance.engine.try_borrow_mut() else {
             return Action::Continue;
         };
         // Most responses (a success on a healthy key) never need the time.
         let clock = Clock::new(&host::now_ms);
         let after = answer::on_response_headers(
             &mut engine,
-            &HostShared,
+            &WasmHost,
             &WasmResponse,
             sent,
             self.attempt.as_ref(),
@@ -833,7 +849,9 @@ impl HttpContext for Request {
             AfterHeaders::Continue => {}
             AfterHeaders::ReadBody(body) => self.reading_error = Some(body),
             AfterHeaders::Retry => {
-                let dispatch = WasmDispatch { shared: &shared };
+                let dispatch = WasmDispatch {
+                    instance: &instance,
+                };
                 let resent = self
                     .retry
                     .as_mut()
@@ -975,7 +993,7 @@ fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Ke
             .map(into_text)
             .unwrap_or_default();
         if let Some(cluster) = cluster_name() {
-            engine.learn_target(&HostShared, assignment.profile, &cluster, &authority);
+            engine.learn_target(&WasmHost, assignment.profile, &cluster, &authority);
         }
     }
     if arrival.upstream {

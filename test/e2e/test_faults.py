@@ -258,7 +258,7 @@ def fnv1a32(data: bytes) -> int:
 
 
 def decodes(entry: bytes, n_keys: int) -> bool:
-    """The plugin's state layout (src/core/codec.rs): AKF, version 3, written_at, count, records, FNV-1a."""
+    """The plugin's state layout (src/core/schema.rs): AKF, version 3, written_at, count, records, FNV-1a."""
     return (len(entry) == 16 + 41 * n_keys + 4 and entry[:4] == b"AKF\x03"
             and struct.unpack_from("<I", entry, 12)[0] == n_keys
             and struct.unpack_from("<I", entry, len(entry) - 4)[0] == fnv1a32(entry[:-4]))

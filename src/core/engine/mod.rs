@@ -13,9 +13,11 @@ use crate::core::metrics::{MetricsHost, PoolMetrics};
 use crate::core::pool::{Event, Failure, PoolState, SentAs, MAX_JITTER_PERMILLE};
 use crate::core::rules::RequestFacts;
 use crate::core::schedule::{self, Every};
-use crate::core::select::{OnAllUnavailable, Rng, Selection};
+use crate::core::select::{OnAllUnavailable, PoolIndex, Rng, Selection};
 use crate::core::status::Verdict;
-use crate::core::store::{self, PoolStore, SharedData, UpdateError, MAX_CAS_ATTEMPTS};
+use crate::core::store::{
+    self, PoolStore, SharedData, StateChange, UpdateError, Updated, MAX_CAS_ATTEMPTS,
+};
 
 mod health_checks;
 #[cfg(test)]
@@ -104,6 +106,8 @@ pub struct Ask {
 pub struct Engine {
     config: PluginConfig,
     stores: Vec<PoolStore>,
+    /// Per pool: the selection tables built from its cached state, rebuilt when it changes.
+    indexes: Vec<PoolIndex>,
     /// Per pool, this worker's round-robin position; starts at a random offset so workers
     /// do not all begin with the same key.
     cursors: Vec<u64>,
@@ -131,7 +135,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: PluginConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
-        let stores: Vec<PoolStore> = config
+        let (stores, indexes): (Vec<PoolStore>, Vec<PoolIndex>) = config
             .pools
             .iter()
             .enumerate()
@@ -145,18 +149,15 @@ impl Engine {
                 } else {
                     Selection::RoundRobin
                 };
-                let store = PoolStore::new(pool.id, pool.fingerprints(), pool.weights(), selection);
+                let store = PoolStore::new(pool.id, pool.fingerprints());
                 let affinity = config
                     .profiles
                     .iter()
                     .any(|p| p.pool == i && p.affinity_header.is_some());
-                if affinity {
-                    store.with_affinity()
-                } else {
-                    store
-                }
+                let index = PoolIndex::new(store.state(), pool.weights(), selection, affinity);
+                (store, index)
             })
-            .collect();
+            .unzip();
         let cursors = stores.iter().map(|_| rng.next_u64()).collect();
         let owner_id = rng.next_u64();
         let periods: Vec<u64> = (0..config.pools.len())
@@ -186,6 +187,7 @@ impl Engine {
         Engine {
             config,
             stores,
+            indexes,
             cursors,
             rng,
             metrics: Vec::new(),
@@ -284,6 +286,10 @@ impl Engine {
                 Err(UpdateError::Host(e)) => {
                     log::warn!("pool {label}: could not take over earlier state: {e}")
                 }
+            }
+            // Once per config load, whatever the carry-over did.
+            if let Some(index) = self.indexes.get_mut(pool) {
+                index.rebuild(store.state());
             }
         }
         // After the carry-over, so this load's pools do not read one another as earlier pools.
@@ -386,7 +392,7 @@ impl Engine {
             .filter_map(|position| {
                 let i = self.chain_member(primary, position)?;
                 let pool = self.config.profiles.get(i)?.pool;
-                Some((i, self.stores.get(pool)?.view()))
+                Some((i, self.indexes.get(pool)?.view()))
             })
             .collect();
         let earliest = views
@@ -453,10 +459,9 @@ impl Engine {
         clock: &Clock,
         avoid: &[usize],
     ) -> Option<(usize, SentAs)> {
-        let store = self.stores.get(pool)?;
-        let home = store.ring()?.owner(hash)?;
+        let home = self.indexes.get(pool)?.ring()?.owner(hash)?;
         if !avoid.contains(&home) {
-            let state = store.state().keys.get(home)?;
+            let state = self.stores.get(pool)?.state().keys.get(home)?;
             if state.is_available() {
                 return Some((home, SentAs::Normal));
             }
@@ -467,7 +472,7 @@ impl Engine {
                 }
             }
         }
-        self.stores
+        self.indexes
             .get(pool)?
             .view()
             .session_key(hash)
@@ -519,18 +524,18 @@ impl Engine {
         }
         // A key whose time out is over is tried by exactly one request: whoever claims it.
         let candidate = self
-            .stores
+            .indexes
             .get(pool)
-            .and_then(|s| s.view().probe_candidate())
+            .and_then(|index| index.view().probe_candidate())
             .filter(|k| !avoid_here.contains(k));
         if let Some(key) = candidate {
             if let Some(claim_ms) = self.claim_probe(host, pool, key, clock.now()) {
                 return Some((key, SentAs::Probe { claim_ms }));
             }
         }
-        let store = self.stores.get(pool)?;
+        let index = self.indexes.get(pool)?;
         let cursor = self.cursors.get_mut(pool)?;
-        let key = store
+        let key = index
             .view()
             .pick_available(selection, cursor, &mut self.rng, &avoid_here)?;
         Some((key, SentAs::Normal))
@@ -691,8 +696,11 @@ impl Engine {
         let Some(p) = self.config.profiles.get(sent.profile) else {
             return;
         };
-        let pool = p.pool;
-        let policy = p.failover.policy();
+        let (pool, policy, wants_hint) = (
+            p.pool,
+            p.failover.policy(),
+            judge::wants_hint(&p.failover, verdict),
+        );
         let key = sent.key;
         let needs_write = |store: &PoolStore| {
             store.state().keys.get(key).map(|cached| match verdict {
@@ -715,11 +723,7 @@ impl Engine {
             // worker's next failure would be taken as the next in a row. One epoch read (the
             // state only if it moved). With a threshold of 1 no count ever stays on an available
             // key, so successes there read nothing.
-            if let Some(store) = self.stores.get_mut(pool) {
-                if let Err(e) = store.refresh(host) {
-                    log::debug!("reading shared state failed ({e:?}); using the cached copy");
-                }
-            }
+            self.refresh(host, pool);
             write = self.stores.get(pool).and_then(needs_write).unwrap_or(false);
         }
         if !write {
@@ -730,7 +734,7 @@ impl Engine {
             Verdict::KeyFailure(class) => Some(Failure {
                 status,
                 class,
-                hint_ms: hint_ms.filter(|_| judge::wants_hint(&p.failover, verdict)),
+                hint_ms: hint_ms.filter(|_| wants_hint),
                 jitter_permille: self.draw_jitter(),
             }),
             _ => None,
@@ -829,15 +833,38 @@ impl Engine {
         &self.stores
     }
 
-    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, clock: &Clock) {
+    pub fn indexes(&self) -> &[PoolIndex] {
+        &self.indexes
+    }
+
+    /// Makes the pool's cached state current, and its selection tables with it.
+    fn refresh(&mut self, host: &dyn Host, pool: usize) {
         let Some(store) = self.stores.get_mut(pool) else {
             return;
         };
-        if let Err(e) = store.refresh(host) {
-            log::debug!("reading shared state failed ({e:?}); using the cached copy");
+        match store.refresh(host) {
+            Ok(change) => self.reindex(pool, change),
+            Err(e) => log::debug!("reading shared state failed ({e:?}); using the cached copy"),
         }
+    }
+
+    /// Rebuilds the pool's selection tables when its cached state changed.
+    fn reindex(&mut self, pool: usize, change: StateChange) {
+        if change == StateChange::Unchanged {
+            return;
+        }
+        if let (Some(index), Some(store)) = (self.indexes.get_mut(pool), self.stores.get(pool)) {
+            index.rebuild(store.state());
+        }
+    }
+
+    fn refresh_and_advance(&mut self, host: &dyn Host, pool: usize, clock: &Clock) {
+        self.refresh(host, pool);
         // Only a pool with something due later needs the time at all.
-        let due = store.view().next_change_ms();
+        let due = self
+            .indexes
+            .get(pool)
+            .and_then(|index| index.view().next_change_ms());
         if let Some(now_ms) = due
             .map(|_| clock.now())
             .filter(|&now| due.is_some_and(|t| t <= now))
@@ -858,7 +885,8 @@ impl Engine {
             return Vec::new();
         };
         match store.update(host, now_ms, change) {
-            Ok(events) => {
+            Ok(Updated { events, state }) => {
+                self.reindex(pool, state);
                 if let Some(m) = self.metrics.get(pool) {
                     m.count_events(host, &events);
                 }
@@ -907,24 +935,46 @@ pub(crate) mod tests {
     /// Other modules' tests run the engine against these.
     pub(crate) use super::test_host::{NoFacts, TestHost};
     use super::*;
+    use crate::core::schema::PoolKeys;
     use crate::core::status::FailureClass;
     use crate::core::store::fake::FakeShared;
+
+    const KEYS_A_B_C: &str = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
+
+    /// A configuration of keys a and b started on `host`, whose first key chosen got a 429 (60 s
+    /// cooldown) at 10 ms: the key that is down.
+    fn a_key_down_under_keys_a_and_b(host: &TestHost) -> usize {
+        let cfg =
+            r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
+        let mut old = engine(cfg, 1);
+        old.start(host, 0);
+        let g = old.profile_for(&mut NoFacts);
+        let (p, down, _) = old.key_for(host, g, 0);
+        let v = old.verdict(p, 429, None);
+        old.answered(host, sent(p, down, SentAs::Normal), v, 429, None, 10);
+        down
+    }
+
+    #[test]
+    fn a_key_carried_over_down_at_a_config_load_is_out_from_the_first_request() {
+        let host = TestHost::default();
+        let down = a_key_down_under_keys_a_and_b(&host);
+        // A new key list keeping both keys: a new pool, which takes the down key's state over.
+        let mut new = engine(KEYS_A_B_C, 2);
+        new.start(&host, 20);
+        let g = new.profile_for(&mut NoFacts);
+        let picked: Vec<usize> = (0..6).map(|i| new.key_for(&host, g, 30 + i).1).collect();
+        assert!(!picked.contains(&down), "key {down} is down: {picked:?}");
+        assert_eq!(new.indexes()[0].view().available_count(), 2);
+    }
 
     #[test]
     fn a_carry_over_that_gives_up_is_logged_and_counted_as_such() {
         let host = TestHost::default();
-        let old_cfg =
-            r#"{"name": "main", "apiTokens": ["a", "b"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut old = engine(old_cfg, 1);
-        old.start(&host, 0);
-        let g = old.profile_for(&mut NoFacts);
-        let (p, k, _) = old.key_for(&host, g, 0);
-        let v = old.verdict(p, 429, None);
-        old.answered(&host, sent(p, k, SentAs::Normal), v, 429, None, 10);
+        a_key_down_under_keys_a_and_b(&host);
         // A new key list: it would carry the down key over, but every write of it conflicts.
-        let new_cfg = r#"{"name": "main", "apiTokens": ["a", "b", "c"], "failover": {"cooldownDuration": 60000}}"#;
-        let mut new = engine(new_cfg, 2);
-        let state_key = format!("{}/state", store::entry_prefix(new.stores()[0].pool_id()));
+        let mut new = engine(KEYS_A_B_C, 2);
+        let state_key = PoolKeys::of(new.stores()[0].pool_id()).state;
         *host.shared.before_set.borrow_mut() = Some(Box::new(move |h: &FakeShared, key: &str| {
             if key == state_key {
                 let v = h.value(key);
@@ -954,10 +1004,9 @@ pub(crate) mod tests {
         w.start(&host, 0);
         let stat = "ai_key_failover.pool.main.state_decode_failed";
         assert_eq!(host.metrics.get(stat), 0);
-        let prefix = store::entry_prefix(w.stores()[0].pool_id());
-        host.shared
-            .put_raw(&format!("{prefix}/state"), b"not a state entry");
-        host.shared.put_raw(&format!("{prefix}/epoch"), &[]);
+        let keys = PoolKeys::of(w.stores()[0].pool_id());
+        host.shared.put_raw(&keys.state, b"not a state entry");
+        host.shared.put_raw(&keys.epoch, &[]);
         w.tick(&host, 1_000);
         assert_eq!(host.metrics.get(stat), 1);
         w.tick(&host, 2_000);
@@ -1123,7 +1172,7 @@ pub(crate) mod tests {
         w1.answered(&host, sent(0, 0, SentAs::Normal), SERVER, 503, None, 0);
         w1.tick(&host, 500);
         w2.tick(&host, 500);
-        assert_eq!(w2.stores()[0].view().available_count(), 0);
+        assert_eq!(w2.indexes()[0].view().available_count(), 0);
         let sets = host.shared.sets.get();
         w1.tick(&host, 1200);
         w2.tick(&host, 1200);
@@ -1132,7 +1181,7 @@ pub(crate) mod tests {
             2,
             "one state write and one epoch write"
         );
-        assert_eq!(w2.stores()[0].view().probe_candidate(), Some(0));
+        assert_eq!(w2.indexes()[0].view().probe_candidate(), Some(0));
     }
 
     #[test]
@@ -1242,7 +1291,7 @@ pub(crate) mod tests {
         let (p, k, down) = use_key(w.decide(&host, Some(0), &Clock::at(200), &[]));
         assert_eq!((k, down), (1, SentAs::WhileDown));
         w.succeeded(&host, sent(p, k, down), 200);
-        assert_eq!(w.stores()[0].view().available_count(), 1);
+        assert_eq!(w.indexes()[0].view().available_count(), 1);
     }
 
     #[test]
@@ -1481,7 +1530,7 @@ pub(crate) mod tests {
         let mut back_at = None;
         for now in (1_000..=2_000).step_by(100) {
             w.tick(&host, now);
-            if w.stores()[0].view().probe_candidate() == Some(0) {
+            if w.indexes()[0].view().probe_candidate() == Some(0) {
                 back_at = Some(now);
                 break;
             }
@@ -1533,16 +1582,16 @@ pub(crate) mod tests {
             vec![1_000, 2_000, 3_000],
             "stats flush once a second"
         );
-        let lease_looks = host.count("get", "health-lease", slow_id);
+        let lease_looks = host.count("get", &PoolKeys::of(slow_id).lease);
         assert!(
             (3..=4).contains(&lease_looks)
-                && host.count("set", "health-lease", slow_id) == lease_looks,
+                && host.count("set", &PoolKeys::of(slow_id).lease) == lease_looks,
             "the lease is renewed once a second: {lease_looks} looks in 3 s"
         );
         // Ticks alone: 30 for the fast pool; the slow pool's are once a second (requests read
         // its epoch too, 30 of them).
-        assert_eq!(host.count("get", "epoch", fast_id), 30);
-        let slow_epoch_reads = host.count("get", "epoch", slow_id);
+        assert_eq!(host.count("get", &PoolKeys::of(fast_id).epoch), 30);
+        let slow_epoch_reads = host.count("get", &PoolKeys::of(slow_id).epoch);
         assert!(
             (33..=34).contains(&slow_epoch_reads),
             "30 requests and one tick a second: {slow_epoch_reads}"

@@ -27,16 +27,12 @@ impl TestHost {
             .get(&crate::core::metrics::pool_metric_name(pool, metric))
     }
 
-    /// How many `op`s (`"get"` or `"set"`) went to pool `pool_id`'s entry `entry_suffix`.
-    pub(crate) fn count(&self, op: &str, entry_suffix: &str, pool_id: u64) -> usize {
-        let name = format!(
-            "{}/{entry_suffix}",
-            crate::core::store::entry_prefix(pool_id)
-        );
+    /// How many `op`s (`"get"` or `"set"`) went to the shared-data entry `entry`.
+    pub(crate) fn count(&self, op: &str, entry: &str) -> usize {
         self.ops
             .borrow()
             .iter()
-            .filter(|(o, k)| *o == op && *k == name)
+            .filter(|(o, k)| *o == op && k == entry)
             .count()
     }
 }

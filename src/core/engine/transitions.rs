@@ -116,14 +116,14 @@ impl Engine {
 
     /// A key just went out: if it was the pool's last, say so, and when the first comes back.
     fn warn_if_all_down(&self, pool: usize, now_ms: u64) {
-        let (Some(store), Some(pool_cfg)) = (self.stores.get(pool), self.config.pools.get(pool))
+        let (Some(index), Some(pool_cfg)) = (self.indexes.get(pool), self.config.pools.get(pool))
         else {
             return;
         };
-        if store.view().available_count() > 0 {
+        if index.view().available_count() > 0 {
             return;
         }
-        let first = store.view().next_change_ms().map_or_else(
+        let first = index.view().next_change_ms().map_or_else(
             || "none returns by itself".to_string(),
             |t| format!("the first returns in {}", seconds(t.saturating_sub(now_ms))),
         );
