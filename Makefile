@@ -131,6 +131,8 @@ lint:
 	cargo clippy --all-targets -p ai-key-failover -- -D warnings
 	cargo clippy --features native -p ai-key-failover -- -D warnings
 	cargo fmt --check
+	@# The fuzz targets call the core by its paths: type-check them so a move cannot break them.
+	cargo check --manifest-path fuzz/Cargo.toml --bins -q
 
 unit:
 	cargo test -p ai-key-failover

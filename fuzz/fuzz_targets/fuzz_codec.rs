@@ -1,26 +1,26 @@
-//! codec::decode of arbitrary shared-data bytes: never panics, and whatever decodes encodes back
+//! schema::decode_state of arbitrary shared-data bytes: never panics, and whatever decodes encodes back
 //! to exactly the same bytes; reconciling it with any key list never panics either.
-//! codec::decode_previous (the previous build's format, read on load) never panics either.
+//! schema::decode_previous_state (the previous build's format, read on load) never panics either.
 //! Random bytes almost never carry a valid checksum, so each input is also tried with its correct
 //! checksum appended: that reaches the header and record checks behind it.
 #![no_main]
 
-use ai_key_failover::{codec, pool::PoolState};
+use ai_key_failover::core::{pool::PoolState, schema};
 use libfuzzer_sys::fuzz_target;
 
 fn check(data: &[u8]) {
-    if let Ok(previous) = codec::decode_previous(data) {
-        assert!(previous.keys.len() <= codec::MAX_KEYS);
+    if let Ok(previous) = schema::decode_previous_state(data) {
+        assert!(previous.keys.len() <= schema::MAX_KEYS);
     }
-    let Ok(state) = codec::decode(data) else {
+    let Ok(state) = schema::decode_state(data) else {
         return;
     };
     assert_eq!(
-        codec::encode(&state),
+        schema::encode_state(&state),
         data,
         "decode/encode is not a round trip"
     );
-    assert!(state.keys.len() <= codec::MAX_KEYS);
+    assert!(state.keys.len() <= schema::MAX_KEYS);
     // Lay the stored state over a key list made of its own fingerprints, shifted, plus a new one.
     let mut fps: Vec<u64> = state.keys.iter().map(|k| k.fingerprint).collect();
     let half = fps.len() / 2;
@@ -36,6 +36,6 @@ fn check(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     check(data);
     let mut signed = data.to_vec();
-    signed.extend_from_slice(&codec::fnv1a32(data).to_le_bytes());
+    signed.extend_from_slice(&schema::fnv1a32(data).to_le_bytes());
     check(&signed);
 });

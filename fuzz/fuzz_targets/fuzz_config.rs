@@ -2,7 +2,7 @@
 //! and carries no token that could inject a header; no error or warning quotes a key.
 #![no_main]
 
-use ai_key_failover::config;
+use ai_key_failover::core::config;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -4,7 +4,7 @@
 //! Never panics; a hint is never longer than a year.
 #![no_main]
 
-use ai_key_failover::hints;
+use ai_key_failover::core::hints;
 use libfuzzer_sys::fuzz_target;
 
 const YEAR_MS: u64 = 365 * 24 * 60 * 60 * 1000;

@@ -1,7 +1,7 @@
 //! status::StatusPattern::parse and matches on arbitrary text; classify with the parsed patterns.
 #![no_main]
 
-use ai_key_failover::status::{self, StatusPattern, Verdict};
+use ai_key_failover::core::status::{self, StatusPattern, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
