@@ -169,24 +169,12 @@ impl Config {
                 return None;
             }
         };
-        for warning in &parsed.warnings {
-            log::warn!("{warning}");
-        }
+        parsed.log_loaded();
         let waiting = parsed
             .profiles
             .iter()
             .any(|p| p.on_all_unavailable == OnAllUnavailable::Wait)
             .then(|| Waiting::new(abi::concurrency()));
-        let pools: Vec<String> = parsed
-            .pools
-            .iter()
-            .map(|p| format!("{} ({} keys)", p.label, p.keys.len()))
-            .collect();
-        log::info!(
-            "configured pools {}; {} rules",
-            pools.join(", "),
-            parsed.rules.len()
-        );
         let host = NativeHost { handle };
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&host, now_ms());

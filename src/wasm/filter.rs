@@ -285,19 +285,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        for warning in &parsed.warnings {
-            log::warn!("{warning}");
-        }
-        let pools: Vec<String> = parsed
-            .pools
-            .iter()
-            .map(|p| format!("{} ({} keys)", p.label, p.keys.len()))
-            .collect();
-        log::info!(
-            "configured pools {}; {} rules",
-            pools.join(", "),
-            parsed.rules.len()
-        );
+        parsed.log_loaded();
         let mut engine = Engine::new(parsed, random_seed());
         engine.start(&WasmHost, host::now_ms());
         // Ends time outs during quiet periods (under traffic, requests do it themselves): as

@@ -291,6 +291,30 @@ pub struct PluginConfig {
     pub has_fallbacks: bool,
 }
 
+impl PluginConfig {
+    /// What every host logs once a configuration has loaded: its warnings, then `summary`.
+    pub fn log_loaded(&self) {
+        for warning in &self.warnings {
+            log::warn!("{warning}");
+        }
+        log::info!("{}", self.summary());
+    }
+
+    /// The pools by label (never a key) with their sizes, and how many rules there are.
+    pub fn summary(&self) -> String {
+        let pools: Vec<String> = self
+            .pools
+            .iter()
+            .map(|p| format!("{} ({} keys)", p.label, p.keys.len()))
+            .collect();
+        format!(
+            "configured pools {}; {} rules",
+            pools.join(", "),
+            self.rules.len()
+        )
+    }
+}
+
 /// What the tests of every part of `config` start from: a config that loads, one that is refused,
 /// and a table of refused configs with the field and the words each error must have.
 #[cfg(test)]
@@ -318,5 +342,21 @@ mod testing {
                 "{json}: {e} (wanted {needle:?})"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::ok;
+
+    #[test]
+    fn the_summary_names_each_pool_by_label_with_its_size_and_counts_the_rules() {
+        let config = ok(r#"{"name": "main", "apiTokens": ["sk-a", "sk-b"],
+            "_rules_": [{"_match_route_": ["r"], "name": "emb", "apiTokens": ["sk-c"]}]}"#);
+        assert_eq!(
+            config.summary(),
+            "configured pools main (2 keys), emb (1 keys); 1 rules"
+        );
+        assert!(!config.summary().contains("sk-"), "no key in the line");
     }
 }
