@@ -20,6 +20,7 @@ pub mod env_keys;
 pub mod health;
 pub mod hints;
 pub mod judge;
+pub mod keying;
 pub mod metrics;
 pub mod pool;
 pub mod reply;

@@ -29,12 +29,12 @@ use super::shared::STORE;
 use super::waiting::{Held, Waiting};
 use crate::core::affinity;
 use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
-use crate::core::config::{self, Provider};
-use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
+use crate::core::config;
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::env_keys::HostEnv;
+use crate::core::keying::{self, header_text, RequestHeaders};
 use crate::core::metrics::{MetricKind, MetricsHost};
-use crate::core::reply::{self, POOL_HEADER};
+use crate::core::reply;
 use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
@@ -316,12 +316,8 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
-/// Keeps the host's buffer when it is UTF-8, as it almost always is: no second allocation.
-fn into_text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// Request facts read from Envoy, only when a rule asks.
+/// A stream's request: its facts, read from Envoy only when a rule asks, and its headers as
+/// `keying` changes them.
 struct Facts<'s> {
     stream: &'s Stream,
 }
@@ -330,17 +326,41 @@ impl RequestFacts for Facts<'_> {
     fn route_name(&mut self) -> Option<String> {
         self.stream
             .attribute(Attribute::XdsRouteName)
-            .map(into_text)
+            .map(header_text)
     }
     fn cluster_name(&mut self) -> Option<String> {
         self.stream
             .attribute(Attribute::XdsClusterName)
-            .map(into_text)
+            .map(header_text)
     }
     fn host(&mut self) -> Option<String> {
         self.stream
             .request_header(":authority")
             .map(|a| host_of_authority(&String::from_utf8_lossy(&a)))
+    }
+}
+
+impl RequestHeaders for Facts<'_> {
+    fn get(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.stream.request_header(name)
+    }
+    fn set(&mut self, name: &str, value: &[u8]) -> bool {
+        self.stream.set_request_header(name, value)
+    }
+    fn remove(&mut self, name: &str) {
+        self.stream.remove_request_header(name);
+    }
+    /// One look at the map: each call into Envoy costs about as much as the walk, so a removal
+    /// is made only for what a client actually sent.
+    fn which_present<const N: usize>(&mut self, names: [&'static str; N]) -> [bool; N] {
+        self.stream.request_has(names)
+    }
+    /// Unlike its wasm host, Envoy selects the route again for a dynamic module only when asked.
+    fn reselect_route(&mut self) {
+        self.stream.clear_route_cache();
+    }
+    fn all(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.stream.request_headers()
     }
 }
 
@@ -384,7 +404,7 @@ impl<'c> Filter<'c> {
         let drop_pool_header = engine.config().has_fallbacks;
         // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
         let request_id = if upstream {
-            s.request_header(REQUEST_ID_HEADER).map(into_text)
+            s.request_header(REQUEST_ID_HEADER).map(header_text)
         } else {
             None
         };
@@ -471,21 +491,9 @@ impl<'c> Filter<'c> {
         arrival: Arrival,
         decision: Decision,
     ) -> u32 {
-        let host = &self.config.host;
-        let Arrival {
-            profile,
-            upstream,
-            request_id,
-            avoid,
-            end_of_stream,
-            drop_pool_header,
-            ..
-        } = arrival;
         match decision {
             Decision::Untouched => {
-                if drop_pool_header {
-                    drop_client_pool_header(s);
-                }
+                keying::pass_untouched(&mut Facts { stream: s }, arrival.drop_pool_header);
                 CONTINUE
             }
             Decision::Reject { retry_after_secs }
@@ -506,77 +514,17 @@ impl<'c> Filter<'c> {
                 HEADERS_STOP_ITERATION
             }
             Decision::UseKey(assignment) => {
-                let Some((auth_name, auth_value)) =
-                    engine.key_header(assignment.profile, assignment.key)
-                else {
-                    if drop_pool_header {
-                        drop_client_pool_header(s);
-                    }
-                    return CONTINUE;
-                };
-                // One look at the map, then a removal only for what a client actually sent.
-                let present = s.request_has(CLIENT_CREDENTIAL_HEADERS);
-                for (name, here) in CLIENT_CREDENTIAL_HEADERS.into_iter().zip(present) {
-                    if here && name != auth_name {
-                        s.remove_request_header(name);
-                    }
-                }
-                if !s.set_request_header(auth_name, auth_value.as_bytes()) {
-                    log::warn!("could not set the {auth_name} header");
-                }
-                let primary = profile.and_then(|p| engine.profile(p));
-                let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
-                let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
-                if has_chain {
-                    // The operator's route on this header sends a fallback pool to its provider;
-                    // the primary's name is set too, so a client cannot pick a route itself.
-                    if let Some((_, label)) = engine.pool_of(assignment.profile) {
-                        s.set_request_header(POOL_HEADER, label.as_bytes());
-                        s.clear_route_cache();
-                    }
-                } else if drop_pool_header {
-                    s.remove_request_header(POOL_HEADER);
-                    s.clear_route_cache();
-                }
-                let used = engine.profile(assignment.profile);
-                if used.is_some_and(|p| p.provider == Provider::Gemini) {
-                    if let Some(path) = s.request_header(":path") {
-                        if let Some(stripped) = strip_query_param(&path, "key") {
-                            s.set_request_header(":path", &stripped);
-                        }
-                    }
-                }
-                if let Some(model) = used.and_then(|p| p.model.clone()) {
-                    if !end_of_stream {
-                        // The body grows or shrinks: let Envoy frame it anew.
-                        s.remove_request_header("content-length");
-                        self.rewrite_to = Some(model);
-                    }
-                }
-                if engine.wants_target(assignment.profile) {
-                    // Learned once per config and pool (after the pool header re-selected the
-                    // route), so health checks into this pool know its cluster.
-                    let authority = s
-                        .request_header(":authority")
-                        .map(into_text)
-                        .unwrap_or_default();
-                    if let Some(cluster) = (Facts { stream: s }).cluster_name() {
-                        engine.learn_target(host, assignment.profile, &cluster, &authority);
-                    }
-                }
-                if upstream {
-                    self.attempt =
-                        Some(Attempt::keyed(&mut engine, assignment, request_id, &avoid));
-                } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-                    self.retry = Some(RetryState::new(
-                        &engine,
-                        primary_profile,
-                        assignment,
-                        s.request_headers(),
-                        end_of_stream,
-                    ));
-                }
-                self.chosen = Some(assignment);
+                let keyed = keying::put_key(
+                    &mut engine,
+                    &self.config.host,
+                    &mut Facts { stream: s },
+                    arrival,
+                    assignment,
+                );
+                self.chosen = keyed.chosen;
+                self.attempt = keyed.attempt;
+                self.retry = keyed.retry;
+                self.rewrite_to = keyed.rewrite_to;
                 CONTINUE
             }
         }
@@ -765,15 +713,5 @@ impl Dispatch for NativeDispatch<'_> {
             &resend.body,
             resend.timeout_ms,
         )
-    }
-}
-
-/// Removes a client's `x-ai-key-failover-pool` from a request the filter does not key. Read
-/// first: the header is almost never there, and a read that finds nothing leaves Envoy's route
-/// cache alone, where a removal makes Envoy select the route again.
-fn drop_client_pool_header(s: &Stream) {
-    if s.request_header(POOL_HEADER).is_some() {
-        s.remove_request_header(POOL_HEADER);
-        s.clear_route_cache();
     }
 }

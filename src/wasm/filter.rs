@@ -14,10 +14,10 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::core::affinity;
 use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
-use crate::core::config::{self, Provider};
-use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
+use crate::core::config;
 use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
-use crate::core::reply::{self, POOL_HEADER};
+use crate::core::keying::{self, header_text, Keyed, RequestHeaders};
+use crate::core::reply;
 use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rewrite::rewrite_model;
 use crate::core::rules::{host_of_authority, RequestFacts};
@@ -102,21 +102,13 @@ impl Waiting {
     }
 }
 
-/// What a keyed request remembers for its later callbacks.
-#[derive(Default)]
-struct Keyed {
-    chosen: Option<Assignment>,
-    attempt: Option<Attempt>,
-    retry: Option<RetryState>,
-    rewrite_to: Option<String>,
-}
-
 /// A request held by `onAllUnavailable: wait`. The request owns it; the queue has a weak
 /// reference, so a request whose client hangs up (its context is dropped) is forgotten.
 struct Held {
     context_id: u32,
     instance: Rc<Instance>,
-    arrival: Arrival,
+    /// Taken by the pass that sends the request on (the key's bookkeeping keeps its parts).
+    arrival: Cell<Option<Arrival>>,
     /// Set by the root when it sends the request on; the request takes it at its next callback.
     keyed: RefCell<Option<Keyed>>,
 }
@@ -420,7 +412,9 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
         let Ok(mut engine) = held.instance.engine.try_borrow_mut() else {
             return Served::NotYet;
         };
-        let a = &held.arrival;
+        let Some(a) = held.arrival.take() else {
+            return Served::Yes;
+        };
         let released = waiting::release(
             &mut engine,
             &WasmHost,
@@ -431,7 +425,10 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
             over,
         );
         match released {
-            None => return Served::NotYet,
+            None => {
+                held.arrival.set(Some(a));
+                return Served::NotYet;
+            }
             Some(
                 Decision::Reject { retry_after_secs }
                 | Decision::Hold {
@@ -439,7 +436,10 @@ fn release_held(held: &Held, now: u64, over: bool) -> Served {
                 },
             ) => (None, Some(retry_after_secs)),
             Some(Decision::Untouched) => (Some(Keyed::default()), None),
-            Some(Decision::UseKey(assignment)) => (Some(put_key(&mut engine, a, assignment)), None),
+            Some(Decision::UseKey(assignment)) => {
+                let keyed = keying::put_key(&mut engine, &WasmHost, &mut HostFacts, a, assignment);
+                (Some(keyed), None)
+            }
         }
     };
     if let Some(retry_after_secs) = reject {
@@ -459,14 +459,15 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
-/// Request facts read from the host, only when a rule asks.
+/// The request of the effective context: its facts, read only when a rule asks, and its headers
+/// as `keying` changes them.
 struct HostFacts;
 
 fn property_string(paths: &[&[&str]]) -> Option<String> {
     paths
         .iter()
         .find_map(|path| host::property(path))
-        .map(into_text)
+        .map(header_text)
 }
 
 fn cluster_name() -> Option<String> {
@@ -486,13 +487,29 @@ impl RequestFacts for HostFacts {
     }
 }
 
-fn request_id() -> Option<String> {
-    host::request_header(REQUEST_ID_HEADER).map(into_text)
+impl RequestHeaders for HostFacts {
+    fn get(&mut self, name: &str) -> Option<Vec<u8>> {
+        host::request_header(name)
+    }
+    fn set(&mut self, name: &str, value: &[u8]) -> bool {
+        host::set_request_header(name, value)
+    }
+    fn remove(&mut self, name: &str) {
+        host::remove_request_header(name);
+    }
+    /// A look costs a host call as a removal does: every name may be there.
+    fn which_present<const N: usize>(&mut self, _names: [&'static str; N]) -> [bool; N] {
+        [true; N]
+    }
+    /// Envoy's wasm host selects the route again on every request-header change.
+    fn reselect_route(&mut self) {}
+    fn all(&mut self) -> Vec<(String, Vec<u8>)> {
+        host::request_headers()
+    }
 }
 
-/// Keeps the host's buffer when it is UTF-8, as it almost always is: no second allocation.
-fn into_text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+fn request_id() -> Option<String> {
+    host::request_header(REQUEST_ID_HEADER).map(header_text)
 }
 
 struct Request {
@@ -623,7 +640,7 @@ impl Request {
         let held = Rc::new(Held {
             context_id: self.context_id,
             instance: instance.clone(),
-            arrival,
+            arrival: Cell::new(Some(arrival)),
             keyed: RefCell::new(None),
         });
         let deadline = host::now_ms().saturating_add(max_wait_ms);
@@ -754,9 +771,7 @@ impl HttpContext for Request {
         let clock = Clock::new(&host::now_ms);
         match engine.decide_with(&WasmHost, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
-                if drop_pool_header {
-                    drop_client_pool_header();
-                }
+                keying::pass_untouched(&mut HostFacts, drop_pool_header);
                 Action::Continue
             }
             Decision::Reject { retry_after_secs } => {
@@ -774,7 +789,8 @@ impl HttpContext for Request {
                 retry_after_secs,
             ),
             Decision::UseKey(assignment) => {
-                let keyed = put_key(&mut engine, &arrival, assignment);
+                let keyed =
+                    keying::put_key(&mut engine, &WasmHost, &mut HostFacts, arrival, assignment);
                 self.adopt(keyed);
                 Action::Continue
             }
@@ -924,86 +940,6 @@ impl HttpContext for RequestHandle {
     }
 }
 
-/// Puts the chosen key on the request (of the effective context) and returns what the request
-/// must remember: credentials replaced, the pool header, Gemini's query key, a fallback's model
-/// rewrite, the cluster learned, and the retry bookkeeping of either mode.
-fn put_key(engine: &mut Engine, arrival: &Arrival, assignment: Assignment) -> Keyed {
-    let (profile, end_of_stream, drop_pool_header) = (
-        arrival.profile,
-        arrival.end_of_stream,
-        arrival.drop_pool_header,
-    );
-    let mut keyed = Keyed::default();
-    let Some((auth_name, auth_value)) = engine.key_header(assignment.profile, assignment.key)
-    else {
-        if drop_pool_header {
-            drop_client_pool_header();
-        }
-        return keyed;
-    };
-    for name in CLIENT_CREDENTIAL_HEADERS {
-        if name != auth_name {
-            host::remove_request_header(name);
-        }
-    }
-    if !host::set_request_header(auth_name, auth_value.as_bytes()) {
-        log::warn!("could not set the {auth_name} header");
-    }
-    let primary = profile.and_then(|p| engine.profile(p));
-    let has_chain = primary.is_some_and(|p| !p.fallbacks.is_empty());
-    if has_chain {
-        // The operator's route on this header sends a fallback pool to its provider;
-        // the primary's name is set too, so a client cannot pick a route itself.
-        if let Some((_, label)) = engine.pool_of(assignment.profile) {
-            host::set_request_header(POOL_HEADER, label.as_bytes());
-        }
-    } else if drop_pool_header {
-        // Unread: the key header's write already made Envoy select the route again,
-        // so a removal costs no more than a read would.
-        host::remove_request_header(POOL_HEADER);
-    }
-    let retry_enabled = primary.is_some_and(|p| p.retry.enabled);
-    let used = engine.profile(assignment.profile);
-    if used.is_some_and(|p| p.provider == Provider::Gemini) {
-        strip_gemini_query_key();
-    }
-    if let Some(model) = used.and_then(|p| p.model.clone()) {
-        if !end_of_stream {
-            // The body grows or shrinks: let Envoy frame it anew.
-            host::remove_request_header("content-length");
-            keyed.rewrite_to = Some(model);
-        }
-    }
-    if engine.wants_target(assignment.profile) {
-        // Learned once per VM and pool (after the pool header re-selected the
-        // route), so health checks and retries into this pool know its cluster.
-        let authority = host::request_header(":authority")
-            .map(into_text)
-            .unwrap_or_default();
-        if let Some(cluster) = cluster_name() {
-            engine.learn_target(&WasmHost, assignment.profile, &cluster, &authority);
-        }
-    }
-    if arrival.upstream {
-        keyed.attempt = Some(Attempt::keyed(
-            engine,
-            assignment,
-            arrival.request_id.clone(),
-            &arrival.avoid,
-        ));
-    } else if let (true, Some(primary_profile)) = (retry_enabled, profile) {
-        keyed.retry = Some(RetryState::new(
-            engine,
-            primary_profile,
-            assignment,
-            host::request_headers(),
-            end_of_stream,
-        ));
-    }
-    keyed.chosen = Some(assignment);
-    keyed
-}
-
 /// The last word on a request, however it ended (answered, reset, client gone): the SDK drops
 /// the context on `proxy_on_delete`. The build does not export `proxy_on_done` or
 /// `proxy_on_log`, so Envoy makes two VM calls fewer per request (see `scripts/wasm-exports.json`).
@@ -1030,23 +966,5 @@ impl LiveResponse for WasmResponse {
     }
     fn via_upstream(&self) -> bool {
         host::property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
-    }
-}
-
-/// Removes a client's `x-ai-key-failover-pool` from a request the plugin does not key. Read
-/// first: the header is almost never there, and a read that finds nothing costs one host call
-/// and leaves Envoy's route cache alone, where a removal always clears it and makes Envoy select
-/// the route again.
-fn drop_client_pool_header() {
-    if host::request_header(POOL_HEADER).is_some() {
-        host::remove_request_header(POOL_HEADER);
-    }
-}
-
-fn strip_gemini_query_key() {
-    if let Some(path) = host::request_header(":path") {
-        if let Some(stripped) = strip_query_param(&path, "key") {
-            host::set_request_header(":path", &stripped);
-        }
     }
 }
