@@ -1,4 +1,5 @@
-//! Putting the chosen key on a request, the same from every host: which client credentials go,
+//! A request's way to its key, the same from every host: what its arrival says (`arrive`), and
+//! putting the chosen key on it (`put_key`): which client credentials go,
 //! the key header, the pool header a route may match, Gemini's `?key=`, a fallback's `model`
 //! rewrite, the cluster learned for health checks and re-sends, and what the request remembers
 //! for its later callbacks (the key, the upstream attempt or the `retryOnFailure` state).
@@ -8,13 +9,14 @@
 //! the native host looks at the header map once and removes only what is there; wasm removes
 //! blindly).
 
+use crate::core::affinity;
 use crate::core::config::Provider;
 use crate::core::credentials::{strip_query_param, CLIENT_CREDENTIAL_HEADERS};
-use crate::core::engine::{Assignment, Engine, Host};
+use crate::core::engine::{Ask, Assignment, Engine, Host};
 use crate::core::reply::POOL_HEADER;
 use crate::core::retry::RetryState;
 use crate::core::rules::RequestFacts;
-use crate::core::upstream_attempt::Attempt;
+use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
 use crate::core::waiting::Arrival;
 
 /// The request's headers as the host can read and change them, in the request-headers phase.
@@ -45,6 +47,53 @@ pub struct Keyed {
     pub retry: Option<RetryState>,
     /// A fallback pool's `model`: the request body is held until complete and rewritten to it.
     pub rewrite_to: Option<String>,
+}
+
+/// Logged once per engine, when the host has learned where its filter runs.
+pub fn log_mode(upstream: bool) {
+    log::info!(
+        "running as {} filter",
+        if upstream {
+            "an upstream (per retry attempt)"
+        } else {
+            "a downstream"
+        }
+    );
+}
+
+/// What a request brings to the key choice, read as it arrives: its profile, and only what that
+/// profile needs (the request id upstream, the session header with `affinity`).
+pub fn arrive(
+    engine: &Engine,
+    request: &mut impl RequestHeaders,
+    upstream: bool,
+    end_of_stream: bool,
+) -> Arrival {
+    let profile = engine.profile_for(request);
+    // Some pool has fallbacks, so a route may match the pool header: a value a client sent
+    // must not reach the upstream or pick a route, whether or not this request is keyed.
+    let drop_pool_header = engine.config().has_fallbacks;
+    // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
+    let request_id = if upstream {
+        request.get(REQUEST_ID_HEADER).map(header_text)
+    } else {
+        None
+    };
+    let avoid = upstream_attempt::failed_before(engine, request_id.as_deref());
+    // One header read, only where `affinity` is configured; the value is only hashed.
+    let session = profile
+        .and_then(|p| engine.affinity_header(p))
+        .and_then(|name| request.get(name))
+        .map(|value| affinity::session_hash(&value));
+    Arrival {
+        profile,
+        upstream,
+        request_id,
+        avoid,
+        ask: Ask { session },
+        end_of_stream,
+        drop_pool_header,
+    }
 }
 
 /// A request the filter does not key: a pool header a client sent is removed when some pool has
@@ -441,6 +490,36 @@ mod tests {
         let arrival = s.arrival(false, false);
         let (_, keyed) = s.key(&mut FakeRequest::new(&[]), arrival);
         assert!(keyed.retry.is_none() && keyed.attempt.is_none());
+    }
+
+    #[test]
+    fn an_arrival_reads_only_what_its_profile_needs() {
+        let mut s = setup(r#"{"apiTokens": ["sk-a", "sk-b"]}"#);
+        let mut request = FakeRequest::new(&[("x-request-id", "r1"), ("x-session", "u")]);
+        let downstream = arrive(&s.engine, &mut request, false, true);
+        assert_eq!(downstream.profile, s.profile);
+        assert!(downstream.request_id.is_none() && downstream.ask.session.is_none());
+        assert!(downstream.end_of_stream && !downstream.upstream && !downstream.drop_pool_header);
+        assert!(request.calls.is_empty(), "{:?}", request.calls);
+        // Upstream, the request id names the attempts, and the keys they failed with are avoided.
+        let first = s.assignment();
+        s.engine.note_failed_attempt("r1", first, 429, 0);
+        let upstream = arrive(&s.engine, &mut request, true, false);
+        assert_eq!(upstream.request_id.as_deref(), Some("r1"));
+        assert_eq!(upstream.avoid, [(0, first.key)]);
+        assert_eq!(request.calls, ["get x-request-id"]);
+        // With `affinity`, the session header is read and hashed.
+        let s = setup(r#"{"apiTokens": ["sk-a"], "affinity": {"header": "x-session"}}"#);
+        let mut request = FakeRequest::new(&[("x-session", "u")]);
+        let arrival = arrive(&s.engine, &mut request, false, false);
+        assert_eq!(arrival.ask.session, Some(affinity::session_hash(b"u")));
+        let mut request = FakeRequest::new(&[]);
+        assert_eq!(
+            arrive(&s.engine, &mut request, false, false).ask.session,
+            None
+        );
+        let chain = setup(CHAIN);
+        assert!(arrive(&chain.engine, &mut FakeRequest::new(&[]), false, false).drop_pool_header);
     }
 
     #[test]

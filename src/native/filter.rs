@@ -27,10 +27,9 @@ use super::abi::{
 };
 use super::shared::STORE;
 use super::waiting::{Held, Waiting};
-use crate::core::affinity;
 use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config;
-use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
+use crate::core::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::env_keys::HostEnv;
 use crate::core::keying::{self, header_text, RequestHeaders};
 use crate::core::metrics::{MetricKind, MetricsHost};
@@ -39,7 +38,7 @@ use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rules::{host_of_authority, RequestFacts};
 use crate::core::select::OnAllUnavailable;
 use crate::core::store::{SharedData, StoreError};
-use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
+use crate::core::upstream_attempt::Attempt;
 use crate::core::waiting::{Arrival, HELD_TICK_MS};
 
 fn now_ms() -> u64 {
@@ -222,14 +221,7 @@ impl Config {
                     s.attribute(Attribute::UpstreamAddress).is_some() || s.has_upstream_host();
                 self.mode
                     .store(if upstream { 2 } else { 1 }, Ordering::Relaxed);
-                log::info!(
-                    "running as {} filter",
-                    if upstream {
-                        "an upstream (per retry attempt)"
-                    } else {
-                        "a downstream"
-                    }
-                );
+                keying::log_mode(upstream);
                 upstream
             }
         }
@@ -398,31 +390,8 @@ impl<'c> Filter<'c> {
         let host = &config.host;
         let mut engine = config.engine();
         let upstream = config.is_upstream(s);
-        let profile = engine.profile_for(&mut Facts { stream: s });
-        // Some pool has fallbacks, so a route may match the pool header: a value a client sent
-        // must not reach the upstream or pick a route, whether or not this request is keyed.
-        let drop_pool_header = engine.config().has_fallbacks;
-        // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
-        let request_id = if upstream {
-            s.request_header(REQUEST_ID_HEADER).map(header_text)
-        } else {
-            None
-        };
-        let avoid = upstream_attempt::failed_before(&engine, request_id.as_deref());
-        // One header read, only where `affinity` is configured; the value is only hashed.
-        let session = profile
-            .and_then(|p| engine.affinity_header(p))
-            .and_then(|name| s.request_header(name))
-            .map(|value| affinity::session_hash(&value));
-        let arrival = Arrival {
-            profile,
-            upstream,
-            request_id,
-            avoid,
-            ask: Ask { session },
-            end_of_stream,
-            drop_pool_header,
-        };
+        let arrival = keying::arrive(&engine, &mut Facts { stream: s }, upstream, end_of_stream);
+        let profile = arrival.profile;
         // Arrival order: while requests of this profile are held, a new one waits behind them.
         if let (Some(p), Some(waiting)) = (profile, &config.waiting) {
             if waiting.queues_behind(p) {

@@ -12,16 +12,15 @@ use std::rc::{Rc, Weak};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::core::affinity;
 use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config;
-use crate::core::engine::{Ask, Assignment, CheckAnswer, Clock, Decision, Engine, Host};
+use crate::core::engine::{Assignment, CheckAnswer, Clock, Decision, Engine, Host};
 use crate::core::keying::{self, header_text, Keyed, RequestHeaders};
 use crate::core::reply;
 use crate::core::retry::{AfterCall, Dispatch, Resend, RetryState};
 use crate::core::rewrite::rewrite_model;
 use crate::core::rules::{host_of_authority, RequestFacts};
-use crate::core::upstream_attempt::{self, Attempt, REQUEST_ID_HEADER};
+use crate::core::upstream_attempt::Attempt;
 use crate::core::waiting::{self, Arrival, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
 use crate::wasm::host::{self, WasmHost};
@@ -508,10 +507,6 @@ impl RequestHeaders for HostFacts {
     }
 }
 
-fn request_id() -> Option<String> {
-    host::request_header(REQUEST_ID_HEADER).map(header_text)
-}
-
 struct Request {
     /// Its re-sends' answers are handled with it effective.
     context_id: u32,
@@ -723,38 +718,12 @@ impl HttpContext for Request {
             None => {
                 let upstream = host::property(&["upstream", "address"]).is_some();
                 instance.upstream.set(Some(upstream));
-                log::info!(
-                    "running as {} filter",
-                    if upstream {
-                        "an upstream (per retry attempt)"
-                    } else {
-                        "a downstream"
-                    }
-                );
+                keying::log_mode(upstream);
                 upstream
             }
         };
-        let profile = engine.profile_for(&mut HostFacts);
-        // Some pool has fallbacks, so a route may match the pool header: a value a client sent
-        // must not reach the upstream or pick a route, whether or not this request is keyed.
-        let drop_pool_header = engine.config().has_fallbacks;
-        // Upstream mode: Envoy's retry attempts of one request share its x-request-id.
-        let request_id = if upstream { request_id() } else { None };
-        let avoid = upstream_attempt::failed_before(&engine, request_id.as_deref());
-        // One header read, only where `affinity` is configured; the value is only hashed.
-        let session = profile
-            .and_then(|p| engine.affinity_header(p))
-            .and_then(host::request_header)
-            .map(|value| affinity::session_hash(&value));
-        let arrival = Arrival {
-            profile,
-            upstream,
-            request_id,
-            avoid,
-            ask: Ask { session },
-            end_of_stream,
-            drop_pool_header,
-        };
+        let arrival = keying::arrive(&engine, &mut HostFacts, upstream, end_of_stream);
+        let profile = arrival.profile;
         // Arrival order: while requests of this profile are held, a new one waits behind them.
         if let Some(p) = profile {
             let queued = self
@@ -771,7 +740,7 @@ impl HttpContext for Request {
         let clock = Clock::new(&host::now_ms);
         match engine.decide_with(&WasmHost, profile, &clock, &arrival.avoid, arrival.ask) {
             Decision::Untouched => {
-                keying::pass_untouched(&mut HostFacts, drop_pool_header);
+                keying::pass_untouched(&mut HostFacts, arrival.drop_pool_header);
                 Action::Continue
             }
             Decision::Reject { retry_after_secs } => {
