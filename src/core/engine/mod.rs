@@ -122,6 +122,9 @@ pub struct Engine {
     checks: Vec<PoolChecks>,
     /// Per pool: whether this VM already stored where the pool's traffic goes.
     target_learned: Vec<bool>,
+    /// Per pool: whether its state changed since the key gauges were last brought in line, so
+    /// a quiet second's housekeeping does not walk every key of a large pool.
+    gauges_stale: Vec<bool>,
     /// Per profile and key: the credential header's value (`Bearer sk-...`), built once.
     header_values: Vec<Vec<String>>,
     /// The VM's tick period (`schedule::tick_period_ms`).
@@ -172,6 +175,7 @@ impl Engine {
             .map(|(p, &period)| PoolChecks::new(p.keys.len(), period, tick_ms))
             .collect();
         let target_learned = vec![false; config.pools.len()];
+        let gauges_stale = vec![true; config.pools.len()];
         let header_values = config
             .profiles
             .iter()
@@ -195,6 +199,7 @@ impl Engine {
             owner_id,
             checks,
             target_learned,
+            gauges_stale,
             header_values,
             tick_ms,
             pool_ticks,
@@ -290,6 +295,9 @@ impl Engine {
             // Once per config load, whatever the carry-over did.
             if let Some(index) = self.indexes.get_mut(pool) {
                 index.rebuild(store.state());
+            }
+            if let Some(stale) = self.gauges_stale.get_mut(pool) {
+                *stale = true;
             }
         }
         // After the carry-over, so this load's pools do not read one another as earlier pools.
@@ -816,7 +824,16 @@ impl Engine {
             if let (Some(m), Some(store)) = (self.metrics.get_mut(pool), self.stores.get_mut(pool))
             {
                 m.count_decode_failed(host, store.take_decode_failures());
-                m.sync(host, store.state());
+                // The gauges are a function of the state alone: unchanged state, nothing to do.
+                match self.gauges_stale.get_mut(pool) {
+                    Some(stale) if !*stale => m.flush_counters(host),
+                    stale => {
+                        m.sync(host, store.state());
+                        if let Some(stale) = stale {
+                            *stale = false;
+                        }
+                    }
+                }
             }
         }
     }
@@ -855,6 +872,9 @@ impl Engine {
         }
         if let (Some(index), Some(store)) = (self.indexes.get_mut(pool), self.stores.get(pool)) {
             index.rebuild(store.state());
+        }
+        if let Some(stale) = self.gauges_stale.get_mut(pool) {
+            *stale = true;
         }
     }
 
