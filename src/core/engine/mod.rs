@@ -292,13 +292,10 @@ impl Engine {
                     log::warn!("pool {label}: could not take over earlier state: {e}")
                 }
             }
-            // Once per config load, whatever the carry-over did.
-            if let Some(index) = self.indexes.get_mut(pool) {
-                index.rebuild(store.state());
-            }
-            if let Some(stale) = self.gauges_stale.get_mut(pool) {
-                *stale = true;
-            }
+        }
+        // Once per config load, whatever the carry-over did.
+        for pool in 0..self.stores.len() {
+            self.reindex(pool, StateChange::Changed);
         }
         // After the carry-over, so this load's pools do not read one another as earlier pools.
         let pool_ids: Vec<u64> = self.stores.iter().map(PoolStore::pool_id).collect();
@@ -825,14 +822,10 @@ impl Engine {
             {
                 m.count_decode_failed(host, store.take_decode_failures());
                 // The gauges are a function of the state alone: unchanged state, nothing to do.
-                match self.gauges_stale.get_mut(pool) {
-                    Some(stale) if !*stale => m.flush_counters(host),
-                    stale => {
-                        m.sync(host, store.state());
-                        if let Some(stale) = stale {
-                            *stale = false;
-                        }
-                    }
+                if self.gauges_stale.get_mut(pool).is_none_or(std::mem::take) {
+                    m.sync(host, store.state());
+                } else {
+                    m.flush_counters(host);
                 }
             }
         }
@@ -865,7 +858,8 @@ impl Engine {
         }
     }
 
-    /// Rebuilds the pool's selection tables when its cached state changed.
+    /// Rebuilds the pool's selection tables when its cached state changed, and has the next
+    /// housekeeping bring its gauges in line.
     fn reindex(&mut self, pool: usize, change: StateChange) {
         if change == StateChange::Unchanged {
             return;
