@@ -82,15 +82,19 @@ WASM_OPT_FLAGS = -Oz -ocimfs 100 $(WASM_FEATURES)
 # list, and the code only they reached. The SDK exports all proxy-wasm callbacks; Envoy skips a
 # callback the module does not export, so per request it makes no proxy_on_done or proxy_on_log
 # call into the VM, and the network-filter and gRPC callbacks are not compiled at all.
-# Before that, scripts/wasm-export-swap.py gives the plugin's own answer handler the name
-# proxy_on_http_call_response, which the SDK's (it panics on a call the SDK did not send) had:
-# see src/wasm/callout.rs. wasm-metadce then drops the SDK's handler with the other unused code.
+# Before that, scripts/wasm-export-swap.py gives the plugin's own entry points
+# (src/wasm/exports.rs, ai_key_failover_on_*) the ABI's names, which the SDK's dispatcher had:
+# it costs about 330 instructions per callback, and its proxy_on_http_call_response panics on a
+# call the SDK did not send (src/wasm/callout.rs). wasm-metadce then drops the SDK's dispatcher
+# with the other unused code.
+WASM_CALLBACKS = context_create vm_start configure tick request_headers request_body \
+	response_headers response_body delete http_call_response
 # cargo hard-links its artifact to $(WASM) on every build, so the optimized module is written
 # anew each time, from cargo's own copy in deps/, to a new file (never through the hard link).
 build: wasm-opt-tool
 	cargo build --release --target $(WASM_TARGET) -p ai-key-failover
 	$(PYTHON) scripts/wasm-export-swap.py target/$(WASM_TARGET)/release/deps/ai_key_failover.wasm \
-		$(WASM).swapped proxy_on_http_call_response=ai_key_failover_on_http_call_response
+		$(WASM).swapped $(foreach c,$(WASM_CALLBACKS),proxy_on_$(c)=ai_key_failover_on_$(c))
 	wasm-metadce $(WASM_FEATURES) -f scripts/wasm-exports.json $(WASM).swapped -o $(WASM).dce >/dev/null
 	wasm-opt $(WASM_OPT_FLAGS) $(WASM).dce -o $(WASM).tmp
 	@rm -f $(WASM).swapped $(WASM).dce

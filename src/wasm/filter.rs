@@ -9,8 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::{Rc, Weak};
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::Action;
 
 use crate::core::answer::{self, AfterHeaders, CallAnswer, ErrorBody, LiveResponse};
 use crate::core::config;
@@ -24,18 +23,6 @@ use crate::core::upstream_attempt::Attempt;
 use crate::core::waiting::{self, Arrival, Served};
 use crate::wasm::callout::{Callouts, DispatchError, Route};
 use crate::wasm::host::{self, WasmHost};
-
-proxy_wasm::main! {{
-    host::install_logger();
-    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root {
-            context_id,
-            instance: None,
-            waiting: Rc::new(Waiting::default()),
-            last_tick_work_ms: 0,
-        })
-    });
-}}
 
 /// The plugin as one configuration made it: held by its root context and by the requests
 /// (and health checks) started under it, so a reconfigure replaces it without disturbing them.
@@ -56,7 +43,7 @@ impl Drop for Instance {
     }
 }
 
-struct Root {
+pub struct Root {
     /// Health checks are made on it, so their answers are read with it effective.
     context_id: u32,
     /// Replaced whole on reconfigure; requests in flight keep the one they started with.
@@ -112,8 +99,6 @@ struct Held {
     keyed: RefCell<Option<Keyed>>,
 }
 
-impl Context for Root {}
-
 /// What the answer to one of our `dispatch_http_call`s is for (see `crate::wasm::callout`).
 enum Callout {
     /// A `retryOnFailure` re-send of this request.
@@ -127,12 +112,9 @@ enum Callout {
     },
 }
 
-// Cells, not RefCells: taken and put back around each use, they cannot fail to borrow.
+// A Cell, not a RefCell: taken and put back around each use, it cannot fail to borrow.
 thread_local! {
     static CALLOUTS: Cell<Callouts<Callout>> = Cell::new(Callouts::default());
-    /// The request whose callback is running, so a re-send it makes is routed back to it
-    /// (the SDK keeps the same thing, privately, for its own dispatch).
-    static ACTIVE_REQUEST: Cell<Option<(u32, Weak<RefCell<Request>>)>> = const { Cell::new(None) };
 }
 
 /// Sends a call and registers its answer for `callout` on context `context_id`.
@@ -157,25 +139,22 @@ fn dispatch_http_call(
     Ok(token)
 }
 
-/// A re-send for the request whose callback is running; None when it was not sent.
+/// A re-send for `request` (context `context_id`); None when it was not sent.
 fn dispatch_retry(
-    cluster: &str,
-    headers: &[(&str, &[u8])],
-    body: &[u8],
-    timeout_ms: u64,
+    resend: &Resend,
+    context_id: u32,
+    request: Weak<RefCell<Request>>,
 ) -> Option<u32> {
-    // Checked before sending: a call whose answer nobody would be given must not go out.
-    let Some((context_id, request)) = ACTIVE_REQUEST.with(|cell| {
-        let active = cell.take();
-        let copy = active.clone();
-        cell.set(active);
-        copy
-    }) else {
-        log::warn!("a re-send outside a request's callback was not sent");
-        return None;
-    };
     let callout = Callout::Retry(request);
-    match dispatch_http_call(cluster, headers, body, timeout_ms, context_id, callout) {
+    let headers = resend.header_refs();
+    match dispatch_http_call(
+        &resend.cluster,
+        &headers,
+        &resend.body,
+        resend.timeout_ms,
+        context_id,
+        callout,
+    ) {
         Ok(token) => Some(token),
         Err(e) => {
             log::debug!("a re-send was not sent (host status {e})");
@@ -184,38 +163,9 @@ fn dispatch_retry(
     }
 }
 
-/// Marks a request's callback as running for as long as it lives.
-struct ActiveRequest {
-    before: Option<(u32, Weak<RefCell<Request>>)>,
-}
-
-impl ActiveRequest {
-    fn enter(context_id: u32, request: Weak<RefCell<Request>>) -> Self {
-        let before = ACTIVE_REQUEST.with(|cell| cell.replace(Some((context_id, request))));
-        ActiveRequest { before }
-    }
-}
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        let before = self.before.take();
-        ACTIVE_REQUEST.with(|cell| cell.set(before));
-    }
-}
-
-/// The build exports this as `proxy_on_http_call_response`, in place of the SDK's, which
-/// panics on a token it did not register (`scripts/wasm-export-swap.py`; see `crate::wasm::callout`).
+/// The answer to one of our calls (`proxy_on_http_call_response`, see `crate::wasm::callout`).
 /// Nothing here can trap: an answer nobody waits for is dropped.
-// `no_mangle` counts as unsafe code (a symbol the linker may clash); the export needs this name.
-#[allow(unsafe_code)]
-#[no_mangle]
-pub extern "C" fn ai_key_failover_on_http_call_response(
-    _root_context_id: u32,
-    token_id: u32,
-    num_headers: usize,
-    body_size: usize,
-    num_trailers: usize,
-) {
+pub fn call_answered(token_id: u32, num_headers: usize, body_size: usize, num_trailers: usize) {
     let route = CALLOUTS.with(|cell| {
         let mut calls = cell.take();
         // The host call in `route` cannot call back into the VM, so nothing sees the
@@ -234,8 +184,6 @@ pub extern "C" fn ai_key_failover_on_http_call_response(
                 host::resume_response();
                 return;
             };
-            let context_id = held.context_id;
-            let _active = ActiveRequest::enter(context_id, request);
             held.on_http_call_response(token_id, num_headers, body_size, num_trailers);
         }
         Route::Deliver(Callout::HealthCheck {
@@ -265,8 +213,17 @@ fn health_check_answered(instance: &Instance, pool: usize, key: usize, body_size
     engine.health_check_done(&WasmHost, pool, key, answer, host::now_ms());
 }
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+impl Root {
+    pub fn new(context_id: u32) -> Self {
+        Root {
+            context_id,
+            instance: None,
+            waiting: Rc::new(Waiting::default()),
+            last_tick_work_ms: 0,
+        }
+    }
+
+    pub fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         host::sync_log_level();
         let bytes = host::plugin_configuration().unwrap_or_default();
         let parsed = match config::parse(&bytes) {
@@ -297,7 +254,7 @@ impl RootContext for Root {
         true
     }
 
-    fn on_tick(&mut self) {
+    pub fn on_tick(&mut self) {
         let now = host::now_ms();
         // Ticks come every HELD_TICK_MS while requests are held; the periodic work keeps the
         // engine's pace.
@@ -317,26 +274,24 @@ impl RootContext for Root {
         self.waiting.sync_tick_period();
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(RequestHandle(Rc::new(RefCell::new(Request {
-            context_id,
-            instance: self.instance.clone(),
-            chosen: None,
-            attempt: None,
-            reading_error: None,
-            retry: None,
-            rewrite_to: None,
-            waiting: self.waiting.clone(),
-            held: None,
-        })))))
+    /// A request the host created under this configuration.
+    pub fn new_request(&self, context_id: u32) -> Rc<RefCell<Request>> {
+        Rc::new_cyclic(|this| {
+            RefCell::new(Request {
+                context_id,
+                this: this.clone(),
+                instance: self.instance.clone(),
+                chosen: None,
+                attempt: None,
+                reading_error: None,
+                retry: None,
+                rewrite_to: None,
+                waiting: self.waiting.clone(),
+                held: None,
+            })
+        })
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-impl Root {
     /// The periodic work: the engine's tick (time outs, stats) and health checks.
     fn tick_work(&mut self, now: u64) {
         host::sync_log_level();
@@ -507,9 +462,11 @@ impl RequestHeaders for HostFacts {
     }
 }
 
-struct Request {
+pub struct Request {
     /// Its re-sends' answers are handled with it effective.
     context_id: u32,
+    /// Itself, for the call registry: a re-send's answer comes back to it.
+    this: Weak<RefCell<Request>>,
     instance: Option<Rc<Instance>>,
     /// The key this request (or attempt) went out with, until its response is judged.
     chosen: Option<Assignment>,
@@ -526,7 +483,7 @@ struct Request {
     held: Option<Rc<Held>>,
 }
 
-impl Context for Request {
+impl Request {
     /// A re-send's answer. Whatever happens, the held response must not hang: it is replaced by
     /// an answer, or let through.
     fn on_http_call_response(
@@ -543,6 +500,8 @@ impl Context for Request {
         let (headers, body) = host::call_response(body_size);
         let dispatch = WasmDispatch {
             instance: &instance,
+            context_id: self.context_id,
+            request: &self.this,
         };
         match retry.on_call_answer(
             &dispatch,
@@ -565,10 +524,11 @@ impl Context for Request {
     }
 }
 
-/// The retry state machine's host: the request's engine, and calls made for the request whose
-/// callback is running (`dispatch_retry`).
+/// The retry state machine's host: the request's engine, and re-sends made for the request.
 struct WasmDispatch<'a> {
     instance: &'a Instance,
+    context_id: u32,
+    request: &'a Weak<RefCell<Request>>,
 }
 
 impl Dispatch for WasmDispatch<'_> {
@@ -586,13 +546,7 @@ impl Dispatch for WasmDispatch<'_> {
         cluster_name()
     }
     fn send(&self, resend: &Resend) -> Option<u64> {
-        dispatch_retry(
-            &resend.cluster,
-            &resend.header_refs(),
-            &resend.body,
-            resend.timeout_ms,
-        )
-        .map(u64::from)
+        dispatch_retry(resend, self.context_id, self.request.clone()).map(u64::from)
     }
 }
 
@@ -705,8 +659,9 @@ impl Request {
     }
 }
 
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+/// The request callbacks `wasm::exports` runs.
+impl Request {
+    pub fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(instance) = self.instance.clone() else {
             return Action::Continue;
         };
@@ -766,7 +721,7 @@ impl HttpContext for Request {
         }
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    pub fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.adopt_released();
         if self.rewrite_to.is_some() {
             // Held (Envoy buffers it) until complete, then rewritten whole.
@@ -797,7 +752,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    pub fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.adopt_released();
         let (Some(sent), Some(instance)) = (self.chosen.take(), self.instance.clone()) else {
             return Action::Continue;
@@ -824,6 +779,8 @@ impl HttpContext for Request {
             AfterHeaders::Retry => {
                 let dispatch = WasmDispatch {
                     instance: &instance,
+                    context_id: self.context_id,
+                    request: &self.this,
                 };
                 let resent = self
                     .retry
@@ -838,7 +795,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    pub fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(reading) = self.reading_error.as_mut() else {
             return Action::Continue;
         };
@@ -851,67 +808,8 @@ impl HttpContext for Request {
     }
 }
 
-/// What the SDK holds for a request. The request itself is shared with the call registry
-/// (weakly), so the answer to a re-send reaches it through our `proxy_on_http_call_response`;
-/// every callback is passed on, with the request marked active so a re-send it makes comes
-/// back to it.
-struct RequestHandle(Rc<RefCell<Request>>);
-
-impl RequestHandle {
-    fn run<R>(&self, fallback: R, callback: impl FnOnce(&mut Request) -> R) -> R {
-        let Ok(mut request) = self.0.try_borrow_mut() else {
-            return fallback;
-        };
-        let _active = ActiveRequest::enter(request.context_id, Rc::downgrade(&self.0));
-        callback(&mut request)
-    }
-}
-
-impl Context for RequestHandle {
-    fn on_done(&mut self) -> bool {
-        self.run(true, |r| r.on_done())
-    }
-}
-
-impl HttpContext for RequestHandle {
-    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_request_headers(num_headers, end_of_stream)
-        })
-    }
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_request_body(body_size, end_of_stream)
-        })
-    }
-    fn on_http_request_trailers(&mut self, num_trailers: usize) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_request_trailers(num_trailers)
-        })
-    }
-    fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_response_headers(num_headers, end_of_stream)
-        })
-    }
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_response_body(body_size, end_of_stream)
-        })
-    }
-    fn on_http_response_trailers(&mut self, num_trailers: usize) -> Action {
-        self.run(Action::Continue, |r| {
-            r.on_http_response_trailers(num_trailers)
-        })
-    }
-    fn on_log(&mut self) {
-        self.run((), |r| r.on_log())
-    }
-}
-
-/// The last word on a request, however it ended (answered, reset, client gone): the SDK drops
-/// the context on `proxy_on_delete`. The build does not export `proxy_on_done` or
-/// `proxy_on_log`, so Envoy makes two VM calls fewer per request (see `scripts/wasm-exports.json`).
+/// The last word on a request, however it ended (answered, reset, client gone): `wasm::exports`
+/// drops it on `proxy_on_delete`.
 impl Drop for Request {
     fn drop(&mut self) {
         // A held request that was sent on but never got further still holds its key's probe.

@@ -1,13 +1,18 @@
 //! The proxy-wasm host: Envoy's and Higress's wasm filter over [`crate::core`].
 //!
-//! `header_map` and `callout` are pure (the ABI's header-map bytes, and the plugin's own
-//! `dispatch_http_call` bookkeeping) and build everywhere so `cargo test` covers them; `hostcalls`
-//! (the ABI imports, every `unsafe`), `host` (the host calls without the SDK's panics) and
-//! `filter` (the Envoy contexts) build only for `wasm32`.
+//! `header_map`, `callout` and `contexts` are pure (the ABI's header-map bytes, the plugin's own
+//! `dispatch_http_call` bookkeeping, and which context an id names) and build everywhere so
+//! `cargo test` covers them. `exports` (the ABI's entry points, in place of the SDK's
+//! dispatcher), `filter` (the Envoy contexts), `host` (the host calls without the SDK's panics)
+//! and `hostcalls` (the ABI imports, every `unsafe`) build only for `wasm32`. Calls go
+//! `exports` → `filter` → `host` → `hostcalls`, and from `filter` into the core.
 
 pub mod callout;
+pub mod contexts;
 pub mod header_map;
 
+#[cfg(target_arch = "wasm32")]
+mod exports;
 #[cfg(target_arch = "wasm32")]
 mod filter;
 #[cfg(target_arch = "wasm32")]
