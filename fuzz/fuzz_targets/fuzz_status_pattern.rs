@@ -1,7 +1,7 @@
 //! status::StatusPattern::parse and matches on arbitrary text; classify with the parsed patterns.
 #![no_main]
 
-use ai_key_failover::core::status::{self, StatusPattern, Verdict};
+use ai_key_failover::core::status::{self, StatusPattern, StatusSet, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -30,14 +30,15 @@ fuzz_target!(|data: &[u8]| {
         let code: u16 = t.parse().unwrap_or(0);
         assert_eq!(matched, vec![code]);
     }
-    // The request's own faults never count against a key, whatever the pattern.
-    let patterns = [pattern];
-    for code in status::NEVER_THE_KEYS_FAULT {
-        assert_eq!(
-            status::classify(code, &patterns, &patterns, true),
-            Verdict::Neutral
-        );
+    // The set holds exactly what the pattern matches.
+    let set = StatusSet::of(&[pattern]);
+    for s in [0, 1, 99, 1000, 6553, u16::MAX, probe] {
+        assert_eq!(set.contains(s), pattern.matches(s), "{text:?} at {s}");
     }
-    let _ = status::classify(probe, &patterns, &[], probe == 429);
+    // The request's own faults never count against a key, whatever the pattern.
+    for code in status::NEVER_THE_KEYS_FAULT {
+        assert_eq!(status::classify(code, &set, &set, true), Verdict::Neutral);
+    }
+    let _ = status::classify(probe, &set, &StatusSet::of(&[]), probe == 429);
     let _ = status::shadowed_codes(&pattern);
 });

@@ -109,7 +109,7 @@ pub fn retriable(engine: &Engine, profile: usize, status: u16) -> bool {
     engine.profile(profile).is_some_and(|p| {
         p.retry.enabled
             && !NEVER_THE_KEYS_FAULT.contains(&status)
-            && p.retry.on_status.iter().any(|s| s.matches(status))
+            && p.retry.on_status.contains(status)
     })
 }
 

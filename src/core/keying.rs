@@ -124,7 +124,7 @@ pub fn put_key(
     };
     // The key header itself is overwritten below, not removed first: one host call fewer.
     let present = request.which_present(CLIENT_CREDENTIAL_HEADERS);
-    for (name, here) in CLIENT_CREDENTIAL_HEADERS.into_iter().zip(present) {
+    for (&name, &here) in CLIENT_CREDENTIAL_HEADERS.iter().zip(present.iter()) {
         if here && name != auth_name {
             request.remove(name);
         }

@@ -9,6 +9,58 @@ pub struct StatusPattern {
     digits: [Option<u8>; 3],
 }
 
+/// The codes (100 to 999) a list of patterns matches, one bit each: judging an answer is one
+/// bit test, not a walk over every pattern's digits.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet {
+    bits: [u64; 15],
+}
+
+/// The lowest code a set holds; a set's bit `n` is code `FIRST_CODE + n`.
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 999;
+
+impl StatusSet {
+    pub fn of(patterns: &[StatusPattern]) -> Self {
+        let mut set = StatusSet { bits: [0; 15] };
+        for code in FIRST_CODE..=LAST_CODE {
+            if patterns.iter().any(|p| p.matches(code)) {
+                set.insert(code);
+            }
+        }
+        set
+    }
+
+    /// The word and bit of `code`, None outside 100..=999.
+    fn slot(code: u16) -> Option<(usize, u64)> {
+        let n = code.checked_sub(FIRST_CODE).filter(|_| code <= LAST_CODE)?;
+        Some((usize::from(n / 64), 1u64 << (n % 64)))
+    }
+
+    fn insert(&mut self, code: u16) {
+        if let Some((word, bit)) = Self::slot(code) {
+            if let Some(w) = self.bits.get_mut(word) {
+                *w |= bit;
+            }
+        }
+    }
+
+    pub fn contains(&self, code: u16) -> bool {
+        Self::slot(code)
+            .and_then(|(word, bit)| self.bits.get(word).map(|w| w & bit != 0))
+            .unwrap_or(false)
+    }
+}
+
+/// The codes, not the bits: what a failing test should show.
+impl fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries((FIRST_CODE..=LAST_CODE).filter(|&c| self.contains(c)))
+            .finish()
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct PatternError(pub String);
 
@@ -132,17 +184,17 @@ pub enum Verdict {
 /// `insufficient_quota` (the caller reads the body only for 429s).
 pub fn classify(
     status: u16,
-    failover_on: &[StatusPattern],
-    disable_on: &[StatusPattern],
+    failover_on: &StatusSet,
+    disable_on: &StatusSet,
     quota_exhausted: bool,
 ) -> Verdict {
     if NEVER_THE_KEYS_FAULT.contains(&status) {
         return Verdict::Neutral;
     }
-    if disable_on.iter().any(|p| p.matches(status)) || (status == 429 && quota_exhausted) {
+    if disable_on.contains(status) || (status == 429 && quota_exhausted) {
         return Verdict::KeyFailure(FailureClass::KeyRefused);
     }
-    if failover_on.iter().any(|p| p.matches(status)) {
+    if failover_on.contains(status) {
         let class = match status {
             429 => FailureClass::RateLimit,
             500..=599 => FailureClass::ServerError,
@@ -260,8 +312,9 @@ mod tests {
             (302, &broad, &refuse, false, Verdict::Neutral),
         ];
         for (status, failover_on, disable_on, quota, want) in table {
+            let (failover_on, disable_on) = (StatusSet::of(failover_on), StatusSet::of(disable_on));
             assert_eq!(
-                classify(*status, failover_on, disable_on, *quota),
+                classify(*status, &failover_on, &disable_on, *quota),
                 *want,
                 "{status}"
             );
@@ -270,10 +323,24 @@ mod tests {
 
     #[test]
     fn the_requests_own_faults_never_count_whatever_the_patterns() {
-        let all = [p("1xx"), p("2xx"), p("3xx"), p("4xx"), p("5xx")];
+        let all = StatusSet::of(&[p("1xx"), p("2xx"), p("3xx"), p("4xx"), p("5xx")]);
         for code in NEVER_THE_KEYS_FAULT {
             assert_eq!(classify(code, &all, &all, true), Verdict::Neutral, "{code}");
         }
+    }
+
+    #[test]
+    fn a_set_holds_exactly_the_codes_its_patterns_match() {
+        // "x.*" matches any code, 600 to 999 too (an upstream may send one).
+        let patterns = [p("429"), p("5xx"), p("40."), p("x9.*")];
+        let set = StatusSet::of(&patterns);
+        for code in 0..=1_100u16 {
+            let want = patterns.iter().any(|pat| pat.matches(code));
+            assert_eq!(set.contains(code), want, "{code}");
+        }
+        assert!(set.contains(999) && set.contains(190) && !set.contains(1_000));
+        assert_eq!(format!("{:?}", StatusSet::of(&[p("429")])), "{429}");
+        assert_eq!(format!("{:?}", StatusSet::of(&[])), "{}");
     }
 
     #[test]

@@ -3,32 +3,11 @@
 //!
 //! It does what the SDK's dispatcher did for us, more cheaply: the SDK hashed every callback's
 //! id with SipHash, kept each context behind a boxed trait object and looked a new request's
-//! root up twice. Ids here are hashed with one multiplication; requests are found in one probe.
+//! root up twice. Here a request is found in the slot its id names.
 //! Pure, so `cargo test` covers it; `wasm::exports` holds the one table per VM.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
-
-/// Hashes a context id (a small integer the host counts up) with one multiplication by an
-/// odd constant: the bits hashbrown uses (the top ones too) all depend on the id.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, id: u32) {
-        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 /// What an id named when it was removed: dropped by the caller once the table is no longer
 /// borrowed (a request's drop gives its key back, which calls the host).
@@ -38,25 +17,35 @@ pub enum Removed<R, Q> {
     Unknown,
 }
 
+type Entry<Q> = (u32, Rc<RefCell<Q>>);
+
 /// Roots `R` and requests `Q` by context id. Each is shared (`Rc`): a callback takes its
 /// context out of the table before running, so a callback the host makes while another runs
 /// (a resumed request's body, a local reply's response) finds the table free.
 pub struct Contexts<R, Q> {
     /// A handful at most: one per plugin configuration this VM serves.
     roots: Vec<(u32, Rc<RefCell<R>>)>,
-    requests: HashMap<u32, Rc<RefCell<Q>>, BuildHasherDefault<IdHasher>>,
+    /// A request lives in slot `id % slots.len()`. The host counts ids up, so the requests
+    /// alive at once have nearby ids and distinct slots; one that outlives the slots' turn
+    /// (a long stream) can be in the way of a new one, which then goes to `overflow`.
+    slots: Vec<Option<Entry<Q>>>,
+    overflow: Vec<Entry<Q>>,
+    live: usize,
 }
 
-impl<R, Q> Default for Contexts<R, Q> {
-    fn default() -> Self {
-        Contexts {
-            roots: Vec::new(),
-            requests: HashMap::default(),
-        }
-    }
-}
+/// The first table's slots; doubled whenever more than half are in use.
+const FIRST_SLOTS: usize = 64;
 
 impl<R, Q> Contexts<R, Q> {
+    pub const fn new() -> Self {
+        Contexts {
+            roots: Vec::new(),
+            slots: Vec::new(),
+            overflow: Vec::new(),
+            live: 0,
+        }
+    }
+
     /// A root the host created (a new one with the same id replaces it: the host reused it).
     pub fn add_root(&mut self, id: u32, root: R) {
         self.roots.retain(|(known, _)| *known != id);
@@ -70,18 +59,73 @@ impl<R, Q> Contexts<R, Q> {
             .map(|(_, root)| root.clone())
     }
 
+    fn slot_of(&self, id: u32) -> usize {
+        // `slots` is never empty here; a u32 fits a usize on every target this builds for.
+        (id as usize) % self.slots.len().max(1)
+    }
+
     /// A request the host created; what it replaced, if the host reused a live id, is returned
     /// to be dropped outside the table's borrow.
     pub fn add_request(&mut self, id: u32, request: Rc<RefCell<Q>>) -> Option<Rc<RefCell<Q>>> {
-        self.requests.insert(id, request)
+        let replaced = self.take_request(id);
+        if self.live.saturating_mul(2) >= self.slots.len() {
+            self.grow();
+        }
+        self.place((id, request));
+        self.live = self.live.saturating_add(1);
+        replaced
+    }
+
+    /// Puts an entry in its slot, or in `overflow` when another request holds the slot.
+    fn place(&mut self, entry: Entry<Q>) {
+        let at = self.slot_of(entry.0);
+        match self.slots.get_mut(at) {
+            Some(slot @ None) => *slot = Some(entry),
+            _ => self.overflow.push(entry),
+        }
+    }
+
+    fn grow(&mut self) {
+        let size = self.slots.len().saturating_mul(2).max(FIRST_SLOTS);
+        let old = std::mem::replace(&mut self.slots, (0..size).map(|_| None).collect());
+        let spilled = std::mem::take(&mut self.overflow);
+        for entry in old.into_iter().flatten().chain(spilled) {
+            self.place(entry);
+        }
     }
 
     pub fn request(&self, id: u32) -> Option<Rc<RefCell<Q>>> {
-        self.requests.get(&id).cloned()
+        if let Some(Some((known, request))) = self.slots.get(self.slot_of(id)) {
+            if *known == id {
+                return Some(request.clone());
+            }
+        }
+        self.overflow
+            .iter()
+            .find(|(known, _)| *known == id)
+            .map(|(_, request)| request.clone())
+    }
+
+    fn take_request(&mut self, id: u32) -> Option<Rc<RefCell<Q>>> {
+        let at = self.slot_of(id);
+        let taken = match self.slots.get_mut(at) {
+            Some(slot) if slot.as_ref().is_some_and(|(known, _)| *known == id) => {
+                slot.take().map(|(_, request)| request)
+            }
+            _ => self
+                .overflow
+                .iter()
+                .position(|(known, _)| *known == id)
+                .map(|i| self.overflow.swap_remove(i).1),
+        };
+        if taken.is_some() {
+            self.live = self.live.saturating_sub(1);
+        }
+        taken
     }
 
     pub fn remove(&mut self, id: u32) -> Removed<R, Q> {
-        if let Some(request) = self.requests.remove(&id) {
+        if let Some(request) = self.take_request(id) {
             return Removed::Request(request);
         }
         match self.roots.iter().position(|(known, _)| *known == id) {
@@ -91,14 +135,19 @@ impl<R, Q> Contexts<R, Q> {
     }
 
     pub fn requests(&self) -> usize {
-        self.requests.len()
+        self.live
+    }
+}
+
+impl<R, Q> Default for Contexts<R, Q> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::Hash;
 
     #[test]
     fn finds_roots_and_requests_by_id_and_forgets_them_once_removed() {
@@ -144,20 +193,53 @@ mod tests {
         assert!(again.try_borrow_mut().is_err());
     }
 
+    /// Requests that live long (streams) and short, ids counting up as the host's do: the
+    /// table must always agree with a plain map, whatever shares a slot.
     #[test]
-    fn consecutive_ids_spread_over_the_hash_bits() {
-        let hash = |id: u32| {
-            let mut h = IdHasher::default();
-            id.hash(&mut h);
-            h.finish()
+    fn agrees_with_a_map_under_long_and_short_lived_requests() {
+        let mut table: Contexts<(), u32> = Contexts::default();
+        let mut model = std::collections::BTreeMap::new();
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
         };
-        // hashbrown takes its 7-bit tag from the top bits of the hash as 64 bits, or of its low
-        // 32 bits on a 32-bit target (wasm32): consecutive ids must not share it.
-        let tags64: std::collections::HashSet<u64> = (1..=64).map(|id| hash(id) >> 57).collect();
-        let tags32: std::collections::HashSet<u32> =
-            (1..=64).map(|id| (hash(id) as u32) >> 25).collect();
-        assert!(tags64.len() > 32, "{} distinct 64-bit tags", tags64.len());
-        assert!(tags32.len() > 32, "{} distinct 32-bit tags", tags32.len());
-        assert_ne!(hash(1), hash(2));
+        let (mut peak, mut spilled) = (0, 0);
+        for id in 1..20_000u32 {
+            assert!(table.add_request(id, Rc::new(RefCell::new(id))).is_none());
+            model.insert(id, id);
+            peak = peak.max(model.len());
+            spilled = spilled.max(table.overflow.len());
+            // Most end soon; one in 50 lives for thousands of ids.
+            let ending: Vec<u32> = model
+                .keys()
+                .copied()
+                .filter(|&old| {
+                    old != id && (next() % 4 == 0) && (old % 50 != 0 || next() % 500 == 0)
+                })
+                .collect();
+            for old in ending {
+                assert!(matches!(table.remove(old), Removed::Request(r) if *r.borrow() == old));
+                model.remove(&old);
+            }
+            if id % 997 == 0 {
+                for (&k, &v) in &model {
+                    assert_eq!(table.request(k).map(|r| *r.borrow()), Some(v), "{k}");
+                }
+                assert!(table.request(id + 1).is_none());
+            }
+            assert_eq!(table.requests(), model.len());
+        }
+        assert!(
+            spilled > 0,
+            "no request ever found its slot taken: the test misses that path"
+        );
+        assert!(
+            table.slots.len() <= 4 * peak.max(FIRST_SLOTS),
+            "{} slots",
+            table.slots.len()
+        );
     }
 }

@@ -30,7 +30,7 @@ proxy_wasm::main! {{
 }}
 
 thread_local! {
-    static CONTEXTS: RefCell<Contexts<Root, Request>> = RefCell::new(Contexts::default());
+    static CONTEXTS: RefCell<Contexts<Root, Request>> = const { RefCell::new(Contexts::new()) };
 }
 
 fn root(id: u32) -> Option<Rc<RefCell<Root>>> {

@@ -648,8 +648,10 @@ impl Request {
     }
 
     fn finish_error_response(&mut self) {
-        let (Some(reading), Some(instance)) = (self.reading_error.take(), self.instance.clone())
-        else {
+        let Some(reading) = self.reading_error.take() else {
+            return;
+        };
+        let Some(instance) = self.instance.clone() else {
             return;
         };
         let Ok(mut engine) = instance.engine.try_borrow_mut() else {

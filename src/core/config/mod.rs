@@ -12,7 +12,7 @@ use std::fmt;
 
 use crate::core::rules::Matcher;
 use crate::core::select::{OnAllUnavailable, Selection};
-use crate::core::status::StatusPattern;
+use crate::core::status::StatusSet;
 
 mod fields;
 mod keys;
@@ -176,8 +176,8 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 pub struct Failover {
     pub enabled: bool,
     pub failure_threshold: u32,
-    pub failover_on_status: Vec<StatusPattern>,
-    pub disable_on_status: Vec<StatusPattern>,
+    pub failover_on_status: StatusSet,
+    pub disable_on_status: StatusSet,
     pub cooldown_ms: u64,
     pub disable_ms: u64,
     pub respect_retry_after: bool,
@@ -268,7 +268,7 @@ pub struct RetryOnFailure {
     pub enabled: bool,
     pub max_retries: u32,
     pub timeout_ms: u64,
-    pub on_status: Vec<StatusPattern>,
+    pub on_status: StatusSet,
     pub max_body_bytes: usize,
 }
 

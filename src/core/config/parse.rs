@@ -12,7 +12,7 @@ use super::keys::parse_keys;
 use super::*;
 use crate::core::env_keys::{self, EnvLookup};
 use crate::core::rules::DomainPattern;
-use crate::core::status::shadowed_codes;
+use crate::core::status::{shadowed_codes, StatusPattern};
 
 const CONFIG_FIELDS: &[&str] = &[
     "apiTokens",
@@ -505,8 +505,8 @@ impl<'a> Builder<'a> {
         Ok(Failover {
             enabled,
             failure_threshold,
-            failover_on_status,
-            disable_on_status,
+            failover_on_status: StatusSet::of(&failover_on_status),
+            disable_on_status: StatusSet::of(&disable_on_status),
             cooldown_ms,
             disable_ms,
             respect_retry_after,
@@ -640,7 +640,7 @@ impl<'a> Builder<'a> {
             enabled,
             max_retries,
             timeout_ms,
-            on_status,
+            on_status: StatusSet::of(&on_status),
             max_body_bytes,
         })
     }
@@ -797,8 +797,8 @@ mod tests {
             (1_000, 600_000)
         );
         assert_eq!(p.failover.backoff_permille, 2_000);
-        assert!(p.failover.disable_on_status.iter().any(|s| s.matches(402)));
-        assert!(!p.failover.disable_on_status.iter().any(|s| s.matches(429)));
+        assert!(p.failover.disable_on_status.contains(402));
+        assert!(!p.failover.disable_on_status.contains(429));
         assert!(!p.retry.enabled);
         assert_eq!(
             (
@@ -808,10 +808,10 @@ mod tests {
             ),
             (1, 30_000, 256 * 1024)
         );
-        assert!(p.retry.on_status.iter().any(|s| s.matches(503)));
-        assert!(p.failover.failover_on_status.iter().any(|s| s.matches(429)));
-        assert!(p.failover.failover_on_status.iter().any(|s| s.matches(503)));
-        assert!(!p.failover.failover_on_status.iter().any(|s| s.matches(401)));
+        assert!(p.retry.on_status.contains(503));
+        assert!(p.failover.failover_on_status.contains(429));
+        assert!(p.failover.failover_on_status.contains(503));
+        assert!(!p.failover.failover_on_status.contains(401));
         let pool = &c.pools[p.pool];
         assert_eq!(pool.keys.len(), 2);
         assert_eq!(pool.keys[0].weight, 1);
@@ -1033,10 +1033,7 @@ mod tests {
         assert!(
             r.enabled && r.max_retries == 3 && r.timeout_ms == 5000 && r.max_body_bytes == 1024
         );
-        assert!(
-            r.on_status.iter().any(|p| p.matches(429))
-                && !r.on_status.iter().any(|p| p.matches(503))
-        );
+        assert!(r.on_status.contains(429) && !r.on_status.contains(503));
     }
 
     #[test]
