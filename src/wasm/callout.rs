@@ -5,8 +5,8 @@
 //! register; a panic traps the VM and fails every request through it. So the plugin issues the
 //! call through the raw import (`host::dispatch_http_call`, where every status but Ok is an
 //! error), records the token here, and the build exports the plugin's own
-//! `proxy_on_http_call_response` (`wasm::filter::on_http_call_response`, renamed by
-//! `scripts/wasm-export-swap.py`) in place of the SDK's, which routes through this registry.
+//! `proxy_on_http_call_response` (`wasm::exports`, renamed by `scripts/wasm-export-swap.py`) in
+//! place of the SDK's; it routes the answer through this registry (`wasm::filter::call_answered`).
 //!
 //! Envoy issues every call on the caller's root context and passes that root's id with the
 //! answer, not the caller's; tokens are unique per VM. So, like the SDK, the registry keys by

@@ -143,6 +143,15 @@ const steps = {
   unknown_answer: () => e.proxy_on_http_call_response(ROOT, 424242, 0, 0, 0),
   delete_request: () => { live.delete(2); return e.proxy_on_delete(2); },
   tick: () => e.proxy_on_tick(ROOT),
+  // Callbacks for contexts the host never created (or a request under a root it never created).
+  stray_request_headers: () => e.proxy_on_request_headers(999, 0, 1),
+  stray_request_body: () => e.proxy_on_request_body(999, 10, 1),
+  stray_response_headers: () => e.proxy_on_response_headers(999, 0, 0),
+  stray_response_body: () => e.proxy_on_response_body(999, 10, 1),
+  stray_delete: () => e.proxy_on_delete(999),
+  stray_tick: () => e.proxy_on_tick(998),
+  stray_configure: () => e.proxy_on_configure(998, 0),
+  orphan_request: () => { e.proxy_on_context_create(3, 998); return e.proxy_on_request_headers(3, 0, 1); },
   advance: () => { nowMs += scenario.advance_ms; },
 };
 for (const name of scenario.steps) {

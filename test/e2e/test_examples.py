@@ -147,7 +147,8 @@ def wasm_exports(module: bytes) -> list[str]:
 @pytest.mark.wasm_only("the wasm module's exports; the native module's symbols: test_native.py")
 def test_the_built_module_exports_only_the_callbacks_the_plugin_uses():
     """Envoy calls into the VM for every exported callback; the plugin does its end-of-request
-    work when the SDK drops the context, so per request it needs no proxy_on_done or proxy_on_log."""
+    work when it drops the context (src/wasm/exports.rs), so per request it needs no proxy_on_done
+    or proxy_on_log."""
     wanted = json.loads((REPO / "scripts/wasm-exports.json").read_text())
     listed = {e["export"] for e in wanted if "export" in e}
     exported = set(wasm_exports(WASM_PATH.read_bytes()))

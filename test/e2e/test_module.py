@@ -1,9 +1,11 @@
-"""The built module's answer handler for `dispatch_http_call` is the plugin's, not the SDK's, and
-no answer can trap the VM; and the build step that swaps it in (scripts/wasm-export-swap.py).
+"""The built module's entry points are the plugin's, not the SDK's, and no callback or answer
+can trap the VM; and the build step that swaps them in (scripts/wasm-export-swap.py).
 
-The SDK's `proxy_on_http_call_response` panics on a token it did not register, and a panic traps
-the VM (every request through it then fails). The plugin issues its calls itself and exports its
-own handler under that name (see src/wasm/callout.rs), which drops an answer nobody waits for.
+The SDK's dispatcher panics on a context id it does not know, and its
+`proxy_on_http_call_response` on a token it did not register; a panic traps the VM (every
+request through it then fails). The plugin exports its own entry points under those names
+(src/wasm/exports.rs) and issues its calls itself (src/wasm/callout.rs): a callback for an
+unknown context does nothing, and an answer nobody waits for is dropped.
 """
 
 from __future__ import annotations
@@ -67,6 +69,29 @@ def test_the_built_module_exports_its_own_answer_handler_and_only_the_listed_cal
     assert names == listed
     assert "proxy_on_http_call_response" in names
     assert "ai_key_failover_on_http_call_response" not in names, "the swap ran"
+
+
+def test_every_entry_point_is_the_plugins_own():
+    """The build gives the plugin's entry points (src/wasm/exports.rs) the ABI's names; none is
+    left under its own name, and the SDK's dispatcher is gone with the names it had."""
+    names = {name for name, _, _ in swap_mod.exports(WASM_PATH.read_bytes())}
+    assert not {n for n in names if n.startswith("ai_key_failover_on_")}, names
+    assert {"proxy_on_context_create", "proxy_on_request_headers", "proxy_on_delete", "proxy_on_tick"} <= names
+
+
+def test_a_callback_for_a_context_the_host_never_created_does_not_trap_the_vm(tmp_path):
+    """The SDK's dispatcher panics ("invalid context_id") on each of these."""
+    stray = ["stray_request_headers", "stray_request_body", "stray_response_headers", "stray_response_body",
+             "stray_delete", "stray_tick", "stray_configure", "orphan_request"]
+    report = run_module(tmp_path, RETRY, ["start", *stray, "request", "response"])
+    assert report["results"] == [
+        ["start", 1],
+        ["stray_request_headers", CONTINUE], ["stray_request_body", CONTINUE],
+        ["stray_response_headers", CONTINUE], ["stray_response_body", CONTINUE],
+        ["stray_delete", None], ["stray_tick", None], ["stray_configure", 0], ["orphan_request", CONTINUE],
+        # The real request after them is served as ever: its 429 is re-sent with the other key.
+        ["request", CONTINUE], ["response", PAUSE],
+    ], report
 
 
 def test_an_answer_to_a_call_the_plugin_never_made_does_not_trap_the_vm(tmp_path):
