@@ -392,8 +392,11 @@ def run_wrk(port: int, seconds: float, connections: int, cpus: str, lua: Path = 
 #
 # req/s on a shared or virtual machine moves with whatever else the host runs: the same front
 # can measure 20% apart from one run to the next. The number of instructions a front executes
-# per request hardly does: callgrind counts them, and repeated runs agree within about 2% (the
-# idle work of each second is spread over the 100 or so requests valgrind lets through).
+# per request hardly does: callgrind counts them. Under callgrind a front serves only 100 to 200
+# requests a second, so what it does every second anyway (Envoy's stats flush, which walks every
+# stat, 6,000 more of them with a 1000-key pool; timers; the plugin's tick) would weigh on each
+# request 50 times more than at full speed, and with it how many requests a run happened to get.
+# So each front is also counted idle, as long as it was loaded, and that rate is taken off.
 
 # (label, mode, keys, retry policy, module: None | "plugin" | "floor" | "keyed-floor" |
 #  "raw-floor" | "native" [, plugin config extra, wrk script])
@@ -476,14 +479,23 @@ def count_instructions(envoy_bin: str, config: dict, workdir: Path, name: str,
         r = run_wrk(e.port, seconds, 4, "", lua)
         subprocess.run(["callgrind_control", "-d", str(e.proc.pid)], capture_output=True,
                        check=True)
+        # The same front with no traffic for as long: what it does every second anyway.
+        idle_start = time.monotonic()
+        time.sleep(r["duration_us"] / 1e6)
+        subprocess.run(["callgrind_control", "-d", str(e.proc.pid)], capture_output=True,
+                       check=True)
+        idle_seconds = time.monotonic() - idle_start
     finally:
         e.stop()
     total = callgrind_total(Path(f"{out}.1"))
-    if not total or not r["requests"] or r["errors_status"]:
+    idle = callgrind_total(Path(f"{out}.2"))
+    if not total or not idle or not r["requests"] or r["errors_status"]:
         raise RuntimeError(f"{name}: no count (requests {r['requests']}, "
-                           f"non-2xx {r['errors_status']}, total {total})")
-    return {"requests": r["requests"], "instructions": total,
-            "per_request": total / r["requests"]}
+                           f"non-2xx {r['errors_status']}, total {total}, idle {idle})")
+    idle_per_s = idle / idle_seconds
+    busy = total - idle_per_s * r["duration_us"] / 1e6
+    return {"requests": r["requests"], "instructions": total, "idle_per_s": idle_per_s,
+            "per_request_raw": total / r["requests"], "per_request": busy / r["requests"]}
 
 
 def measure_instructions(args, wasm: Path, floor: Path | None, raw_floor: Path | None,
@@ -534,7 +546,8 @@ def measure_instructions(args, wasm: Path, floor: Path | None, raw_floor: Path |
                 counted = fut.result()
                 print(f"  {meta['label']:<32} {meta['keys'] or '':>5} "
                       f"{counted['per_request']:9,.0f} instructions/request "
-                      f"({counted['requests']} requests)", flush=True)
+                      f"({counted['per_request_raw']:,.0f} with the idle work; "
+                      f"{counted['requests']} requests)", flush=True)
                 results.append(dict(meta, **counted))
     finally:
         upstream.stop()
@@ -1101,10 +1114,12 @@ def render_instructions(rows: list[dict]) -> list[str]:
         "",
         "The same kinds of front, each run alone under valgrind's callgrind with 4 connections, "
         "counting every user-space instruction the front Envoy executes (all threads, V8's "
-        "compiled wasm included) while wrk drives it; divided by the requests served. Unlike "
-        "req/s, this hardly moves with other load on the machine: repeated runs agree within "
-        "about 2% (the idle work of each second is spread over the 100 or so requests valgrind "
-        "lets through). The "
+        "compiled wasm included) while wrk drives it, less what the same front executes idle "
+        "in as long (its stats flush, timers, ticks: under callgrind it serves only 100 to 200 "
+        "requests a second, so that per-second work would weigh 50 times more on each request "
+        "than at full speed); divided by the requests served. Unlike req/s, this hardly moves "
+        "with other load on the machine: repeated runs agree within about 1%. `results.json` "
+        "also has the count with the idle work left in. The "
         "ratio is no filter's count ÷ the config's (the upstream-mode rows against no filter "
         "with the same retry policy), so it reads like the req/s ratio would on a machine "
         "where only CPU work counts; real req/s ratios come out higher, because part of a "
