@@ -7,6 +7,9 @@
 //! Pure, so `cargo test` covers it; `wasm::exports` holds the one table per VM.
 
 use std::cell::RefCell;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 /// What an id named when it was removed: dropped by the caller once the table is no longer
@@ -27,9 +30,11 @@ pub struct Contexts<R, Q> {
     roots: Vec<(u32, Rc<RefCell<R>>)>,
     /// A request lives in slot `id % slots.len()`. The host counts ids up, so the requests
     /// alive at once have nearby ids and distinct slots; one that outlives the slots' turn
-    /// (a long stream) can be in the way of a new one, which then goes to `overflow`.
+    /// (a long stream) can be in the way of a new one, which then goes to `overflow`. Hashed
+    /// only there, so a host with many long streams still finds each request in O(1); the ids
+    /// are the host's, not a client's, so a fixed hash key is safe.
     slots: Vec<Option<Entry<Q>>>,
-    overflow: Vec<Entry<Q>>,
+    overflow: HashMap<u32, Rc<RefCell<Q>>, BuildHasherDefault<DefaultHasher>>,
     live: usize,
 }
 
@@ -41,7 +46,7 @@ impl<R, Q> Contexts<R, Q> {
         Contexts {
             roots: Vec::new(),
             slots: Vec::new(),
-            overflow: Vec::new(),
+            overflow: HashMap::with_hasher(BuildHasherDefault::new()),
             live: 0,
         }
     }
@@ -81,7 +86,9 @@ impl<R, Q> Contexts<R, Q> {
         let at = self.slot_of(entry.0);
         match self.slots.get_mut(at) {
             Some(slot @ None) => *slot = Some(entry),
-            _ => self.overflow.push(entry),
+            _ => {
+                self.overflow.insert(entry.0, entry.1);
+            }
         }
     }
 
@@ -100,10 +107,10 @@ impl<R, Q> Contexts<R, Q> {
                 return Some(request.clone());
             }
         }
-        self.overflow
-            .iter()
-            .find(|(known, _)| *known == id)
-            .map(|(_, request)| request.clone())
+        if self.overflow.is_empty() {
+            return None;
+        }
+        self.overflow.get(&id).cloned()
     }
 
     fn take_request(&mut self, id: u32) -> Option<Rc<RefCell<Q>>> {
@@ -112,11 +119,8 @@ impl<R, Q> Contexts<R, Q> {
             Some(slot) if slot.as_ref().is_some_and(|(known, _)| *known == id) => {
                 slot.take().map(|(_, request)| request)
             }
-            _ => self
-                .overflow
-                .iter()
-                .position(|(known, _)| *known == id)
-                .map(|i| self.overflow.swap_remove(i).1),
+            _ if self.overflow.is_empty() => None,
+            _ => self.overflow.remove(&id),
         };
         if taken.is_some() {
             self.live = self.live.saturating_sub(1);
