@@ -41,25 +41,27 @@ fn request(id: u32) -> Option<Rc<RefCell<Request>>> {
     CONTEXTS.with(|table| table.try_borrow().ok()?.request(id))
 }
 
-/// Runs a request's callback; `fallback` when the request is unknown or busy.
+/// Runs a context's callback; `fallback` when the context is unknown or busy.
+fn run<C, T>(
+    context: Option<Rc<RefCell<C>>>,
+    fallback: T,
+    callback: impl FnOnce(&mut C) -> T,
+) -> T {
+    let Some(context) = context else {
+        return fallback;
+    };
+    let Ok(mut context) = context.try_borrow_mut() else {
+        return fallback;
+    };
+    callback(&mut context)
+}
+
 fn on_request<T>(id: u32, fallback: T, callback: impl FnOnce(&mut Request) -> T) -> T {
-    let Some(request) = request(id) else {
-        return fallback;
-    };
-    let Ok(mut request) = request.try_borrow_mut() else {
-        return fallback;
-    };
-    callback(&mut request)
+    run(request(id), fallback, callback)
 }
 
 fn on_root<T>(id: u32, fallback: T, callback: impl FnOnce(&mut Root) -> T) -> T {
-    let Some(root) = root(id) else {
-        return fallback;
-    };
-    let Ok(mut root) = root.try_borrow_mut() else {
-        return fallback;
-    };
-    callback(&mut root)
+    run(root(id), fallback, callback)
 }
 
 #[no_mangle]
